@@ -1,0 +1,152 @@
+"""The key/value cache: allocated once per batch of sequences, updated in place.
+
+Layout, per layer: keys and values of shape (B, n_kv_heads, capacity + 1, head_dim).
+
+- A full-attention layer's capacity is the longest sequence the batch will reach; position p
+  lives in slot p.
+- A sliding-window layer keeps only its window: capacity = min(window, max_seq_len), and
+  position p lives in slot p % capacity (a rotating buffer). Memory is bounded by the window,
+  whatever the prompt length.
+- The extra last slot is a sink: padding tokens (rows of a batch shorter than the chunk) and
+  tokens that a later token of the same chunk overwrites are written there, so a write is one
+  `scatter_` with no branches. The sink is never attended to.
+
+Layers with the same (capacity, window) share one slot map, `slot_pos[b, s]` = the absolute
+position held by slot s of row b, or -1. The mask of every layer in such a group is the same,
+so it is built once per forward in `plan()`, not once per layer.
+
+Trade-off: rows are padded to the longest one (rectangular allocation). A paged cache would
+waste less with very unequal prompts; for an editor's batch sizes (mostly 1) this is simpler
+and keeps shapes static for compiled decode steps.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .config import TransformerConfig
+
+
+@dataclass
+class AttentionPlan:
+    """How every layer of one group attends during one forward."""
+
+    slots: torch.Tensor  # (B, Hkv, T, hd)-expanded index of the slot each new token goes to
+    write_first: bool  # write the new keys, then attend over the cache only
+    upto: int  # with write_first: attend over slots [0, upto)
+    mask: torch.Tensor  # (B, 1, T, K) bool, True where a query may attend a key
+
+
+@dataclass(frozen=True)
+class _Group:
+    capacity: int
+    window: int | None
+
+
+class KVCache:
+    def __init__(
+        self,
+        config: TransformerConfig,
+        batch_size: int,
+        max_seq_len: int,
+        *,
+        device: torch.device | str,
+        dtype: torch.dtype,
+    ) -> None:
+        self.batch_size = batch_size
+        self.max_seq_len = max_seq_len
+        self.n_kv_heads = config.n_kv_heads
+        self.head_dim = config.head_dim
+        groups: list[_Group] = []
+        self.layer_group: list[int] = []
+        for window in config.sliding_windows:
+            capacity = max_seq_len if window is None else min(window, max_seq_len)
+            group = _Group(capacity, window if window is not None and window < max_seq_len
+                           else None)
+            if group not in groups:
+                groups.append(group)
+            self.layer_group.append(groups.index(group))
+        self.groups = groups
+        self.slot_pos = [
+            torch.full((batch_size, g.capacity + 1), -1, dtype=torch.long, device=device)
+            for g in groups
+        ]
+        shape = (batch_size, config.n_kv_heads)
+        self.keys = [
+            torch.zeros(*shape, groups[g].capacity + 1, config.head_dim, device=device,
+                        dtype=dtype)
+            for g in self.layer_group
+        ]
+        self.values = [torch.zeros_like(k) for k in self.keys]
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values))
+
+    def plan(self, positions: torch.Tensor) -> list[AttentionPlan]:
+        """Plan one forward of tokens at `positions: (B, T)` (-1 = padding); updates slot maps.
+
+        Must be called exactly once per forward, before the layers run.
+        """
+        if int(positions.max()) >= self.max_seq_len:
+            raise ValueError(
+                f"position {int(positions.max())} is beyond the cache ({self.max_seq_len})"
+            )
+        return [self._plan_group(i, positions) for i in range(len(self.groups))]
+
+    def _plan_group(self, index: int, positions: torch.Tensor) -> AttentionPlan:
+        group = self.groups[index]
+        cap, window = group.capacity, group.window
+        bsz, seqlen = positions.shape
+        valid = positions >= 0
+        # A rotating buffer can take the chunk before attention only if no new token
+        # overwrites a key that a query of the same chunk still needs.
+        write_first = window is None or seqlen == 1
+        if write_first:
+            keep = valid
+        else:
+            # Only the last `cap` positions of each row survive in the buffer.
+            row_end = positions.max(dim=1, keepdim=True).values
+            keep = valid & (positions > row_end - cap)
+        slots = torch.where(keep, positions % cap, cap)  # (B, T); cap = the sink
+        slot_pos = self.slot_pos[index]
+        qp = positions[:, :, None]  # (B, T, 1)
+        if write_first:
+            slot_pos.scatter_(1, slots, torch.where(keep, positions, -1))
+            slot_pos[:, cap] = -1
+            upto = min(cap, int(slot_pos[:, :cap].max()) + 1) if window is None else cap
+            kp = slot_pos[:, None, :upto]  # (B, 1, K)
+        else:
+            upto = cap
+            kp = torch.cat((slot_pos[:, :cap], positions), dim=1)[:, None, :]  # (B, 1, cap+T)
+            slot_pos.scatter_(1, slots, torch.where(keep, positions, -1))
+            slot_pos[:, cap] = -1
+        allowed = (kp >= 0) & (kp <= qp)
+        if window is not None:
+            allowed &= qp - kp < window
+        # Padding queries attend to everything (finite garbage, discarded): a fully masked row
+        # would make softmax produce NaN, and NaN values poison even masked-out products.
+        allowed |= (qp < 0)
+        index_shape = (bsz, self.n_kv_heads, seqlen, self.head_dim)
+        return AttentionPlan(
+            slots=slots[:, None, :, None].expand(index_shape),
+            write_first=write_first,
+            upto=upto,
+            mask=allowed[:, None],
+        )
+
+    def update(
+        self, layer: int, k: torch.Tensor, v: torch.Tensor, plan: AttentionPlan
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store the new keys/values `(B, Hkv, T, hd)` and return what the layer attends over."""
+        cache_k, cache_v = self.keys[layer], self.values[layer]
+        if plan.write_first:
+            cache_k.scatter_(2, plan.slots, k)
+            cache_v.scatter_(2, plan.slots, v)
+            return cache_k[:, :, : plan.upto], cache_v[:, :, : plan.upto]
+        keys = torch.cat((cache_k[:, :, : plan.upto], k), dim=2)
+        values = torch.cat((cache_v[:, :, : plan.upto], v), dim=2)
+        cache_k.scatter_(2, plan.slots, k)
+        cache_v.scatter_(2, plan.slots, v)
+        return keys, values

@@ -1,0 +1,103 @@
+"""Building blocks of the decoder: RMSNorm, rotary embedding, feed-forward, attention."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .cache import AttentionPlan, KVCache
+from .config import TransformerConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in float32 whatever the activation dtype, as the reference does.
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.type_as(x)
+
+
+def rotary_cos_sin(
+    positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of the rotation angles for `positions: [B, T]` -> two `[B, T, 1, head_dim/2]`.
+
+    Angles are computed in float32 on the fly (no table sized by the longest context).
+    Padding positions (-1) get angle 0: their outputs are never used.
+    """
+    inv_freq = 1.0 / (
+        theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32)
+                  / head_dim)
+    )
+    angles = positions.clamp(min=0).to(torch.float32)[..., None] * inv_freq  # (B, T, hd/2)
+    return angles.cos().to(dtype)[:, :, None, :], angles.sin().to(dtype)[:, :, None, :]
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate adjacent pairs (x[2i], x[2i+1]): Mistral's native (interleaved) layout.
+
+    x: (B, T, H, hd). Real arithmetic rather than complex numbers, so bfloat16 works too.
+    """
+    xp = x.unflatten(-1, (-1, 2))  # (B, T, H, hd/2, 2)
+    x0, x1 = xp[..., 0], xp[..., 1]
+    out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
+    return out.flatten(-2)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim: int, hidden_dim: int) -> None:
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden_dim, bias=False)  # gate
+        self.w2 = nn.Linear(hidden_dim, dim, bias=False)  # down
+        self.w3 = nn.Linear(dim, hidden_dim, bias=False)  # up
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class Attention(nn.Module):
+    """Grouped-query attention over the layer's slice of a `KVCache`.
+
+    The cache decides per forward (one `AttentionPlan` per group of layers sharing a capacity)
+    whether the new keys can be written before attending (always, but for chunks that would
+    overwrite keys of a rotating sliding-window buffer that the chunk itself still needs) or must
+    be attended as `cat(cache, new)` and written afterwards.
+    """
+
+    def __init__(self, config: TransformerConfig, layer_id: int) -> None:
+        super().__init__()
+        self.layer_id = layer_id
+        self.n_heads = config.n_heads
+        self.n_kv_heads = config.n_kv_heads
+        self.head_dim = config.head_dim
+        self.wq = nn.Linear(config.dim, config.n_heads * config.head_dim, bias=False)
+        self.wk = nn.Linear(config.dim, config.n_kv_heads * config.head_dim, bias=False)
+        self.wv = nn.Linear(config.dim, config.n_kv_heads * config.head_dim, bias=False)
+        self.wo = nn.Linear(config.n_heads * config.head_dim, config.dim, bias=False)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        cache: KVCache,
+        plan: AttentionPlan,
+    ) -> torch.Tensor:
+        bsz, seqlen, _ = x.shape  # (B, T, dim)
+        q = self.wq(x).view(bsz, seqlen, self.n_heads, self.head_dim)
+        k = self.wk(x).view(bsz, seqlen, self.n_kv_heads, self.head_dim)
+        v = self.wv(x).view(bsz, seqlen, self.n_kv_heads, self.head_dim)
+        q = apply_rotary(q, cos, sin).transpose(1, 2)  # (B, H, T, hd)
+        k = apply_rotary(k, cos, sin).transpose(1, 2)  # (B, Hkv, T, hd)
+        v = v.transpose(1, 2)
+        keys, values = cache.update(self.layer_id, k, v, plan)
+        out = F.scaled_dot_product_attention(
+            q, keys, values, attn_mask=plan.mask, enable_gqa=self.n_heads != self.n_kv_heads
+        )  # (B, H, T, hd)
+        return self.wo(out.transpose(1, 2).reshape(bsz, seqlen, self.n_heads * self.head_dim))

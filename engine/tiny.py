@@ -1,0 +1,104 @@
+"""Tiny random-weight checkpoints with the real tokenizers mistral-common ships.
+
+They let anyone (and every test) run the whole pipeline without downloading weights. Their
+output is noise: the weights are random.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import mistral_common
+import torch
+from safetensors.torch import save_file
+
+from .config import TransformerConfig
+from .loading import hf_config_dict, state_dict_to_hf
+from .transformer import Transformer
+
+TOKENIZERS = {
+    # name -> (file in mistral-common's data/, name in a checkpoint folder, vocabulary size)
+    "v1": ("tokenizer.model.v1", "tokenizer.model.v1", 32000),
+    "v2": ("mistral_instruct_tokenizer_240216.model.v2", "tokenizer.model.v2", 32768),
+    "v3": ("mistral_instruct_tokenizer_240323.model.v3", "tokenizer.model.v3", 32768),
+    "v7": ("mistral_instruct_tokenizer_241114.model.v7", "tokenizer.model.v7", 32768),
+    "tekken": ("tekken_240911.json", "tekken.json", 131072),
+}
+
+NOTICE = ("This checkpoint has random weights, made by `tramontane make-tiny` for trying the "
+          "tools and for tests. Everything it generates is noise.\n")
+
+
+def tokenizer_source(name: str) -> Path:
+    if name not in TOKENIZERS:
+        raise ValueError(f"unknown tokenizer {name!r}; choose from {', '.join(TOKENIZERS)}")
+    return Path(mistral_common.__file__).parent / "data" / TOKENIZERS[name][0]
+
+
+def tiny_config(tokenizer: str = "v3", *, dim: int = 64, n_layers: int = 2, n_heads: int = 4,
+                n_kv_heads: int = 2, head_dim: int | None = None, hidden_dim: int = 128,
+                sliding_window: int | list[int | None] | None = None,
+                rope_theta: float = 1e6) -> TransformerConfig:
+    vocab = TOKENIZERS[tokenizer][2] if tokenizer in TOKENIZERS else 32768
+    if isinstance(sliding_window, list):
+        windows: tuple[int | None, ...] = tuple(sliding_window) * (n_layers // len(sliding_window))
+    else:
+        windows = (sliding_window,) * n_layers
+    return TransformerConfig(
+        dim=dim, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv_heads,
+        head_dim=head_dim or dim // n_heads, hidden_dim=hidden_dim, vocab_size=vocab,
+        rope_theta=rope_theta, sliding_windows=windows,
+    )
+
+
+def random_state_dict(config: TransformerConfig, seed: int = 0,
+                      dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """Weights scaled so activations keep unit size and the logits are peaked: greedy choices
+    of a random model are then far from ties, which keeps parity tests meaningful."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.device("meta"):
+        shapes = {k: v.shape for k, v in Transformer(config).state_dict().items()}
+    state = {}
+    for name, shape in shapes.items():
+        if name.endswith("norm.weight"):
+            w = 1.0 + 0.1 * torch.randn(shape, generator=gen)
+        elif name == "tok_embeddings.weight":
+            w = torch.randn(shape, generator=gen)
+        elif name == "output.weight":
+            w = torch.randn(shape, generator=gen) * (4.0 / math.sqrt(shape[1]))
+        else:
+            w = torch.randn(shape, generator=gen) / math.sqrt(shape[1])
+        state[name] = w.to(dtype)
+    return state
+
+
+def write_checkpoint(folder: str | Path, config: TransformerConfig,
+                     state: dict[str, torch.Tensor], *, layout: str = "native",
+                     tokenizer: str = "v3") -> Path:
+    """Write `state` (native names) as a native Mistral or Hugging Face folder."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    src = tokenizer_source(tokenizer)
+    shutil.copyfile(src, folder / TOKENIZERS[tokenizer][1])
+    if layout == "native":
+        (folder / "params.json").write_text(json.dumps(config.to_params(), indent=2) + "\n")
+        save_file(state, str(folder / "consolidated.safetensors"))
+    elif layout == "hf":
+        (folder / "config.json").write_text(json.dumps(hf_config_dict(config), indent=2) + "\n")
+        save_file(state_dict_to_hf(state, config), str(folder / "model.safetensors"),
+                  metadata={"format": "pt"})
+    else:
+        raise ValueError(f"layout must be 'native' or 'hf', got {layout!r}")
+    (folder / "README.txt").write_text(NOTICE)
+    return folder
+
+
+def make_tiny(folder: str | Path, *, layout: str = "native", tokenizer: str = "v3",
+              seed: int = 0, dtype: torch.dtype = torch.float32, **shape: object) -> Path:
+    """Write a tiny random checkpoint; `shape` overrides `tiny_config`'s defaults."""
+    config = tiny_config(tokenizer, **shape)  # type: ignore[arg-type]
+    return write_checkpoint(folder, config, random_state_dict(config, seed, dtype),
+                            layout=layout, tokenizer=tokenizer)

@@ -1,0 +1,69 @@
+"""The dense decoder (Mistral 7B, Codestral 22B, NeMo, Ministral). Module names follow the native
+checkpoint keys, so a native state dict loads as it is."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .cache import AttentionPlan, KVCache
+from .config import TransformerConfig
+from .layers import Attention, FeedForward, RMSNorm, rotary_cos_sin
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, config: TransformerConfig, layer_id: int) -> None:
+        super().__init__()
+        self.attention = Attention(config, layer_id)
+        self.feed_forward = FeedForward(config.dim, config.hidden_dim)
+        self.attention_norm = RMSNorm(config.dim, config.norm_eps)
+        self.ffn_norm = RMSNorm(config.dim, config.norm_eps)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache,
+                plan: AttentionPlan) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), cos, sin, cache, plan)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Transformer(nn.Module):
+    def __init__(self, config: TransformerConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
+        self.layers = nn.ModuleList(TransformerBlock(config, i) for i in range(config.n_layers))
+        self.norm = RMSNorm(config.dim, config.norm_eps)
+        self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
+
+    @property
+    def device(self) -> torch.device:
+        return self.tok_embeddings.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.tok_embeddings.weight.dtype
+
+    def new_cache(self, batch_size: int, max_seq_len: int) -> KVCache:
+        return KVCache(self.config, batch_size, max_seq_len, device=self.device, dtype=self.dtype)
+
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        positions: torch.Tensor,
+        cache: KVCache,
+        output_index: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Run `tokens: (B, T)` at `positions: (B, T)` (-1 = padding) through the model.
+
+        Returns float32 logits `(B, T, V)`, or `(B, V)` for one token per row when
+        `output_index: (B,)` names it (prefill needs only each row's last token: skipping the
+        vocabulary projection of the others saves a large matmul).
+        """
+        plans = cache.plan(positions)
+        cos, sin = rotary_cos_sin(positions, self.config.head_dim, self.config.rope_theta,
+                                  self.dtype)
+        h = self.tok_embeddings(tokens)  # (B, T, dim)
+        for layer_id, layer in enumerate(self.layers):
+            h = layer(h, cos, sin, cache, plans[cache.layer_group[layer_id]])
+        if output_index is not None:
+            h = h[torch.arange(h.shape[0], device=h.device), output_index]  # (B, dim)
+        return self.output(self.norm(h)).float()
