@@ -1,0 +1,52 @@
+# One command per job. Every target builds its own virtual environment from nothing.
+#   make demo   set up, make a tiny random checkpoint (or use $TRAMONTANE_MODEL), stream a FIM completion
+#   make test   set up with the test extras, lint, type-check, run the whole suite
+#   make bench  the decode/prefill benchmark against transformers
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+TINY := models/tiny
+
+.PHONY: demo test lint typecheck pytest bench clean
+
+# torch is installed first and pinned: this machine has its CPU build on disk, while an
+# unpinned torch would pull several GB of CUDA wheels.
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q -U pip
+
+$(VENV)/.runtime: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e .
+	touch $@
+
+$(VENV)/.test: pyproject.toml $(VENV)/.runtime
+	$(BIN)/pip install -q -e ".[test,dev]"
+	touch $@
+
+$(TINY)/params.json: | $(VENV)/.runtime
+	$(BIN)/tramontane make-tiny $(TINY)
+
+demo: $(VENV)/.runtime
+	@if [ -z "$$TRAMONTANE_MODEL" ]; then $(MAKE) --no-print-directory $(TINY)/params.json; fi
+	$(BIN)/tramontane complete "$${TRAMONTANE_MODEL:-$(TINY)}" --stats \
+		--prefix "$$(printf 'def fibonacci(n):\n    """Return the n-th Fibonacci number."""\n    ')" \
+		--suffix "$$(printf '\n\nprint(fibonacci(10))')"
+
+lint: $(VENV)/.test
+	$(BIN)/ruff check engine lsp_server tests benchmarks
+
+typecheck: $(VENV)/.test
+	$(BIN)/mypy
+
+pytest: $(VENV)/.test
+	$(BIN)/python -m pytest
+
+test: lint typecheck pytest
+
+bench: $(VENV)/.test
+	$(BIN)/python benchmarks/decode.py
+
+clean:
+	rm -rf $(VENV) $(TINY)
