@@ -105,7 +105,7 @@ def _expand_windows(value: Any, n_layers: int, source: Path) -> tuple[int | None
     )
 
 
-def _read_json(path: Path) -> dict[str, Any]:
+def read_json(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -132,7 +132,7 @@ def _build(source: Path, **kwargs: Any) -> TransformerConfig:
 
 def from_params(path: Path) -> TransformerConfig:
     """Parse a native Mistral `params.json`."""
-    data = _read_json(path)
+    data = read_json(path)
     dim = _require(data, "dim", path)
     n_heads = _require(data, "n_heads", path)
     n_layers = _require(data, "n_layers", path)
@@ -167,7 +167,7 @@ HF_ARCHITECTURES = ("MistralForCausalLM",)
 
 def from_hf_config(path: Path) -> TransformerConfig:
     """Parse a Hugging Face `config.json` (MistralForCausalLM)."""
-    data = _read_json(path)
+    data = read_json(path)
     archs = data.get("architectures") or []
     if archs and not set(archs) & set(HF_ARCHITECTURES):
         raise ModelLoadError(

@@ -1,4 +1,4 @@
-"""The engine's errors: one root class, so callers can catch everything the engine raises on purpose."""
+"""The engine's errors: one root class, so callers can catch all the engine raises on purpose."""
 
 from __future__ import annotations
 

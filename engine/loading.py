@@ -202,7 +202,7 @@ def _native_files(folder: Path) -> list[Path]:
 def _hf_files(folder: Path) -> list[Path]:
     index = folder / "model.safetensors.index.json"
     if index.exists():
-        data = config_mod._read_json(index)
+        data = config_mod.read_json(index)
         weight_map = data.get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
             raise ModelLoadError(index, "no weight_map")
@@ -232,11 +232,13 @@ def _parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
 # The loader
 
 
-def _index_tensors(files: Iterable[Path],
-                   rename: Callable[[str], str | None]) -> dict[str, tuple[Path, str, tuple[int, ...],
-                                                                   torch.dtype]]:
-    """native name -> (file, stored name, shape, dtype), from headers only."""
-    index: dict[str, tuple[Path, str, tuple[int, ...], torch.dtype]] = {}
+# native name -> (file, stored name, shape, dtype)
+TensorIndex = dict[str, tuple[Path, str, tuple[int, ...], torch.dtype]]
+
+
+def _index_tensors(files: Iterable[Path], rename: Callable[[str], str | None]) -> TensorIndex:
+    """Where each weight is, from the files' headers only (no tensor is read)."""
+    index: TensorIndex = {}
     for f in files:
         for stored, (dtype, shape) in read_safetensors_header(f).items():
             native = rename(stored)
@@ -260,7 +262,7 @@ def load(path: str | Path, device: str | torch.device = "cpu",
 
     if (folder / "params.json").exists():
         params_path = folder / "params.json"
-        raw = config_mod._read_json(params_path)
+        raw = config_mod.read_json(params_path)
         for family in ("moe", "vision_encoder"):
             if raw.get(family):
                 raise ModelLoadError(params_path, f"{family!r} checkpoints are not supported yet")

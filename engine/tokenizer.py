@@ -11,7 +11,7 @@ from __future__ import annotations
 import codecs
 from functools import lru_cache
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from mistral_common.exceptions import TokenizerException
 from mistral_common.tokens.tokenizers.base import SpecialTokenPolicy
@@ -59,7 +59,8 @@ def token_bytes_fn(tokenizer: MistralTokenizer) -> TokenBytes:
 
         return tekken_bytes
     if isinstance(raw, SentencePieceTokenizer):
-        sp = raw._model  # the SentencePieceProcessor; mistral-common exposes no byte view
+        # The SentencePieceProcessor: mistral-common exposes no byte view of its pieces.
+        sp: Any = raw._model
 
         @lru_cache(maxsize=65536)
         def spm_bytes(token_id: int) -> bytes:

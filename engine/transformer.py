@@ -34,17 +34,6 @@ class Transformer(nn.Module):
         self.norm = RMSNorm(config.dim, config.norm_eps)
         self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
 
-    @property
-    def device(self) -> torch.device:
-        return self.tok_embeddings.weight.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.tok_embeddings.weight.dtype
-
-    def new_cache(self, batch_size: int, max_seq_len: int) -> KVCache:
-        return KVCache(self.config, batch_size, max_seq_len, device=self.device, dtype=self.dtype)
-
     def forward(
         self,
         tokens: torch.Tensor,
@@ -60,7 +49,7 @@ class Transformer(nn.Module):
         """
         plans = cache.plan(positions)
         cos, sin = rotary_cos_sin(positions, self.config.head_dim, self.config.rope_theta,
-                                  self.dtype)
+                                  self.tok_embeddings.weight.dtype)
         h = self.tok_embeddings(tokens)  # (B, T, dim)
         for layer_id, layer in enumerate(self.layers):
             h = layer(h, cos, sin, cache, plans[cache.layer_group[layer_id]])
