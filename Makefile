@@ -29,10 +29,13 @@ $(TINY)/params.json: | $(VENV)/.runtime
 	$(BIN)/tramontane make-tiny $(TINY)
 
 demo: $(VENV)/.runtime
-	@if [ -z "$$TRAMONTANE_MODEL" ]; then $(MAKE) --no-print-directory $(TINY)/params.json; fi
+	@if [ -z "$$TRAMONTANE_MODEL" ]; then $(MAKE) --no-print-directory $(TINY)/params.json; \
+		echo "$(TINY) has random weights: the completion below is noise." \
+		"Set TRAMONTANE_MODEL to a real checkpoint for real completions." >&2; fi
 	$(BIN)/tramontane complete "$${TRAMONTANE_MODEL:-$(TINY)}" --stats \
 		--prefix "$$(printf 'def fibonacci(n):\n    """Return the n-th Fibonacci number."""\n    ')" \
 		--suffix "$$(printf '\n\nprint(fibonacci(10))')"
+	@echo
 
 lint: $(VENV)/.test
 	$(BIN)/ruff check engine lsp_server tests benchmarks
