@@ -10,7 +10,7 @@ from .generate import EndEvent, FinishReason, TokenEvent, generate, stream
 from .loading import load
 from .model import Model
 from .sampling import SamplingParams
-from .tokenizer import TextStream
+from .tokenizer import TextStream, encode_fim
 
 __all__ = [
     "CancellationToken",
@@ -24,6 +24,7 @@ __all__ = [
     "TextStream",
     "TokenEvent",
     "TransformerConfig",
+    "encode_fim",
     "generate",
     "load",
     "stream",

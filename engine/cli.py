@@ -21,8 +21,7 @@ from pathlib import Path
 from typing import TextIO
 
 import torch
-from mistral_common.exceptions import MistralCommonException, TokenizerException
-from mistral_common.protocol.fim.request import FIMRequest
+from mistral_common.exceptions import MistralCommonException
 from mistral_common.protocol.instruct.messages import (
     AssistantMessage,
     SystemMessage,
@@ -31,11 +30,12 @@ from mistral_common.protocol.instruct.messages import (
 from mistral_common.protocol.instruct.request import ChatCompletionRequest
 
 from . import hub, tiny
-from .errors import EngineError
+from .errors import EngineError, GenerationError
 from .generate import EndEvent, TokenEvent, stream
 from .loading import DTYPE_NAMES, load
 from .model import Model
 from .sampling import SamplingParams
+from .tokenizer import encode_fim
 
 log = logging.getLogger(__name__)
 
@@ -65,22 +65,10 @@ def _tokenizer_version(model: Model) -> str:
 
 
 def fim_prompt(model: Model, prefix: str, suffix: str) -> list[int]:
-    """`[BOS] [SUFFIX] suffix [PREFIX] prefix`, from mistral-common.
-
-    v1 tokenizers refuse FIM; v2 ones "encode" it with `<unk>` in place of the missing
-    [SUFFIX] and [PREFIX] tokens, which we refuse too.
-    """
     try:
-        tokens = model.tokenizer.encode_fim(FIMRequest(prompt=prefix, suffix=suffix)).tokens
-    except TokenizerException as e:
-        tokens, reason = [], str(e)
-    else:
-        reason = "no [SUFFIX] and [PREFIX] tokens"
-    if len(tokens) < 2 or tokens[1] == model.tokenizer.instruct_tokenizer.tokenizer.unk_id:
-        raise CliError(f"{model.path}: this model's tokenizer ({_tokenizer_version(model)}) has "
-                       f"no fill-in-the-middle ({reason}); use a FIM model with a v3 or newer "
-                       "tokenizer, such as Codestral")
-    return list(tokens)
+        return encode_fim(model.tokenizer, prefix, suffix)
+    except GenerationError as e:
+        raise CliError(f"{model.path}: {e}") from None
 
 
 def chat_prompt(model: Model, messages: Sequence[Message]) -> list[int]:

@@ -93,12 +93,20 @@ def _steps(
     lengths = [len(p) for p in prompts]
     longest = max(lengths)
     stats.prompt_tokens = sum(lengths)
-    if params.max_tokens == 0:
+    max_tokens = params.max_tokens
+    context = model.config.max_position_embeddings
+    if context:
+        if longest >= context:
+            raise GenerationError(
+                f"a prompt of {longest} tokens leaves no room in the model's context of "
+                f"{context} tokens")
+        max_tokens = min(max_tokens, context - longest)
+    if max_tokens == 0:
         stats.reasons = ["length"] * bsz
         return
     chunk = chunk_size or min(longest, DEFAULT_MAX_CHUNK)
     device = model.device
-    cache = model.new_cache(bsz, longest + params.max_tokens)
+    cache = model.new_cache(bsz, longest + max_tokens)
     generator = make_generator(params, device)
     lengths_t = torch.tensor(lengths, device=device)
     padded = torch.zeros(bsz, longest, dtype=torch.long)
@@ -129,7 +137,7 @@ def _steps(
     active = [True] * bsz
     reasons: list[FinishReason] = ["length"] * bsz
     logits = last_logits
-    for step in range(params.max_tokens):
+    for step in range(max_tokens):
         next_tokens = sample(logits, params, generator)
         logprobs = token_logprobs(logits, next_tokens)
         tokens = next_tokens.tolist()
@@ -140,7 +148,7 @@ def _steps(
                 emit[i] = False
                 reasons[i] = "stop"
         yield tokens, logprobs.tolist(), emit
-        if not any(active) or step == params.max_tokens - 1:
+        if not any(active) or step == max_tokens - 1:
             break
         if cancelled():
             reasons = [r if not a else "cancelled" for r, a in zip(reasons, active, strict=True)]

@@ -14,12 +14,13 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from mistral_common.exceptions import TokenizerException
+from mistral_common.protocol.fim.request import FIMRequest
 from mistral_common.tokens.tokenizers.base import SpecialTokenPolicy
 from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 from mistral_common.tokens.tokenizers.sentencepiece import SentencePieceTokenizer
 from mistral_common.tokens.tokenizers.tekken import Tekkenizer
 
-from .errors import ModelLoadError
+from .errors import GenerationError, ModelLoadError
 
 TOKENIZER_GLOBS = ("tekken.json", "tokenizer.model.v*", "*.model.v*", "tokenizer.model")
 
@@ -42,6 +43,27 @@ def load_tokenizer(path: Path) -> MistralTokenizer:
         return MistralTokenizer.from_file(str(path))
     except (TokenizerException, ValueError, OSError, RuntimeError, KeyError) as e:
         raise ModelLoadError(path, f"cannot read the tokenizer ({e})") from None
+
+
+def encode_fim(tokenizer: MistralTokenizer, prefix: str, suffix: str) -> list[int]:
+    """`[BOS] [SUFFIX] suffix [PREFIX] prefix`, from mistral-common's `encode_fim`.
+
+    v1 tokenizers refuse FIM; v2 ones "encode" it with `<unk>` in place of the [SUFFIX] and
+    [PREFIX] tokens they lack, which would silently feed the model garbage: both are refused.
+    """
+    raw = tokenizer.instruct_tokenizer.tokenizer
+    try:
+        tokens = tokenizer.encode_fim(FIMRequest(prompt=prefix, suffix=suffix)).tokens
+    except TokenizerException as e:
+        tokens, reason = [], str(e)
+    else:
+        reason = "no [SUFFIX] and [PREFIX] tokens"
+    if len(tokens) < 2 or tokens[1] == raw.unk_id:
+        version = getattr(raw.version, "value", raw.version)
+        raise GenerationError(
+            f"this model's tokenizer ({version}) has no fill-in-the-middle ({reason}); use a FIM "
+            "model with a v3 or newer tokenizer, such as Codestral")
+    return list(tokens)
 
 
 class TokenBytes(Protocol):

@@ -3,7 +3,10 @@ with single prompts, EOS ends a row, the cache is bounded by the window, cancel 
 
 from __future__ import annotations
 
+import json
+import shutil
 import threading
+from pathlib import Path
 
 import pytest
 import torch
@@ -193,3 +196,22 @@ def test_cancel_during_chunked_prefill_stops_between_chunks(model: engine.Model)
                                 cancel=cancel, chunk_size=4))
     assert counting.forwards == 1  # 41 prompt tokens = 11 chunks; only the first ran
     assert len(events) == 1 and events[0].reason == "cancelled"  # type: ignore[union-attr]
+
+
+def test_the_model_context_bounds_prompt_and_generation(make_checkpoint: CheckpointFactory,
+                                                        tmp_path: Path) -> None:
+    folder = tmp_path / "model"
+    shutil.copytree(make_checkpoint("native", **SHAPE), folder)
+    params = json.loads((folder / "params.json").read_text())
+    params["max_position_embeddings"] = 20
+    (folder / "params.json").write_text(json.dumps(params))
+    model = engine.load(folder)
+    with pytest.raises(engine.GenerationError, match="a prompt of 20 tokens leaves no room in "
+                       "the model's context of 20 tokens"):
+        engine.generate([list(range(1, 21))], model)
+    tokens, _ = engine.generate([list(range(1, 16))], model, max_tokens=10, eos_id=-1)
+    assert len(tokens[0]) == 5
+    events = list(engine.stream(list(range(1, 16)), model, engine.SamplingParams(max_tokens=10),
+                                eos_id=-1))
+    assert events[-1] == engine.EndEvent("length", 15, 5, events[-1].prefill_seconds,  # type: ignore[union-attr]
+                                         events[-1].decode_seconds)  # type: ignore[union-attr]
