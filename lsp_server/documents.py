@@ -164,6 +164,11 @@ class Document:
         return self._text
 
     @property
+    def line_starts(self) -> Sequence[int]:
+        """Offset of each line's first character. Read-only: edits build a new list."""
+        return self._line_starts
+
+    @property
     def line_count(self) -> int:
         return len(self._line_starts)
 
