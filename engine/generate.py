@@ -10,7 +10,7 @@ each at its own position; a row that reached EOS stops writing to the cache (pos
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -211,7 +211,7 @@ def stream(
     cancel: CancellationToken | None = None,
     eos_id: int | None = None,
     chunk_size: int | None = None,
-) -> Iterator[TokenEvent | EndEvent]:
+) -> Generator[TokenEvent | EndEvent, None, None]:
     """Yield a `TokenEvent` per generated token as soon as it exists, then one `EndEvent`.
 
     `cancel` is checked between prefill chunks and between decode steps.

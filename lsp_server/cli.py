@@ -8,6 +8,7 @@ import sys
 
 from . import __version__
 from .server import create_server
+from .settings import DTYPES, Settings
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -18,6 +19,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     transport.add_argument("--tcp", action="store_true", help="listen on a TCP port")
     parser.add_argument("--host", default="127.0.0.1", help="TCP host (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=2087, help="TCP port (default 2087)")
+    parser.add_argument("--model", help="checkpoint folder (initializationOptions.model "
+                        "overrides it)")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N (default cpu)")
+    parser.add_argument("--dtype", choices=DTYPES, help="default: the checkpoint's")
     parser.add_argument("--log-level", default="WARNING", help="stderr log level")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     return parser.parse_args(argv)
@@ -28,7 +33,10 @@ def main(argv: list[str] | None = None) -> int:
     # stdout is the JSON-RPC stream: logs go to stderr only.
     logging.basicConfig(stream=sys.stderr, level=args.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    server = create_server()
+    # pygls logs every message it sends at INFO: keep that for --log-level DEBUG only.
+    if logging.getLogger().level > logging.DEBUG:
+        logging.getLogger("pygls").setLevel(logging.WARNING)
+    server = create_server(Settings(model=args.model, device=args.device, dtype=args.dtype))
     if args.tcp:
         server.start_tcp(args.host, args.port)
     else:

@@ -1,0 +1,129 @@
+"""One completion, from a document position to the text to show; and who runs when.
+
+`CompletionService.complete` is called by the LSP handlers on the event loop. It:
+
+- cancels the request still running for the same document (Neovim never cancels superseded
+  requests; VS Code does, but a new keystroke may arrive first), so at most one completion per
+  document computes and stale ones stop within one decode step;
+- waits the debounce delay, if any, and gives up if superseded meanwhile;
+- runs the blocking part (`run_completion`: prompt, generation, post-processing) on the single
+  engine thread, never on the event loop;
+- turns an LSP `$/cancelRequest` (pygls cancels the handler's task) into a cancelled token, so
+  the engine thread stops too instead of computing for nobody.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from concurrent.futures import Executor
+from dataclasses import dataclass
+
+import engine
+
+from .backend import Backend, GenerationRequest
+from .documents import Document
+from .postprocess import CompletionContext, CompletionFilter, detect_indentation
+from .prompt import PromptBuilder
+from .settings import CompletionSettings
+
+log = logging.getLogger(__name__)
+
+# Why a completion came back empty, as `tramontane/status` reports it.
+NO_MODEL = "no model"
+CANCELLED = "cancelled"
+BUDGET = "budget exhausted"
+NOTHING = "nothing useful"
+DISABLED = "disabled for this language"
+ERROR = "error"
+
+
+@dataclass(frozen=True)
+class Outcome:
+    text: str
+    reason: str | None = None  # set when `text` is empty
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    seconds: float = 0.0
+
+
+def run_completion(backend: Backend, document: Document, cursor: int,
+                   settings: CompletionSettings, cancel: engine.CancellationToken) -> Outcome:
+    """Blocking: prompt -> generation -> post-processing. Runs on the engine thread."""
+    start = time.perf_counter()
+    if cancel.cancelled:
+        return Outcome("", CANCELLED)
+    builder = PromptBuilder(backend.tokenizer, prefix_tokens=settings.prefix_tokens,
+                            suffix_tokens=settings.suffix_tokens)
+    prompt = builder.build(document, cursor)
+    context = CompletionContext.from_prefix_suffix(
+        prompt.prefix, prompt.suffix, indentation=detect_indentation(prompt.prefix + prompt.suffix))
+    text_filter = CompletionFilter(context)
+    sampling = engine.SamplingParams(max_tokens=settings.max_tokens,
+                                     temperature=settings.temperature)
+    deadline = start + settings.time_budget_ms / 1000
+    events = backend.stream(GenerationRequest(prompt.tokens, sampling, document.uri), cancel)
+    generated, reason = 0, None
+    try:
+        for event in events:
+            if isinstance(event, engine.EndEvent):
+                text_filter.feed(event.text)
+                reason = CANCELLED if event.reason == "cancelled" else None
+                break
+            generated += 1
+            if text_filter.feed(event.text):
+                break  # the completion is known to be finished: stop generating now
+            if time.perf_counter() > deadline:
+                reason = BUDGET
+                break
+    finally:
+        events.close()  # stops the engine at once if we left the loop early
+    text = text_filter.finalize() if reason != CANCELLED else ""
+    seconds = time.perf_counter() - start
+    if not text and reason is None:
+        reason = NOTHING
+    return Outcome(text, reason if not text else None, len(prompt.tokens), generated, seconds)
+
+
+class CompletionService:
+    def __init__(self, executor: Executor, backend: Callable[[], Backend | None]) -> None:
+        self._executor = executor
+        self._backend = backend
+        self._running: dict[str, engine.CancellationToken] = {}
+
+    def cancel_all(self) -> None:
+        for token in self._running.values():
+            token.cancel()
+
+    def cancel(self, uri: str) -> None:
+        if (token := self._running.get(uri)) is not None:
+            token.cancel()
+
+    async def complete(self, document: Document, cursor: int,
+                       settings: CompletionSettings) -> Outcome:
+        if not settings.enabled_for(document.language_id):
+            return Outcome("", DISABLED)
+        backend = self._backend()
+        if backend is None:
+            return Outcome("", NO_MODEL)
+        uri = document.uri
+        token = engine.CancellationToken()
+        if (previous := self._running.get(uri)) is not None:
+            previous.cancel()
+        self._running[uri] = token
+        try:
+            if settings.debounce_ms:
+                await asyncio.sleep(settings.debounce_ms / 1000)
+                if token.cancelled:
+                    return Outcome("", CANCELLED)
+            loop = asyncio.get_running_loop()
+            return await loop.run_in_executor(
+                self._executor, run_completion, backend, document, cursor, settings, token)
+        except asyncio.CancelledError:
+            token.cancel()  # $/cancelRequest: stop the engine thread too
+            raise
+        finally:
+            if self._running.get(uri) is token:
+                del self._running[uri]

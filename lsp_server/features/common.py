@@ -1,0 +1,41 @@
+"""What both completion methods share: find the document and cursor, run, report status."""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+from lsprotocol import types
+from pygls.exceptions import JsonRpcInvalidParams
+
+import engine
+
+from ..completions import ERROR, Outcome
+from ..documents import DocumentError
+
+if TYPE_CHECKING:
+    from ..server import TramontaneServer
+
+log = logging.getLogger(__name__)
+
+
+async def complete_at(ls: TramontaneServer, uri: str, position: types.Position) -> Outcome:
+    try:
+        document = ls.documents.get(uri)
+        cursor = document.offset_at(position, ls.position_encoding)
+    except DocumentError as e:
+        raise JsonRpcInvalidParams(str(e)) from None
+    if ls.backend is not None:
+        ls.status("busy", f"Completing in {uri.rsplit('/', 1)[-1]}")
+    try:
+        outcome = await ls.completions.complete(document, cursor, ls.settings.completion)
+    except engine.EngineError as e:
+        # e.g. a tokenizer without FIM: say so once per request in the client's log
+        log.error("completion failed: %s", e)
+        ls.log_to_client(types.MessageType.Error, f"Tramontane: {e}")
+        outcome = Outcome("", ERROR)
+    if ls.backend is not None:
+        message = (f"{outcome.generated_tokens} tokens in {outcome.seconds * 1000:.0f} ms "
+                   f"({outcome.prompt_tokens} prompt tokens)")
+        ls.status("ready", message, reason=outcome.reason)
+    return outcome

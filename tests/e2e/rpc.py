@@ -1,0 +1,106 @@
+"""A raw JSON-RPC client over a subprocess' stdio: sends exactly the bytes a test wants
+(malformed ones included) and reads back every frame, so a test can check that stdout carries
+nothing but well-formed JSON-RPC."""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import subprocess
+import sys
+import threading
+import time
+from typing import Any
+
+SERVER = [sys.executable, "-m", "lsp_server", "--stdio", "--log-level", "INFO"]
+
+
+class RawServer:
+    def __init__(self, *extra_args: str) -> None:
+        self.proc = subprocess.Popen(
+            [*SERVER, *extra_args], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        self.frames: queue.Queue[dict[str, Any]] = queue.Queue()
+        self.garbage: list[bytes] = []  # anything on stdout that is not a frame
+        self.stderr: list[str] = []
+        threading.Thread(target=self._read_stdout, daemon=True).start()
+        threading.Thread(target=self._read_stderr, daemon=True).start()
+        self._next_id = 0
+
+    def _read_stdout(self) -> None:
+        out = self.proc.stdout
+        assert out is not None
+        while True:
+            line = out.readline()
+            if not line:
+                return
+            if not line.startswith(b"Content-Length: "):
+                self.garbage.append(line)
+                continue
+            length = int(line.split(b":")[1])
+            while (header := out.readline()) not in (b"\r\n", b""):
+                if not header.startswith(b"Content-Type: "):
+                    self.garbage.append(header)
+            body = out.read(length)
+            try:
+                self.frames.put(json.loads(body))
+            except ValueError:
+                self.garbage.append(body)
+
+    def _read_stderr(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            self.stderr.append(line.decode("utf-8", "replace"))
+
+    def send_bytes(self, body: bytes) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(b"Content-Length: %d\r\n\r\n" % len(body) + body)
+        self.proc.stdin.flush()
+
+    def send(self, message: dict[str, Any]) -> None:
+        self.send_bytes(json.dumps({"jsonrpc": "2.0", **message}).encode())
+
+    def request(self, method: str, params: Any = None) -> int:
+        self._next_id += 1
+        self.send({"id": self._next_id, "method": method, "params": params})
+        return self._next_id
+
+    def notify(self, method: str, params: Any = None) -> None:
+        self.send({"method": method, "params": params})
+
+    def next_frame(self, timeout: float = 30.0) -> dict[str, Any]:
+        return self.frames.get(timeout=timeout)
+
+    def response(self, msg_id: int | None, timeout: float = 30.0) -> dict[str, Any]:
+        """The reply to `msg_id`, skipping notifications (kept in `self.notifications`)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            frame = self.next_frame(max(0.01, deadline - time.monotonic()))
+            if "method" not in frame and frame.get("id") == msg_id:
+                return frame
+            self.notifications.append(frame)
+
+    notifications: list[dict[str, Any]] = []
+
+    def initialize(self, options: Any = None, capabilities: Any = None) -> dict[str, Any]:
+        self.notifications = []
+        msg = self.request("initialize", {"processId": None, "rootUri": None,
+                                          "capabilities": capabilities or {},
+                                          "initializationOptions": options})
+        reply = self.response(msg)
+        self.notify("initialized", {})
+        return reply
+
+    def close(self, timeout: float = 10.0) -> int:
+        if self.proc.poll() is None:
+            try:
+                self.proc.stdin.close()  # type: ignore[union-attr]
+            except BrokenPipeError:
+                pass
+            try:
+                return self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                return self.proc.wait()
+        return self.proc.returncode
