@@ -7,7 +7,7 @@ import logging
 import sys
 
 from . import __version__
-from .server import create_server
+from .server import TramontaneServer, create_server
 from .settings import DTYPES, Settings
 
 
@@ -37,8 +37,14 @@ def main(argv: list[str] | None = None) -> int:
     if logging.getLogger().level > logging.DEBUG:
         logging.getLogger("pygls").setLevel(logging.WARNING)
     server = create_server(Settings(model=args.model, device=args.device, dtype=args.dtype))
-    if args.tcp:
-        server.start_tcp(args.host, args.port)
+    return serve(server, (args.host, args.port) if args.tcp else None)
+
+
+def serve(server: TramontaneServer, tcp: tuple[str, int] | None = None) -> int:
+    """Run until `exit` or the end of the stream; the process exit code the LSP spec asks for:
+    0 after a `shutdown` request, 1 otherwise (an `exit` alone, or the client vanishing)."""
+    if tcp is not None:
+        server.start_tcp(*tcp)
     else:
         server.start_io()
-    return 0
+    return 0 if server.protocol.shutdown_requested else 1  # type: ignore[attr-defined]

@@ -9,6 +9,7 @@ pygls 2.1.1 gets a few things wrong for a server that must keep serving through 
 - a handler's exception went out as -32603 with the full traceback, absolute paths included,
   in `error.data`: the data is dropped (the traceback stays in our stderr log);
 - a request before `initialize` got -32603: it now gets -32002 ServerNotInitialized;
+- `exit` without `shutdown` ended the process with code 0; the spec says 1 (see cli.main);
 - pygls' own copy of each document (split with `str.splitlines()`, wrong for LSP) is not kept:
   the text-sync notifications go straight to our handlers, which keep the exact copy.
 """
@@ -36,6 +37,10 @@ class _Answered:
 
 class TramontaneProtocol(LanguageServerProtocol):
     _initialized = False
+
+    @property
+    def shutdown_requested(self) -> bool:
+        return bool(self._shutdown)
 
     # --- parsing ---------------------------------------------------------------------------
 

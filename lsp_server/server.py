@@ -36,14 +36,19 @@ STATUS = "tramontane/status"
 
 
 class TramontaneServer(LanguageServer):
-    def __init__(self, defaults: Settings | None = None) -> None:
+    """`backend`, when given, is fixed: the model settings are then ignored (tests use a
+    scripted backend this way; an embedding application can pass its own)."""
+
+    def __init__(self, defaults: Settings | None = None,
+                 backend: Backend | None = None) -> None:
         super().__init__("tramontane", __version__, protocol_cls=TramontaneProtocol)
         self.settings = defaults or Settings()
         self.documents = DocumentStore()
         # One engine thread: completions run one at a time, in arrival order; a superseded one
         # stops within a decode step, so the next starts promptly.
         self.engine_thread = ThreadPoolExecutor(1, thread_name_prefix="tramontane-engine")
-        self.backend: Backend | None = None
+        self.backend: Backend | None = backend
+        self._fixed_backend = backend is not None
         self.completions = CompletionService(self.engine_thread, lambda: self.backend)
         self.pending_warnings: list[str] = []
         self._loaded: tuple[str | None, str, str | None] | None = None
@@ -89,6 +94,11 @@ class TramontaneServer(LanguageServer):
     def ensure_model(self) -> None:
         """Load (or unload) the model the settings name, if it is not the one loaded."""
         wanted = self.model_wanted()
+        if self._fixed_backend:
+            if self._loaded is None and self.backend is not None:
+                self._loaded = wanted
+                self.status("ready", f"{self.backend.name} ready")
+            return
         if wanted == self._loaded:
             return
         self._loaded = wanted
@@ -148,7 +158,8 @@ def _load_model(path: str, device: str, dtype: str | None) -> engine.Model:
     return engine.load(path, device=device, dtype=dtype)
 
 
-def create_server(defaults: Settings | None = None) -> TramontaneServer:
-    server = TramontaneServer(defaults)
+def create_server(defaults: Settings | None = None,
+                  backend: Backend | None = None) -> TramontaneServer:
+    server = TramontaneServer(defaults, backend)
     register_all(server)
     return server

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import TYPE_CHECKING
 
@@ -10,7 +11,7 @@ from pygls.exceptions import JsonRpcInvalidParams
 
 import engine
 
-from ..completions import ERROR, Outcome
+from ..completions import CANCELLED, ERROR, Outcome
 from ..documents import DocumentError
 
 if TYPE_CHECKING:
@@ -29,6 +30,9 @@ async def complete_at(ls: TramontaneServer, uri: str, position: types.Position) 
         ls.status("busy", f"Completing in {uri.rsplit('/', 1)[-1]}")
     try:
         outcome = await ls.completions.complete(document, cursor, ls.settings.completion)
+    except asyncio.CancelledError:
+        ls.status("ready", "Completion cancelled", reason=CANCELLED)
+        raise
     except engine.EngineError as e:
         # e.g. a tokenizer without FIM: say so once per request in the client's log
         log.error("completion failed: %s", e)

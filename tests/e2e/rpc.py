@@ -4,6 +4,7 @@ nothing but well-formed JSON-RPC."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import queue
@@ -16,11 +17,16 @@ from typing import Any
 SERVER = [sys.executable, "-m", "lsp_server", "--stdio", "--log-level", "INFO"]
 
 
+FAKE_SERVER = [sys.executable, "-m", "tests.e2e.fake_server"]
+
+
 class RawServer:
-    def __init__(self, *extra_args: str) -> None:
+    def __init__(self, command: list[str] | None = None, env: dict[str, str] | None = None
+                 ) -> None:
         self.proc = subprocess.Popen(
-            [*SERVER, *extra_args], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+            command or SERVER, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
+        self.notifications: list[dict[str, Any]] = []
         self.frames: queue.Queue[dict[str, Any]] = queue.Queue()
         self.garbage: list[bytes] = []  # anything on stdout that is not a frame
         self.stderr: list[str] = []
@@ -81,10 +87,17 @@ class RawServer:
                 return frame
             self.notifications.append(frame)
 
-    notifications: list[dict[str, Any]] = []
+    def wait_for_status(self, state: str, timeout: float = 60.0) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while True:
+            for frame in self.notifications:
+                if frame.get("method") == "tramontane/status" and \
+                        frame["params"]["state"] == state:
+                    self.notifications.remove(frame)
+                    return frame["params"]  # type: ignore[no-any-return]
+            self.notifications.append(self.next_frame(max(0.01, deadline - time.monotonic())))
 
     def initialize(self, options: Any = None, capabilities: Any = None) -> dict[str, Any]:
-        self.notifications = []
         msg = self.request("initialize", {"processId": None, "rootUri": None,
                                           "capabilities": capabilities or {},
                                           "initializationOptions": options})
@@ -94,10 +107,8 @@ class RawServer:
 
     def close(self, timeout: float = 10.0) -> int:
         if self.proc.poll() is None:
-            try:
+            with contextlib.suppress(BrokenPipeError):
                 self.proc.stdin.close()  # type: ignore[union-attr]
-            except BrokenPipeError:
-                pass
             try:
                 return self.proc.wait(timeout)
             except subprocess.TimeoutExpired:

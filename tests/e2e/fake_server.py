@@ -1,0 +1,60 @@
+"""The real language server with a scripted backend instead of a model, for timing-sensitive
+end-to-end tests (cancellation, supersession) and golden tests of post-processing over the wire.
+
+Environment:
+  FAKE_TOKENS  JSON list of the texts of the tokens every completion streams
+  FAKE_DELAY   seconds per token (default 0)
+  FAKE_LOG     a file where the backend appends one line per request:
+               "<n> <document> steps=<k> <finish reason>"
+  FAKE_RAISE   if set, the backend raises RuntimeError(FAKE_RAISE) (an unexpected failure)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
+
+import engine
+from engine.tiny import tokenizer_source
+from lsp_server.backend import Events, GenerationRequest
+from lsp_server.cli import serve
+from lsp_server.server import create_server
+
+
+class ScriptedBackend:
+    name = "scripted"
+
+    def __init__(self) -> None:
+        self.tokenizer = MistralTokenizer.from_file(str(tokenizer_source("v3")))
+        self.texts: list[str] = json.loads(os.environ.get("FAKE_TOKENS", '["x"]'))
+        self.delay = float(os.environ.get("FAKE_DELAY", "0"))
+        self.log = Path(os.environ["FAKE_LOG"]) if "FAKE_LOG" in os.environ else None
+        self.requests = 0
+
+    def stream(self, request: GenerationRequest, cancel: engine.CancellationToken) -> Events:
+        self.requests += 1
+        if "FAKE_RAISE" in os.environ:
+            raise RuntimeError(os.environ["FAKE_RAISE"])
+        steps, reason = 0, "length"
+        try:
+            for text in self.texts[: request.sampling.max_tokens]:
+                if cancel.cancelled:
+                    reason = "cancelled"
+                    break
+                time.sleep(self.delay)  # one "decode step"
+                steps += 1
+                yield engine.TokenEvent(0, 0.0, text)
+            yield engine.EndEvent(reason, len(request.prompt), steps, 0.0, 0.0)  # type: ignore[arg-type]
+        finally:
+            if self.log is not None:
+                with self.log.open("a") as f:
+                    f.write(f"{self.requests} {request.document} steps={steps} {reason}\n")
+
+
+if __name__ == "__main__":
+    sys.exit(serve(create_server(backend=ScriptedBackend())))  # type: ignore[arg-type]
