@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
+from typing import BinaryIO
 
 from . import __version__
 from .server import TramontaneServer, create_server
@@ -40,11 +42,21 @@ def main(argv: list[str] | None = None) -> int:
     return serve(server, (args.host, args.port) if args.tcp else None)
 
 
+def _protocol_stdout() -> BinaryIO:
+    """A private handle on the real stdout for JSON-RPC; fd 1 and `sys.stdout` then point to
+    stderr, so a stray print, from us or from a native library, cannot corrupt the stream."""
+    sys.stdout.flush()
+    protocol_fd = os.dup(1)
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+    return os.fdopen(protocol_fd, "wb")
+
+
 def serve(server: TramontaneServer, tcp: tuple[str, int] | None = None) -> int:
     """Run until `exit` or the end of the stream; the process exit code the LSP spec asks for:
     0 after a `shutdown` request, 1 otherwise (an `exit` alone, or the client vanishing)."""
     if tcp is not None:
         server.start_tcp(*tcp)
     else:
-        server.start_io()
+        server.start_io(sys.stdin.buffer, _protocol_stdout())
     return 0 if server.protocol.shutdown_requested else 1  # type: ignore[attr-defined]

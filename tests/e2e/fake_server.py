@@ -7,6 +7,7 @@ Environment:
   FAKE_LOG     a file where the backend appends one line per request:
                "<n> <document> steps=<k> <finish reason>"
   FAKE_RAISE   if set, the backend raises RuntimeError(FAKE_RAISE) (an unexpected failure)
+  FAKE_PRINT   if set, the backend prints to stdout, from Python and through fd 1 directly
 """
 
 from __future__ import annotations
@@ -38,6 +39,9 @@ class ScriptedBackend:
 
     def stream(self, request: GenerationRequest, cancel: engine.CancellationToken) -> Events:
         self.requests += 1
+        if "FAKE_PRINT" in os.environ:
+            print("stray print from a library")
+            os.write(1, b"stray native write\n")
         if "FAKE_RAISE" in os.environ:
             raise RuntimeError(os.environ["FAKE_RAISE"])
         steps, reason = 0, "length"

@@ -4,6 +4,7 @@ server keeps serving; every request gets exactly one reply; stdout carries only 
 from __future__ import annotations
 
 import json
+import queue
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -135,7 +136,7 @@ def test_cancel_request_replies_once_with_request_cancelled_and_stops_the_backen
     first = backend_log(tmp_path)[0].split()
     assert first[2] != "steps=40" and first[3] == "cancelled"
     assert int(first[2].removeprefix("steps=")) <= 10
-    with pytest.raises(Exception):  # noqa: B017, PT011 - exactly one reply: no second one
+    with pytest.raises(queue.Empty):  # exactly one reply: no second one comes
         fake.response(msg, timeout=0.5)
     assert_clean(fake)
 
@@ -175,9 +176,10 @@ def test_shutdown_then_exit_is_code_0_exit_alone_is_code_1() -> None:
 
 
 def test_postprocessing_applies_over_the_wire(tmp_path: Path) -> None:
-    """The scripted raw completion `a, b)` + junk inside `foo(|)` becomes `a, b`."""
+    """The scripted raw completion `a, b)` + junk inside `foo(|)` becomes `a, b`; stray prints
+    on stdout (Python's or a native library's) do not reach the JSON-RPC stream."""
     server = RawServer(FAKE_SERVER, env={"FAKE_TOKENS": json.dumps(
-        ["a", ",", " b", ")", "\n", "    junk()"])})
+        ["a", ",", " b", ")", "\n", "    junk()"]), "FAKE_PRINT": "1"})
     try:
         server.initialize()
         server.wait_for_status("ready")
@@ -185,5 +187,45 @@ def test_postprocessing_applies_over_the_wire(tmp_path: Path) -> None:
         reply = server.response(inline(server))
         assert reply["result"] == {"items": [{"insertText": "a, b", "range": {
             "start": CURSOR, "end": CURSOR}}]}
+        assert_clean(server)
+        time.sleep(0.2)
+        assert "stray print from a library\n" in server.stderr
+        assert "stray native write\n" in server.stderr
+    finally:
+        server.close()
+
+
+def scripted(tmp_path: Path, options: dict[str, object]) -> RawServer:
+    server = RawServer(FAKE_SERVER, env={"FAKE_TOKENS": json.dumps(["x"] * 40),
+                                         "FAKE_DELAY": "0.05",
+                                         "FAKE_LOG": str(tmp_path / "backend.log")})
+    server.initialize(options)
+    server.wait_for_status("ready")
+    open_doc(server)
+    return server
+
+
+def test_the_time_budget_ends_a_completion_with_what_it_has(tmp_path: Path) -> None:
+    server = scripted(tmp_path, {"completion": {"timeBudgetMs": 300}})
+    try:
+        text = server.response(inline(server))["result"]["items"][0]["insertText"]
+        assert 3 <= len(text) <= 8 and set(text) == {"x"}  # 300 ms of 50 ms tokens
+    finally:
+        server.close()
+
+
+def test_debounce_skips_requests_superseded_while_waiting(tmp_path: Path) -> None:
+    server = scripted(tmp_path, {"completion": {"debounceMs": 300}})
+    try:
+        first = inline(server)
+        time.sleep(0.05)
+        second = inline(server)
+        assert server.response(first)["result"] == {"items": []}
+        assert server.response(second)["result"]["items"][0]["insertText"] == "x" * 40
+        assert backend_log(tmp_path) == [f"1 {DOC} steps=40 length"]  # the first never ran
+        cancelled = [n["params"] for n in server.notifications
+                     if n.get("method") == "tramontane/status" and
+                     n["params"].get("reason") == "cancelled"]
+        assert cancelled  # the editor is told why the first came back empty
     finally:
         server.close()
