@@ -9,6 +9,7 @@ from .errors import EngineError, GenerationError, ModelLoadError
 from .generate import EndEvent, FinishReason, TokenEvent, generate, stream
 from .loading import load
 from .model import Model
+from .prefix_cache import PrefixCache
 from .sampling import SamplingParams
 from .tokenizer import TextStream, encode_fim
 
@@ -20,6 +21,7 @@ __all__ = [
     "GenerationError",
     "Model",
     "ModelLoadError",
+    "PrefixCache",
     "SamplingParams",
     "TextStream",
     "TokenEvent",

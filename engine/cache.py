@@ -4,9 +4,12 @@ Layout, per layer: keys and values of shape (B, n_kv_heads, capacity + 1, head_d
 
 - A full-attention layer's capacity is the longest sequence the batch will reach; position p
   lives in slot p.
-- A sliding-window layer keeps only its window: capacity = min(window, max_seq_len), and
-  position p lives in slot p % capacity (a rotating buffer). Memory is bounded by the window,
-  whatever the prompt length.
+- A sliding-window layer keeps only its window: capacity = min(window + rewind, max_seq_len),
+  and position p lives in slot p % capacity (a rotating buffer). Memory is bounded by the
+  window, whatever the prompt length. `rewind` extra slots let a cache that has wrapped be cut
+  back (`keep`) by up to `rewind` tokens and stay exact: the keys the next query needs are still
+  there. A prefix cache that reuses a document's last prompt needs that; one-off generation
+  uses rewind 0.
 - The extra last slot is a sink: padding tokens (rows of a batch shorter than the chunk) and
   tokens that a later token of the same chunk overwrites are written there, so a write is one
   `scatter_` with no branches. The sink is never attended to.
@@ -37,6 +40,9 @@ class AttentionPlan:
     write_first: bool  # write the new keys, then attend over the cache only
     upto: int  # with write_first: attend over slots [0, upto)
     mask: torch.Tensor  # (B, 1, T, K) bool, True where a query may attend a key
+    # The mask is plain causal over slots [0, T) (a first chunk, no padding, window not
+    # reached): SDPA's is_causal kernel is faster than an explicit mask.
+    causal: bool = False
 
 
 @dataclass(frozen=True)
@@ -54,15 +60,19 @@ class KVCache:
         *,
         device: torch.device | str,
         dtype: torch.dtype,
+        rewind: int = 0,
     ) -> None:
+        if rewind < 0:
+            raise ValueError(f"rewind must be >= 0, got {rewind}")
         self.batch_size = batch_size
         self.max_seq_len = max_seq_len
+        self.rewind = rewind
         self.n_kv_heads = config.n_kv_heads
         self.head_dim = config.head_dim
         groups: list[_Group] = []
         self.layer_group: list[int] = []
         for window in config.sliding_windows:
-            capacity = max_seq_len if window is None else min(window, max_seq_len)
+            capacity = max_seq_len if window is None else min(window + rewind, max_seq_len)
             group = _Group(capacity, window if window is not None and window < max_seq_len
                            else None)
             if group not in groups:
@@ -84,6 +94,37 @@ class KVCache:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values))
 
+    def geometry(self) -> tuple[int, tuple[tuple[int, int | None], ...]]:
+        """What a compiled step specialises on: batch size and (capacity, window) per group."""
+        return self.batch_size, tuple((g.capacity, g.window) for g in self.groups)
+
+    def clear(self) -> None:
+        """Forget every position (keys and values stay; they are masked, never read)."""
+        for spos in self.slot_pos:
+            spos.fill_(-1)
+
+    def keep(self, n: int) -> int:
+        """Cut every row back to its first `n` positions, if that is exact; return what is kept.
+
+        Exact means the cache still holds every key that a token at position `n` attends to:
+        positions [0, n) on full-attention layers, the last `window - 1` of them on
+        sliding-window layers (a rotating buffer that wrapped past them has lost them; the
+        `rewind` margin is what keeps them). Then positions >= n are forgotten and `n` is
+        returned; otherwise the cache is cleared and 0 returned.
+        """
+        if n <= 0:
+            self.clear()
+            return 0
+        for group, spos in zip(self.groups, self.slot_pos, strict=True):
+            lo = 0 if group.window is None else max(0, n - group.window + 1)
+            held = ((spos >= lo) & (spos < n)).sum(dim=1)  # (B,)
+            if bool((held != n - lo).any()):
+                self.clear()
+                return 0
+        for spos in self.slot_pos:
+            spos.masked_fill_(spos >= n, -1)
+        return n
+
     def plan(self, positions: torch.Tensor) -> list[AttentionPlan]:
         """Plan one forward of tokens at `positions: (B, T)` (-1 = padding); updates slot maps.
 
@@ -101,8 +142,9 @@ class KVCache:
         bsz, seqlen = positions.shape
         valid = positions >= 0
         # A rotating buffer can take the chunk before attention only if no new token
-        # overwrites a key that a query of the same chunk still needs.
-        write_first = window is None or seqlen == 1
+        # overwrites a key that a query of the same chunk still needs: token p overwrites
+        # p - cap, the chunk's first query needs keys from start - window + 1 on.
+        write_first = window is None or seqlen <= cap - window + 1
         if write_first:
             keep = valid
         else:
@@ -129,11 +171,15 @@ class KVCache:
         # would make softmax produce NaN, and NaN values poison even masked-out products.
         allowed |= (qp < 0)
         index_shape = (bsz, self.n_kv_heads, seqlen, self.head_dim)
+        causal = (write_first and seqlen > 1 and upto == seqlen
+                  and (window is None or seqlen <= window)
+                  and bool((positions == torch.arange(seqlen, device=positions.device)).all()))
         return AttentionPlan(
             slots=slots[:, None, :, None].expand(index_shape),
             write_first=write_first,
             upto=upto,
             mask=allowed[:, None],
+            causal=causal,
         )
 
     def update(

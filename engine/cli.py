@@ -249,9 +249,16 @@ def cmd_make_tiny(args: argparse.Namespace) -> int:
         raise CliError(f"{folder}: exists and is not an empty folder; choose a new one")
     shape = {kw: getattr(args, dest) for dest, kw in SHAPE_OPTIONS.items()
              if getattr(args, dest) is not None}
+    if args.arch == "mamba":  # a Mamba2 has no attention: only its width and depth apply
+        wrong = [f"--{dest.replace('_', '-')}" for dest, kw in SHAPE_OPTIONS.items()
+                 if kw in shape and kw not in ("dim", "n_layers")]
+        if wrong:
+            raise CliError(f"--arch mamba takes only --dim and --layers, not {', '.join(wrong)}",
+                           EXIT_USAGE)
     try:
         path = tiny.make_tiny(folder, layout=args.layout, tokenizer=args.tokenizer,
-                              seed=args.seed, dtype=DTYPE_NAMES[args.dtype], **shape)
+                              seed=args.seed, dtype=DTYPE_NAMES[args.dtype], arch=args.arch,
+                              **shape)
     except ValueError as e:  # TransformerConfig's checks of the shape options
         raise CliError(f"invalid shape: {e}", EXIT_USAGE) from None
     print(f"wrote a tiny {args.layout} checkpoint with the {args.tokenizer} tokenizer to {path}",
@@ -411,6 +418,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(config.json + model.safetensors) (default: native)")
     p.add_argument("--tokenizer", choices=list(tiny.TOKENIZERS), default="v3",
                    help="which mistral-common tokenizer to ship (default: v3; FIM needs v3+)")
+    p.add_argument("--arch", choices=("transformer", "mamba"), default="transformer",
+                   help="dense transformer, or Mamba2 as Codestral Mamba (default: transformer)")
     p.add_argument("--seed", type=int, default=0, help="weight seed (default: 0)")
     p.add_argument("--dtype", choices=sorted(DTYPE_NAMES), default="float32", metavar="DTYPE",
                    help=f"weight dtype: {', '.join(sorted(DTYPE_NAMES))} (default: float32)")

@@ -20,11 +20,33 @@ log = logging.getLogger(__name__)
 # the original RoPE base; their Hugging Face configs say 10000. Current mistral-inference assumes
 # 1e6 when the field is missing, which silently degrades those models.
 LEGACY_ROPE_THETA = 10_000.0
+# Mixtral came later: its params.json has no `rope_theta` either, but it was trained with 1e6
+# (its Hugging Face config says 1000000.0). No MoE checkpoint used the legacy base.
+MOE_ROPE_THETA = 1_000_000.0
+
+
+@dataclass(frozen=True)
+class MoeConfig:
+    """Mixture of experts (Mixtral): each token goes to `num_experts_per_tok` of `num_experts`
+    feed-forward experts, chosen by a linear gate."""
+
+    num_experts: int
+    num_experts_per_tok: int
+
+    def __post_init__(self) -> None:
+        for name in ("num_experts", "num_experts_per_tok"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"moe.{name} must be a positive integer, got {value!r}")
+        if self.num_experts_per_tok > self.num_experts:
+            raise ValueError(f"moe.num_experts_per_tok ({self.num_experts_per_tok}) exceeds "
+                             f"moe.num_experts ({self.num_experts})")
 
 
 @dataclass(frozen=True)
 class TransformerConfig:
-    """Shape of a dense decoder (Mistral 7B, Codestral 22B, NeMo, Ministral)."""
+    """Shape of a decoder: dense (Mistral 7B, Codestral 22B, NeMo, Ministral) or, with `moe`
+    set, a mixture of experts (Mixtral)."""
 
     dim: int
     n_layers: int
@@ -39,6 +61,7 @@ class TransformerConfig:
     sliding_windows: tuple[int | None, ...] = ()
     tied_embeddings: bool = False
     max_position_embeddings: int | None = None
+    moe: MoeConfig | None = None  # set: every layer's feed-forward is a mixture of experts
     extras: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -64,6 +87,8 @@ class TransformerConfig:
         for w in self.sliding_windows:
             if w is not None and (not isinstance(w, int) or w <= 0):
                 raise ValueError(f"sliding_window entries must be positive integers, got {w!r}")
+        if self.moe is not None and not isinstance(self.moe, MoeConfig):
+            raise ValueError(f"moe must be a MoeConfig or None, got {self.moe!r}")
 
     @property
     def n_rep(self) -> int:
@@ -89,7 +114,23 @@ class TransformerConfig:
             )
         if self.tied_embeddings:
             params["tied_embeddings"] = True
+        if self.moe is not None:
+            params["moe"] = {"num_experts": self.moe.num_experts,
+                             "num_experts_per_tok": self.moe.num_experts_per_tok}
         return params
+
+
+def _parse_moe(data: Any, source: Path) -> MoeConfig | None:
+    """`params.json`'s `moe` part: absent or null for dense models."""
+    if data is None:
+        return None
+    if not isinstance(data, dict):
+        raise ModelLoadError(source, f"moe must be an object, got {data!r}")
+    try:
+        return MoeConfig(num_experts=_require(data, "num_experts", source),
+                         num_experts_per_tok=_require(data, "num_experts_per_tok", source))
+    except ValueError as e:
+        raise ModelLoadError(source, str(e)) from None
 
 
 def _expand_windows(value: Any, n_layers: int, source: Path) -> tuple[int | None, ...]:
@@ -139,10 +180,11 @@ def from_params(path: Path) -> TransformerConfig:
     head_dim = data.get("head_dim") or (dim // n_heads if isinstance(dim, int) and
                                         isinstance(n_heads, int) and n_heads else 0)
     if "rope_theta" not in data:
-        log.info("%s has no rope_theta: using the legacy base %g", path, LEGACY_ROPE_THETA)
+        log.info("%s has no rope_theta: using %g", path,
+                 MOE_ROPE_THETA if data.get("moe") else LEGACY_ROPE_THETA)
     known = {"dim", "n_layers", "head_dim", "hidden_dim", "n_heads", "n_kv_heads", "norm_eps",
              "vocab_size", "rope_theta", "sliding_window", "tied_embeddings",
-             "max_position_embeddings", "max_seq_len"}
+             "max_position_embeddings", "max_seq_len", "moe"}
     return _build(
         path,
         dim=dim,
@@ -153,20 +195,25 @@ def from_params(path: Path) -> TransformerConfig:
         hidden_dim=_require(data, "hidden_dim", path),
         vocab_size=_require(data, "vocab_size", path),
         norm_eps=float(data.get("norm_eps", 1e-5)),
-        rope_theta=float(data.get("rope_theta", LEGACY_ROPE_THETA)),
+        rope_theta=float(data.get("rope_theta", MOE_ROPE_THETA if data.get("moe")
+                                  else LEGACY_ROPE_THETA)),
         sliding_windows=_expand_windows(data.get("sliding_window"), n_layers, path)
         if isinstance(n_layers, int) else (),
         tied_embeddings=bool(data.get("tied_embeddings", False)),
         max_position_embeddings=data.get("max_position_embeddings") or data.get("max_seq_len"),
+        moe=_parse_moe(data.get("moe"), path),
         extras={k: v for k, v in data.items() if k not in known},
     )
 
 
-HF_ARCHITECTURES = ("MistralForCausalLM",)
+HF_ARCHITECTURES = ("MistralForCausalLM", "MixtralForCausalLM")
 
 
 def from_hf_config(path: Path) -> TransformerConfig:
-    """Parse a Hugging Face `config.json` (MistralForCausalLM)."""
+    """Parse a Hugging Face `config.json` (MistralForCausalLM, MixtralForCausalLM).
+
+    Mixtral's `num_experts_per_tok` defaults to 2 when absent, as in transformers.
+    """
     data = read_json(path)
     archs = data.get("architectures") or []
     if archs and not set(archs) & set(HF_ARCHITECTURES):
@@ -198,4 +245,7 @@ def from_hf_config(path: Path) -> TransformerConfig:
         else (),
         tied_embeddings=bool(data.get("tie_word_embeddings", False)),
         max_position_embeddings=data.get("max_position_embeddings"),
+        moe=_parse_moe({"num_experts": data["num_local_experts"],
+                        "num_experts_per_tok": data.get("num_experts_per_tok", 2)}, path)
+        if "num_local_experts" in data else None,
     )

@@ -10,14 +10,16 @@ each at its own position; a row that reached EOS stops writing to the cache (pos
 from __future__ import annotations
 
 import time
-from collections.abc import Generator, Iterator, Sequence
+from collections.abc import Callable, Generator, Hashable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
+from .cache import KVCache
 from .cancel import CancellationToken
 from .errors import GenerationError
+from .prefix_cache import PrefixCache
 from .sampling import SamplingParams, make_generator, sample, token_logprobs
 from .tokenizer import TextStream
 
@@ -50,6 +52,11 @@ class EndEvent:
     prefill_seconds: float
     decode_seconds: float
     text: str = ""  # bytes left at the end, flushed (an incomplete character as U+FFFD)
+    # Prompt tokens taken from a prefix cache (not prefilled).
+    cached_tokens: int = 0
+    # Tokens run through the model: the prompt tokens prefilled (all of them unless cancelled
+    # half-way) and the generated tokens fed back.
+    computed_tokens: int = 0
 
 
 @dataclass
@@ -58,6 +65,9 @@ class _Stats:
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
     reasons: list[FinishReason] = field(default_factory=list)
+    # How many tokens of each row the cache holds at the end (prompt then generated tokens fed
+    # back): what a prefix cache may reuse next time.
+    cached: list[int] = field(default_factory=list)
 
 
 def _check_prompts(prompts: Sequence[Sequence[int]], vocab_size: int) -> None:
@@ -81,10 +91,17 @@ def _steps(
     chunk_size: int | None,
     cancel: CancellationToken | None,
     stats: _Stats,
+    cache: Any = None,
+    start: int = 0,
+    on_prefilled: Callable[[], None] | None = None,
+    split_at: int | None = None,
 ) -> Iterator[tuple[list[int], list[float], list[bool]]]:
     """Yield, per decode step, each row's token, its log-prob, and whether the row emits it.
 
-    Sets `stats.reasons` when done.
+    `cache`, when given, already holds positions [0, start) of every prompt (a prefix cache's
+    reuse): only the rest is prefilled. With `split_at`, a prefill chunk ends there and
+    `on_prefilled` is called then (a recurrent state is snapshotted at that point); without it,
+    `on_prefilled` is called after the whole prefill. Sets `stats.reasons` and `stats.cached`.
     """
     _check_prompts(prompts, model.config.vocab_size)
     if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size <= 0):
@@ -101,12 +118,27 @@ def _steps(
                 f"a prompt of {longest} tokens leaves no room in the model's context of "
                 f"{context} tokens")
         max_tokens = min(max_tokens, context - longest)
+    if not 0 <= start < min(lengths):
+        raise GenerationError(f"start {start} must leave at least one prompt token to prefill")
+    stats.cached = [start] * bsz
     if max_tokens == 0:
         stats.reasons = ["length"] * bsz
         return
-    chunk = chunk_size or min(longest, DEFAULT_MAX_CHUNK)
+    chunk = chunk_size or min(longest - start, DEFAULT_MAX_CHUNK)
     device = model.device
-    cache = model.new_cache(bsz, longest + max_tokens)
+    decoder = model.decoder
+    if cache is None:
+        needed = longest + max_tokens
+        if decoder is not None and decoder.batch_size == bsz and needed <= decoder.max_seq_len:
+            cache = decoder.new_cache()
+        else:
+            cache = model.new_cache(bsz, needed)
+    elif longest + max_tokens > cache.max_seq_len:
+        max_tokens = cache.max_seq_len - longest
+        if max_tokens <= 0:
+            raise GenerationError(f"a prompt of {longest} tokens does not fit the cache of "
+                                  f"{cache.max_seq_len} positions")
+    fast = decoder is not None and decoder.accepts(cache)
     generator = make_generator(params, device)
     lengths_t = torch.tensor(lengths, device=device)
     padded = torch.zeros(bsz, longest, dtype=torch.long)
@@ -119,19 +151,28 @@ def _steps(
 
     t0 = time.perf_counter()
     last_logits = torch.empty(bsz, model.config.vocab_size, device=device)
-    for start in range(0, longest, chunk):
+    begin = start
+    while begin < longest:
         if cancelled():
             stats.reasons = ["cancelled"] * bsz
             stats.prefill_seconds = time.perf_counter() - t0
             return
-        end = min(start + chunk, longest)
-        positions = torch.arange(start, end, device=device).expand(bsz, -1)
+        end = min(begin + chunk, longest)
+        if split_at is not None and begin < split_at < end:
+            end = split_at
+        positions = torch.arange(begin, end, device=device).expand(bsz, -1)
         positions = torch.where(positions < lengths_t[:, None], positions, -1)
-        ends_here = (lengths_t > start) & (lengths_t <= end)
-        out_index = (lengths_t - 1 - start).clamp(0, end - start - 1)
-        logits = model.forward(padded[:, start:end], positions, cache, output_index=out_index)
+        ends_here = (lengths_t > begin) & (lengths_t <= end)
+        out_index = (lengths_t - 1 - begin).clamp(0, end - begin - 1)
+        logits = model.forward(padded[:, begin:end], positions, cache, output_index=out_index)
         last_logits = torch.where(ends_here[:, None], logits, last_logits)
+        stats.cached = [min(n, end) for n in lengths]
+        if on_prefilled is not None and split_at is not None and end == split_at:
+            on_prefilled()
+        begin = end
     stats.prefill_seconds = time.perf_counter() - t0
+    if on_prefilled is not None and split_at is None:
+        on_prefilled()
 
     t0 = time.perf_counter()
     active = [True] * bsz
@@ -156,8 +197,13 @@ def _steps(
         positions = torch.tensor(
             [[lengths[i] + step] if active[i] else [-1] for i in range(bsz)], device=device
         )
-        logits = model.forward(next_tokens[:, None], positions, cache,
-                               output_index=torch.zeros(bsz, dtype=torch.long, device=device))
+        if fast:
+            assert decoder is not None
+            logits = decoder.step(next_tokens, positions[:, 0], cache)
+        else:
+            logits = model.forward(next_tokens[:, None], positions, cache,
+                                   output_index=torch.zeros(bsz, dtype=torch.long, device=device))
+        stats.cached = [n + 1 if a else n for n, a in zip(stats.cached, active, strict=True)]
     stats.decode_seconds = time.perf_counter() - t0
     stats.reasons = reasons
 
@@ -211,26 +257,56 @@ def stream(
     cancel: CancellationToken | None = None,
     eos_id: int | None = None,
     chunk_size: int | None = None,
+    prefix_cache: PrefixCache | None = None,
+    cache_key: Hashable | None = None,
 ) -> Generator[TokenEvent | EndEvent, None, None]:
     """Yield a `TokenEvent` per generated token as soon as it exists, then one `EndEvent`.
 
-    `cancel` is checked between prefill chunks and between decode steps.
+    `cancel` is checked between prefill chunks and between decode steps. With a `prefix_cache`
+    and a `cache_key` (e.g. the document), the longest prefix that `cache_key`'s last request
+    shares with `prompt` is reused instead of prefilled (`EndEvent.cached_tokens`); whatever
+    this request computes, even if it is cancelled half-way, is kept for the next one.
     """
     params = sampling or SamplingParams()
     text = TextStream(model.tokenizer)
     stats = _Stats()
-    generated = 0
-    with torch.inference_mode():
-        for tokens, logprobs, emit in _steps(model, [prompt], params, _resolve_eos(model, eos_id),
-                                             chunk_size, cancel, stats):
-            if emit[0]:
-                generated += 1
-                yield TokenEvent(tokens[0], logprobs[0], text.push(tokens[0]))
+    generated: list[int] = []  # every sampled token (EOS included)
+    emitted = 0
+    lease = None
+    if prefix_cache is not None and cache_key is not None:
+        lease = prefix_cache.checkout(cache_key, prompt)
+    on_prefilled, split_at = None, None
+    if lease is not None and not isinstance(lease.cache, KVCache):
+        # A recurrent state cannot be cut back: snapshot it before the prompt's last token, so
+        # that the same prompt again, or one that extends it, continues from the snapshot.
+        split_at = len(prompt) - 1
+
+        def on_prefilled() -> None:
+            assert lease is not None
+            lease.cache.checkpoint()
+            lease.checkpoint_len = len(prompt) - 1
+    try:
+        with torch.inference_mode():
+            for tokens, logprobs, emit in _steps(
+                    model, [prompt], params, _resolve_eos(model, eos_id), chunk_size, cancel,
+                    stats, cache=lease.cache if lease else None,
+                    start=lease.reused if lease else 0, on_prefilled=on_prefilled,
+                    split_at=split_at):
+                generated.append(tokens[0])
+                if emit[0]:
+                    emitted += 1
+                    yield TokenEvent(tokens[0], logprobs[0], text.push(tokens[0]))
+    finally:
+        if lease is not None and prefix_cache is not None:
+            held = stats.cached[0] if stats.cached else lease.reused
+            prefix_cache.checkin(lease, [*prompt, *generated][:held])
     yield EndEvent(
         reason=stats.reasons[0] if stats.reasons else "length",
         prompt_tokens=stats.prompt_tokens,
-        generated_tokens=generated,
+        generated_tokens=emitted,
         prefill_seconds=stats.prefill_seconds,
         decode_seconds=stats.decode_seconds,
         text=text.flush(),
+        cached_tokens=lease.reused if lease else 0,
+        computed_tokens=(stats.cached[0] if stats.cached else 0) - (lease.reused if lease else 0),
     )

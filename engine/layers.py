@@ -97,7 +97,10 @@ class Attention(nn.Module):
         k = apply_rotary(k, cos, sin).transpose(1, 2)  # (B, Hkv, T, hd)
         v = v.transpose(1, 2)
         keys, values = cache.update(self.layer_id, k, v, plan)
-        out = F.scaled_dot_product_attention(
-            q, keys, values, attn_mask=plan.mask, enable_gqa=self.n_heads != self.n_kv_heads
-        )  # (B, H, T, hd)
+        gqa = self.n_heads != self.n_kv_heads
+        if plan.causal:
+            out = F.scaled_dot_product_attention(q, keys, values, is_causal=True, enable_gqa=gqa)
+        else:
+            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=plan.mask,
+                                                 enable_gqa=gqa)  # (B, H, T, hd)
         return self.wo(out.transpose(1, 2).reshape(bsz, seqlen, self.n_heads * self.head_dim))

@@ -64,6 +64,10 @@ _HF_TO_NATIVE_TOP = {
 }
 _NATIVE_TO_HF_LAYER = {v: k for k, v in _HF_TO_NATIVE_LAYER.items()}
 _NATIVE_TO_HF_TOP = {v: k for k, v in _HF_TO_NATIVE_TOP.items()}
+# Mixtral (MoE): the same names under another prefix, in the layout Mixtral's Hugging Face
+# repositories use (one tensor per expert, as transformers' legacy MixtralForCausalLM saved).
+_HF_MOE = re.compile(r"^block_sparse_moe\.(gate\.weight|experts\.\d+\.w[123]\.weight)$")
+_NATIVE_MOE = re.compile(r"^feed_forward\.(gate\.weight|experts\.\d+\.w[123]\.weight)$")
 
 
 def hf_to_native_name(name: str) -> str | None:
@@ -72,6 +76,9 @@ def hf_to_native_name(name: str) -> str | None:
     m = _HF_LAYER.match(name)
     if m and m.group(2) in _HF_TO_NATIVE_LAYER:
         return f"layers.{m.group(1)}.{_HF_TO_NATIVE_LAYER[m.group(2)]}"
+    moe = _HF_MOE.match(m.group(2)) if m else None
+    if m and moe:
+        return f"layers.{m.group(1)}.feed_forward.{moe.group(1)}"
     return None
 
 
@@ -79,6 +86,9 @@ def native_to_hf_name(name: str) -> str:
     if name in _NATIVE_TO_HF_TOP:
         return _NATIVE_TO_HF_TOP[name]
     layer, rest = name.split(".", 2)[1:]
+    moe = _NATIVE_MOE.match(rest)
+    if moe:
+        return f"model.layers.{layer}.block_sparse_moe.{moe.group(1)}"
     return f"model.layers.{layer}.{_NATIVE_TO_HF_LAYER[rest]}"
 
 
@@ -116,6 +126,12 @@ def hf_config_dict(config: TransformerConfig) -> dict[str, object]:
     windows = set(config.sliding_windows)
     if len(windows) > 1:
         raise ValueError("Hugging Face's Mistral config has one sliding window for all layers")
+    moe: dict[str, object] = {}
+    if config.moe is not None:
+        moe = {"architectures": ["MixtralForCausalLM"], "model_type": "mixtral",
+               "num_local_experts": config.moe.num_experts,
+               "num_experts_per_tok": config.moe.num_experts_per_tok,
+               "router_jitter_noise": 0.0, "output_router_logits": False}
     return {
         "architectures": ["MistralForCausalLM"],
         "model_type": "mistral",
@@ -135,6 +151,7 @@ def hf_config_dict(config: TransformerConfig) -> dict[str, object]:
         "vocab_size": config.vocab_size,
         "bos_token_id": 1,
         "eos_token_id": 2,
+        **moe,
     }
 
 
@@ -249,6 +266,20 @@ def _index_tensors(files: Iterable[Path], rename: Callable[[str], str | None]) -
     return index
 
 
+def _is_mamba_hf(path: Path) -> bool:
+    from .mamba2_loading import is_mamba_hf_config
+
+    return is_mamba_hf_config(config_mod.read_json(path))
+
+
+def _load_mamba(folder: Path, *, hf: bool, device: str | torch.device,
+                dtype: torch.dtype | None) -> Model:
+    # Imported here: mamba2_loading builds on this module's file helpers.
+    from .mamba2_loading import load_mamba
+
+    return load_mamba(folder, hf=hf, device=device, dtype=dtype)
+
+
 def load(path: str | Path, device: str | torch.device = "cpu",
          dtype: str | torch.dtype | None = None) -> Model:
     """Load a native Mistral or Hugging Face checkpoint folder."""
@@ -263,9 +294,11 @@ def load(path: str | Path, device: str | torch.device = "cpu",
     if (folder / "params.json").exists():
         params_path = folder / "params.json"
         raw = config_mod.read_json(params_path)
-        for family in ("moe", "vision_encoder"):
+        for family in ("vision_encoder",):
             if raw.get(family):
                 raise ModelLoadError(params_path, f"{family!r} checkpoints are not supported yet")
+        if raw.get("model_type") == "mamba":  # Mamba2: engine/mamba2_loading.py
+            return _load_mamba(folder, hf=False, device=device, dtype=target_dtype)
         if raw.get("model_type", "transformer") != "transformer":
             raise ModelLoadError(params_path,
                                  f"model_type {raw['model_type']!r} is not supported yet")
@@ -273,6 +306,8 @@ def load(path: str | Path, device: str | torch.device = "cpu",
         files = _native_files(folder)
         hf = False
     elif (folder / "config.json").exists():
+        if _is_mamba_hf(folder / "config.json"):
+            return _load_mamba(folder, hf=True, device=device, dtype=target_dtype)
         config = config_mod.from_hf_config(folder / "config.json")
         files = _hf_files(folder)
         hf = True

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Generator, Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING, TypeVar
 
 import torch
 from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
@@ -10,6 +13,13 @@ from torch import nn
 
 from .cache import KVCache
 from .config import TransformerConfig
+from .lora import LoraAdapters
+from .mamba2 import MambaCache, MambaConfig
+
+if TYPE_CHECKING:
+    from .fast_decode import FastDecoder
+
+T = TypeVar("T")
 
 
 class Model:
@@ -19,12 +29,17 @@ class Model:
     compile or swap for a faster kernel) and the engine's loop talks to this small surface.
     """
 
-    def __init__(self, module: nn.Module, config: TransformerConfig, tokenizer: MistralTokenizer,
-                 path: Path) -> None:
+    def __init__(self, module: nn.Module, config: TransformerConfig | MambaConfig,
+                 tokenizer: MistralTokenizer, path: Path) -> None:
         self.module = module
         self.config = config
         self.tokenizer = tokenizer
         self.path = path
+        self._loras = LoraAdapters(module)
+        # A compiled one-token step that the generation loop uses for caches of its geometry
+        # (`enable_fast_decode`); None = the eager forward for every step.
+        self.decoder: FastDecoder | None = None
+        self._suspended_decoder: FastDecoder | None = None  # set aside while LoRA is loaded
 
     @property
     def device(self) -> torch.device:
@@ -45,12 +60,76 @@ class Model:
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.module.parameters())
 
-    def new_cache(self, batch_size: int, max_seq_len: int) -> KVCache:
-        return KVCache(self.config, batch_size, max_seq_len, device=self.device, dtype=self.dtype)
+    def new_cache(self, batch_size: int, max_seq_len: int,
+                  rewind: int = 0) -> KVCache | MambaCache:
+        if isinstance(self.config, MambaConfig):  # a recurrent state: constant size, no rewind
+            return MambaCache(self.config, batch_size, max_seq_len, device=self.device,
+                              dtype=self.dtype)
+        return KVCache(self.config, batch_size, max_seq_len, device=self.device, dtype=self.dtype,
+                       rewind=rewind)
 
-    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache,
+    def enable_fast_decode(self, max_seq_len: int, batch_size: int = 1, rewind: int = 0, *,
+                           compile: bool = True) -> FastDecoder:
+        """Compile the one-token decode step (`engine.fast_decode`) for caches of this size.
+
+        From then on the generation loop decodes with it whenever its cache has this geometry
+        (`new_cache(batch_size, max_seq_len, rewind)`); other batches stay eager. Takes 20-35 s
+        for a 200M model on 2 CPU cores the first time, a few seconds once inductor's disk cache
+        holds the kernels. Raises `EngineError` for architectures it does not support.
+        """
+        from .fast_decode import FastDecoder
+
+        self.decoder = FastDecoder(self, batch_size, max_seq_len, rewind=rewind, compile=compile)
+        return self.decoder
+
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor,
+                cache: KVCache | MambaCache,
                 output_index: torch.Tensor | None = None) -> torch.Tensor:
         return self.module(tokens, positions, cache, output_index)  # type: ignore[no-any-return]
+
+    def load_lora(self, path: str | Path, scaling: float | None = None,
+                  name: str | None = None) -> str:
+        """Load a LoRA adapter (`lora.safetensors` or its folder) beside the others; returns its
+        name (default: the folder's name, or the file's stem when it is not `lora`).
+
+        `scaling=None` takes `lora.scaling` from the `params.json` beside the adapter, else 2.0.
+        The adapter runs only inside `use_lora(name)`; the base weights are never changed.
+        """
+        name = self._loras.load(path, scaling, name)
+        # The compiled decode step reads the base weights only: set it aside while adapters
+        # are loaded (its weights are the same tensors, so it comes back as it was).
+        if self.decoder is not None:
+            self._suspended_decoder, self.decoder = self.decoder, None
+        return name
+
+    def unload_lora(self, name: str) -> None:
+        """Remove an adapter: the layers it touched compute exactly what they did before."""
+        self._loras.unload(name)
+        if not self._loras.names and self._suspended_decoder is not None:
+            self.decoder, self._suspended_decoder = self._suspended_decoder, None
+
+    @property
+    def loras(self) -> list[str]:
+        """Names of the loaded adapters."""
+        return self._loras.names
+
+    @contextmanager
+    def use_lora(self, name: str | None) -> Iterator[None]:
+        """Run the body with adapter `name` (None: the base model), on this thread only:
+        `with model.use_lora("python"): engine.generate(...)`."""
+        with self._loras.use(name):
+            yield
+
+    def with_lora(self, name: str | None, steps: Iterable[T]) -> Generator[T, None, None]:
+        """`steps` run with adapter `name`, one step at a time: what a generator needs
+        (`for event in model.with_lora("python", engine.stream(...))`), where `use_lora`
+        around it would leak the adapter to whatever the thread runs while it is suspended."""
+        return self._loras.each_step(name, steps)
+
+    @property
+    def active_lora(self) -> str | None:
+        """The adapter this thread runs with (None: the base model)."""
+        return self._loras.active.name
 
     def __repr__(self) -> str:
         return (f"Model({self.path.name}, {self.num_parameters() / 1e6:.1f}M parameters, "

@@ -15,8 +15,10 @@ import mistral_common
 import torch
 from safetensors.torch import save_file
 
-from .config import TransformerConfig
+from .config import MoeConfig, TransformerConfig
 from .loading import hf_config_dict, state_dict_to_hf
+from .mamba2 import MambaConfig
+from .mamba2_loading import random_mamba_state_dict, write_mamba_checkpoint
 from .transformer import Transformer
 
 TOKENIZERS = {
@@ -41,7 +43,9 @@ def tokenizer_source(name: str) -> Path:
 def tiny_config(tokenizer: str = "v3", *, dim: int = 64, n_layers: int = 2, n_heads: int = 4,
                 n_kv_heads: int = 2, head_dim: int | None = None, hidden_dim: int = 128,
                 sliding_window: int | list[int | None] | None = None,
-                rope_theta: float = 1e6) -> TransformerConfig:
+                rope_theta: float = 1e6,
+                moe: tuple[int, int] | None = None) -> TransformerConfig:
+    """A small config; `moe=(num_experts, num_experts_per_tok)` makes it a mixture of experts."""
     vocab = TOKENIZERS[tokenizer][2] if tokenizer in TOKENIZERS else 32768
     if isinstance(sliding_window, list):
         windows: tuple[int | None, ...] = tuple(sliding_window) * (n_layers // len(sliding_window))
@@ -51,7 +55,19 @@ def tiny_config(tokenizer: str = "v3", *, dim: int = 64, n_layers: int = 2, n_he
         dim=dim, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv_heads,
         head_dim=head_dim or dim // n_heads, hidden_dim=hidden_dim, vocab_size=vocab,
         rope_theta=rope_theta, sliding_windows=windows,
+        moe=MoeConfig(*moe) if moe is not None else None,
     )
+
+
+def tiny_mamba_config(tokenizer: str = "v3", *, dim: int = 64, n_layers: int = 2,
+                      n_groups: int = 2, d_state: int = 16, head_dim: int = 16, expand: int = 2,
+                      d_conv: int = 4, chunk_size: int = 16, pad_vocab_size_multiple: int = 1,
+                      tie_embeddings: bool = False) -> MambaConfig:
+    """A small Mamba2: 8 heads in 2 groups, chunks of 16 tokens (so prompts span several)."""
+    return MambaConfig(dim=dim, n_layers=n_layers, vocab_size=TOKENIZERS[tokenizer][2],
+                       n_groups=n_groups, d_state=d_state, head_dim=head_dim, expand=expand,
+                       d_conv=d_conv, chunk_size=chunk_size, tie_embeddings=tie_embeddings,
+                       pad_vocab_size_multiple=pad_vocab_size_multiple)
 
 
 def random_state_dict(config: TransformerConfig, seed: int = 0,
@@ -75,7 +91,7 @@ def random_state_dict(config: TransformerConfig, seed: int = 0,
     return state
 
 
-def write_checkpoint(folder: str | Path, config: TransformerConfig,
+def write_checkpoint(folder: str | Path, config: TransformerConfig | MambaConfig,
                      state: dict[str, torch.Tensor], *, layout: str = "native",
                      tokenizer: str = "v3") -> Path:
     """Write `state` (native names) as a native Mistral or Hugging Face folder."""
@@ -83,7 +99,9 @@ def write_checkpoint(folder: str | Path, config: TransformerConfig,
     folder.mkdir(parents=True, exist_ok=True)
     src = tokenizer_source(tokenizer)
     shutil.copyfile(src, folder / TOKENIZERS[tokenizer][1])
-    if layout == "native":
+    if isinstance(config, MambaConfig):
+        write_mamba_checkpoint(folder, config, state, layout=layout)
+    elif layout == "native":
         (folder / "params.json").write_text(json.dumps(config.to_params(), indent=2) + "\n")
         save_file(state, str(folder / "consolidated.safetensors"))
     elif layout == "hf":
@@ -97,8 +115,16 @@ def write_checkpoint(folder: str | Path, config: TransformerConfig,
 
 
 def make_tiny(folder: str | Path, *, layout: str = "native", tokenizer: str = "v3",
-              seed: int = 0, dtype: torch.dtype = torch.float32, **shape: object) -> Path:
-    """Write a tiny random checkpoint; `shape` overrides `tiny_config`'s defaults."""
+              seed: int = 0, dtype: torch.dtype = torch.float32, arch: str = "transformer",
+              **shape: object) -> Path:
+    """Write a tiny random checkpoint; `shape` overrides `tiny_config`'s defaults (or
+    `tiny_mamba_config`'s with `arch="mamba"`)."""
+    if arch == "mamba":
+        mamba = tiny_mamba_config(tokenizer, **shape)  # type: ignore[arg-type]
+        return write_checkpoint(folder, mamba, random_mamba_state_dict(mamba, seed, dtype),
+                                layout=layout, tokenizer=tokenizer)
+    if arch != "transformer":
+        raise ValueError(f"arch must be 'transformer' or 'mamba', got {arch!r}")
     config = tiny_config(tokenizer, **shape)  # type: ignore[arg-type]
     return write_checkpoint(folder, config, random_state_dict(config, seed, dtype),
                             layout=layout, tokenizer=tokenizer)

@@ -1,5 +1,6 @@
-"""The dense decoder (Mistral 7B, Codestral 22B, NeMo, Ministral). Module names follow the native
-checkpoint keys, so a native state dict loads as it is."""
+"""The decoder (Mistral 7B, Codestral 22B, NeMo, Ministral; Mixtral when the config has `moe`:
+then each block's feed-forward is a `MoeFeedForward`). Module names follow the native checkpoint
+keys, so a native state dict loads as it is."""
 
 from __future__ import annotations
 
@@ -9,13 +10,16 @@ from torch import nn
 from .cache import AttentionPlan, KVCache
 from .config import TransformerConfig
 from .layers import Attention, FeedForward, RMSNorm, rotary_cos_sin
+from .moe import MoeFeedForward
 
 
 class TransformerBlock(nn.Module):
     def __init__(self, config: TransformerConfig, layer_id: int) -> None:
         super().__init__()
         self.attention = Attention(config, layer_id)
-        self.feed_forward = FeedForward(config.dim, config.hidden_dim)
+        self.feed_forward: FeedForward | MoeFeedForward = (
+            MoeFeedForward(config.dim, config.hidden_dim, config.moe) if config.moe
+            else FeedForward(config.dim, config.hidden_dim))
         self.attention_norm = RMSNorm(config.dim, config.norm_eps)
         self.ffn_norm = RMSNorm(config.dim, config.norm_eps)
 

@@ -1,0 +1,522 @@
+"""Mamba2 (Codestral Mamba): config, recurrent state, and the network in plain PyTorch.
+
+A Mamba2 layer replaces attention by a selective state-space model (SSM). Per head h, with a
+state `S` of shape (head_dim, d_state) and the token's input `x` (head_dim), `B`, `C` (d_state)
+and step `dt`:
+
+    S <- exp(dt * A_h) * S + dt * x B^T          y = S C + D_h x
+
+Prompts go through the chunked form of that recurrence (the "state space duality" scan): within
+a chunk of `chunk_size` tokens the outputs are a masked, decayed attention-like product computed
+with matrix multiplications; between chunks only the state is carried. Generated tokens take the
+recurrent form above: one constant-time step per token, whatever the length so far.
+
+The state of a sequence is therefore constant in size: the last `d_conv - 1` inputs of the
+causal convolution and the SSM state, per layer (`MambaCache`). Padding tokens (position -1)
+get `dt = 0` and `x = 0`, which leaves the SSM state exactly as it was, and the convolution state
+keeps the row's last real inputs, so ragged batches and chunked prefill are exact.
+
+Module names follow the checkpoint keys (native keys without their `model.` prefix), so a
+state dict loads as it is. A fused CUDA scan (`mamba_ssm`) is used only when it is installed
+and the tensors are on a GPU; the PyTorch path is the reference and the CPU path.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import read_json
+from .errors import ModelLoadError
+from .layers import RMSNorm
+
+
+@dataclass(frozen=True)
+class MambaConfig:
+    """Shape of a Mamba2 language model; the defaults are the reference Mamba2 layer's."""
+
+    dim: int
+    n_layers: int
+    vocab_size: int  # the tokenizer's vocabulary: logits have this many columns
+    n_groups: int = 1
+    d_state: int = 128
+    d_conv: int = 4
+    expand: int = 2
+    head_dim: int = 64
+    chunk_size: int = 256
+    norm_eps: float = 1e-5
+    pad_vocab_size_multiple: int = 1  # embedding rows = vocab_size rounded up to this multiple
+    tie_embeddings: bool = False
+    residual_in_fp32: bool = True
+    dt_limit: tuple[float, float] = (0.0, math.inf)
+    max_position_embeddings: int | None = None  # a recurrent model has no context limit
+    extras: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        for name in ("dim", "n_layers", "vocab_size", "n_groups", "d_state", "d_conv", "expand",
+                     "head_dim", "chunk_size", "pad_vocab_size_multiple"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.d_inner % self.head_dim:
+            raise ValueError(f"expand * dim ({self.d_inner}) must be a multiple of head_dim "
+                             f"({self.head_dim})")
+        if self.n_heads % self.n_groups:
+            raise ValueError(f"the number of heads ({self.n_heads}) must be a multiple of "
+                             f"n_groups ({self.n_groups})")
+        if self.norm_eps <= 0:
+            raise ValueError(f"norm_eps must be positive, got {self.norm_eps}")
+        lo, hi = self.dt_limit
+        if not 0.0 <= lo < hi:
+            raise ValueError(f"dt_limit must be (low, high) with 0 <= low < high, got "
+                             f"{self.dt_limit}")
+
+    @property
+    def d_inner(self) -> int:
+        return self.expand * self.dim
+
+    @property
+    def n_heads(self) -> int:
+        return self.d_inner // self.head_dim
+
+    @property
+    def conv_dim(self) -> int:
+        """Channels of the causal convolution: x, B and C."""
+        return self.d_inner + 2 * self.n_groups * self.d_state
+
+    @property
+    def padded_vocab_size(self) -> int:
+        m = self.pad_vocab_size_multiple
+        return -(-self.vocab_size // m) * m
+
+    @classmethod
+    def from_params(cls, path: Path) -> MambaConfig:
+        """Parse a native `params.json` (`"model_type": "mamba"`).
+
+        Mistral's files list only the fields below; the layer's other hyper-parameters are the
+        reference Mamba2's. A tiny test model may set them with mamba_ssm's names (`d_state`,
+        `d_conv`, `expand`, `headdim`, `chunk_size`) and `norm_eps`.
+        """
+        data = read_json(path)
+        for key in ("dim", "n_layers", "vocab_size", "n_groups"):
+            if key not in data:
+                raise ModelLoadError(path, f"missing required field {key!r}")
+        if data.get("rms_norm", True) is not True:
+            raise ModelLoadError(path, "rms_norm: false (LayerNorm) is not supported; Mamba2 "
+                                 "checkpoints use RMSNorm")
+        known = {"model_type", "dim", "n_layers", "vocab_size", "n_groups", "rms_norm",
+                 "residual_in_fp32", "fused_add_norm", "pad_vocab_size_multiple",
+                 "tie_embeddings", *NATIVE_EXTRA_FIELDS.values()}
+        extra = {name: data[native] for name, native in NATIVE_EXTRA_FIELDS.items()
+                 if native in data}
+        return _build(
+            path, dim=data["dim"], n_layers=data["n_layers"], vocab_size=data["vocab_size"],
+            n_groups=data["n_groups"],
+            pad_vocab_size_multiple=data.get("pad_vocab_size_multiple", 1),
+            tie_embeddings=bool(data.get("tie_embeddings", False)),
+            residual_in_fp32=bool(data.get("residual_in_fp32", True)),
+            extras={k: v for k, v in data.items() if k not in known}, **extra)
+
+    @classmethod
+    def from_hf_config(cls, path: Path) -> MambaConfig:
+        """Parse a Hugging Face `config.json` of `Mamba2ForCausalLM` (missing fields take
+        transformers' `Mamba2Config` defaults, as transformers would)."""
+        data = read_json(path)
+        for key in ("hidden_size", "num_hidden_layers", "vocab_size"):
+            if key not in data:
+                raise ModelLoadError(path, f"missing required field {key!r}")
+        unsupported = {"use_bias": False, "use_conv_bias": True, "hidden_act": "silu"}
+        for key, want in unsupported.items():
+            if data.get(key, want) != want:
+                raise ModelLoadError(path, f"{key}={data[key]!r} is not supported (only "
+                                     f"{want!r}, as in Codestral Mamba)")
+        limit = data.get("time_step_limit", (0.0, math.inf))
+        config = _build(
+            path, dim=data["hidden_size"], n_layers=data["num_hidden_layers"],
+            vocab_size=data["vocab_size"], n_groups=data.get("n_groups", 8),
+            d_state=data.get("state_size", 128), d_conv=data.get("conv_kernel", 4),
+            expand=data.get("expand", 2), head_dim=data.get("head_dim", 64),
+            chunk_size=data.get("chunk_size", 256),
+            norm_eps=float(data.get("layer_norm_epsilon", 1e-5)),
+            tie_embeddings=bool(data.get("tie_word_embeddings", False)),
+            residual_in_fp32=bool(data.get("residual_in_fp32", True)),
+            dt_limit=(float(limit[0]), float(limit[1])))
+        heads = data.get("num_heads", config.n_heads)
+        if heads != config.n_heads:
+            raise ModelLoadError(path, f"num_heads ({heads}) must be expand * hidden_size / "
+                                 f"head_dim ({config.n_heads})")
+        return config
+
+
+# MambaConfig field -> its params.json name (mamba_ssm's), for the hyper-parameters that
+# Mistral's params.json leaves at the reference value.
+NATIVE_EXTRA_FIELDS = {"d_state": "d_state", "d_conv": "d_conv", "expand": "expand",
+                       "head_dim": "headdim", "chunk_size": "chunk_size", "norm_eps": "norm_eps"}
+REFERENCE_VALUES: dict[str, object] = {"d_state": 128, "d_conv": 4, "expand": 2,
+                                       "head_dim": 64, "chunk_size": 256, "norm_eps": 1e-5}
+
+
+def _build(source: Path, **kwargs: Any) -> MambaConfig:
+    try:
+        return MambaConfig(**kwargs)
+    except (ValueError, TypeError) as e:
+        raise ModelLoadError(source, str(e)) from None
+
+
+# ---------------------------------------------------------------------------------------------
+# The recurrent state
+
+
+@dataclass(frozen=True)
+class MambaSnapshot:
+    """A copy of a `MambaCache`'s whole state (see `MambaCache.checkpoint`)."""
+
+    conv: torch.Tensor
+    ssm: torch.Tensor
+    lengths: torch.Tensor
+
+
+class MambaCache:
+    """What a Mamba2 model remembers of each row: constant in size, whatever the length.
+
+    Per layer: `conv[layer]` (B, conv_dim, d_conv - 1), the last inputs of the causal
+    convolution, in the model's dtype (they are stored activations: no precision is lost); and
+    `ssm[layer]` (B, heads, head_dim, d_state) in float32, since it accumulates over the whole
+    sequence. `lengths` (B,) counts the tokens each row has consumed: a recurrent state can only
+    be extended, so `advance` refuses positions that do not continue it.
+
+    Unlike a KV cache it cannot be cut back to an earlier position. A per-document prefix cache
+    instead calls `checkpoint()` after a prompt's prefill and `restore()` (or `keep(n)`) when
+    the next prompt extends that one. `max_seq_len` is recorded for the callers' bookkeeping
+    only: it bounds nothing here.
+    """
+
+    def __init__(self, config: MambaConfig, batch_size: int, max_seq_len: int, *,
+                 device: torch.device | str, dtype: torch.dtype) -> None:
+        self.batch_size = batch_size
+        self.max_seq_len = max_seq_len
+        # Normal tensors even when made in inference mode: updatable in and out of that mode.
+        with torch.inference_mode(False):
+            self.conv = torch.zeros(config.n_layers, batch_size, config.conv_dim,
+                                    config.d_conv - 1, device=device, dtype=dtype)
+            self.ssm = torch.zeros(config.n_layers, batch_size, config.n_heads,
+                                   config.head_dim, config.d_state, device=device,
+                                   dtype=torch.float32)
+            self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)
+        self.snapshot: MambaSnapshot | None = None
+
+    def nbytes(self) -> int:
+        """Bytes of the live state; once `checkpoint()` is called, the copy holds as many again
+        (Codestral Mamba: 260 MiB each)."""
+        return sum(t.numel() * t.element_size() for t in (self.conv, self.ssm))
+
+    def reset(self) -> None:
+        """Back to the empty state (the checkpoint, if any, is kept)."""
+        self.conv.zero_()
+        self.ssm.zero_()
+        self.lengths.zero_()
+
+    clear = reset  # the name `KVCache` uses
+
+    def checkpoint(self) -> MambaSnapshot:
+        """Copy the whole state aside, over the previous copy, and return that copy.
+
+        The copy's memory is allocated at the first call and reused by the next ones (a prefix
+        cache checkpoints at every request): a returned snapshot changes at the next call.
+        """
+        if self.snapshot is None:
+            with torch.inference_mode(False):
+                self.snapshot = MambaSnapshot(self.conv.clone(), self.ssm.clone(),
+                                              self.lengths.clone())
+        else:
+            self.snapshot.conv.copy_(self.conv)
+            self.snapshot.ssm.copy_(self.ssm)
+            self.snapshot.lengths.copy_(self.lengths)
+        return self.snapshot
+
+    def restore(self, snapshot: MambaSnapshot | None = None) -> None:
+        """Put back `snapshot` (default: the last `checkpoint()`); the copy stays for reuse."""
+        if snapshot is None:
+            snapshot = self.snapshot
+        if snapshot is None:
+            raise ValueError("restore() without a checkpoint: call checkpoint() first")
+        if snapshot.ssm.shape != self.ssm.shape or snapshot.conv.shape != self.conv.shape:
+            raise ValueError(f"snapshot of shape {tuple(snapshot.ssm.shape)} does not fit this "
+                             f"cache's {tuple(self.ssm.shape)}")
+        self.conv.copy_(snapshot.conv)
+        self.ssm.copy_(snapshot.ssm)
+        self.lengths.copy_(snapshot.lengths)
+
+    def keep(self, n: int) -> int:
+        """Make every row hold exactly its first `n` tokens if an exact state exists; return
+        what is held: `n` (the current state or the checkpoint) or else 0 (state reset).
+
+        The counterpart of `KVCache.keep` for a prefix cache: a recurrent state cannot be cut
+        back, only replaced by a copy taken at that length.
+        """
+        if n > 0 and bool((self.lengths == n).all()):
+            return n
+        if n > 0 and self.snapshot is not None and bool((self.snapshot.lengths == n).all()):
+            self.restore()
+            return n
+        self.reset()
+        return 0
+
+    def advance(self, positions: torch.Tensor) -> torch.Tensor:
+        """Check that `positions: (B, T)` continue each row, count them; returns (B,) counts.
+
+        Each row's tokens must be at positions lengths[b], lengths[b] + 1, ... followed only by
+        padding (-1). Must be called exactly once per forward, before the layers run.
+        """
+        if positions.shape[0] != self.batch_size:
+            raise ValueError(f"{positions.shape[0]} rows for a cache of {self.batch_size}")
+        steps = torch.arange(positions.shape[1], device=positions.device)
+        counts = (positions >= 0).sum(dim=1)
+        expected = torch.where(steps < counts[:, None], self.lengths[:, None] + steps, -1)
+        if not torch.equal(positions, expected):
+            row = int((positions != expected).any(dim=1).nonzero()[0, 0])
+            raise ValueError(
+                f"row {row}: positions {positions[row].tolist()[:8]} do not continue its "
+                f"recurrent state, which holds {int(self.lengths[row])} tokens (expected "
+                f"consecutive positions from there, padding only at the end)")
+        self.lengths += counts
+        return counts
+
+
+# ---------------------------------------------------------------------------------------------
+# The scan (prefill) and the step (decode)
+
+
+def _segment_sums(a: torch.Tensor) -> torch.Tensor:
+    """`a: (..., Q)` -> `(..., Q, Q)` with out[l, s] = a[s+1] + ... + a[l] for l >= s, -inf above
+    the diagonal. Summing each range directly (not as a difference of two running sums) keeps
+    small decays exact when the running sums are large."""
+    q = a.shape[-1]
+    lower = torch.ones(q, q, dtype=torch.bool, device=a.device).tril()  # [l, s]: l >= s
+    strictly_lower = lower.tril(-1)
+    terms = a[..., :, None].expand(*a.shape, q).masked_fill(~strictly_lower, 0.0)  # [k, s]
+    return terms.cumsum(dim=-2).masked_fill(~lower, -math.inf)
+
+
+def ssd_scan(x: torch.Tensor, dt: torch.Tensor, a_neg: torch.Tensor, b: torch.Tensor,
+             c: torch.Tensor, state: torch.Tensor, chunk_size: int,
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The SSM over a sequence, chunk by chunk, from `state`; all float32.
+
+    x: (B, T, H, P); dt: (B, T, H) (0 for padding); a_neg: (H,) (negative); b, c: (B, T, G, N);
+    state: (B, H, P, N). Returns y (B, T, H, P) without the D term, and the final state.
+    Heads h of group g are h = g * (H // G) + r, as in the reference layer.
+    """
+    bsz, seqlen, n_heads, p = x.shape
+    groups, n = b.shape[2], b.shape[3]
+    r = n_heads // groups
+    s = state.view(bsz, groups, r, p, n)
+    xdt = (x * dt[..., None]).view(bsz, seqlen, groups, r, p)
+    log_decay = (dt * a_neg).view(bsz, seqlen, groups, r).permute(0, 2, 3, 1)  # (B, G, R, T)
+    outputs = []
+    for start in range(0, seqlen, chunk_size):
+        sl = slice(start, start + chunk_size)
+        xc, bc, cc, ac = xdt[:, sl], b[:, sl], c[:, sl], log_decay[..., sl]
+        decay = _segment_sums(ac).exp()  # (B, G, R, L, S): token s's decay by the time of l
+        from_start = ac.cumsum(dim=-1)  # (B, G, R, L): log-decay since the chunk's start
+        # Inside the chunk: attention-like scores C_l . B_s per group, decayed and causal.
+        scores = torch.einsum("blgn,bsgn->bgls", cc, bc)
+        y = torch.einsum("bgrls,bsgrp->blgrp", scores[:, :, None] * decay, xc)
+        # What the state carried into the chunk contributes.
+        y = y + torch.einsum("blgn,bgrpn->blgrp", cc, s) * \
+            from_start.exp().permute(0, 3, 1, 2)[..., None]
+        outputs.append(y)
+        # The state at the chunk's end: the old one decayed, plus each token decayed to the end.
+        to_end = decay[..., -1, :].permute(0, 3, 1, 2)[..., None]  # (B, S, G, R, 1)
+        s = s * from_start[..., -1].exp()[..., None, None] + \
+            torch.einsum("bsgrp,bsgn->bgrpn", xc * to_end, bc)
+    y = torch.cat(outputs, dim=1).reshape(bsz, seqlen, n_heads, p)
+    return y, s.reshape(bsz, n_heads, p, n)
+
+
+def ssm_step(x: torch.Tensor, dt: torch.Tensor, a_neg: torch.Tensor, b: torch.Tensor,
+             c: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
+    """One token of the recurrence, updating `state` (B, H, P, N) in place: x (B, H, P),
+    dt (B, H), b, c (B, G, N). Returns y (B, H, P) without the D term.
+
+    Constant time in the length: three passes over the state (decay, rank-one update, read-out),
+    in place. For Codestral Mamba that is 3 x 256 MiB per token, beside 14.6 GB of weights.
+    """
+    bsz, n_heads, p = x.shape
+    groups, n = b.shape[1], b.shape[2]
+    rows = bsz * n_heads
+    s = state.view(rows, p, n)
+    s.mul_((dt * a_neg).exp().view(rows, 1, 1))
+    per_head = (bsz, groups, n_heads // groups, n)
+    b_heads = b[:, :, None].expand(per_head).reshape(rows, 1, n)
+    s.baddbmm_((x * dt[..., None]).reshape(rows, p, 1), b_heads)
+    c_heads = c[:, :, None].expand(per_head).reshape(rows, n, 1)
+    return torch.bmm(s, c_heads).view(bsz, n_heads, p)
+
+
+@functools.cache
+def _cuda_kernels() -> tuple[Callable[..., Any], Callable[..., Any]] | None:
+    """mamba_ssm's fused scan and step, if installed (looked up at the first CUDA forward)."""
+    try:
+        from mamba_ssm.ops.triton.selective_state_update import selective_state_update
+        from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
+    except ImportError:
+        return None
+    return mamba_chunk_scan_combined, selective_state_update
+
+
+# ---------------------------------------------------------------------------------------------
+# The network
+
+
+class GatedRMSNorm(nn.Module):
+    """RMSNorm of `y * silu(z)`, normalised per group of `dim / n_groups` channels (the
+    reference's norm_before_gate=False); float32 inside, float32 out."""
+
+    def __init__(self, dim: int, n_groups: int, eps: float) -> None:
+        super().__init__()
+        self.n_groups = n_groups
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        g = (y.float() * F.silu(z.float())).unflatten(-1, (self.n_groups, -1))
+        g = g * torch.rsqrt(g.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * g.flatten(-2)
+
+
+class Mamba2Mixer(nn.Module):
+    """in_proj -> causal depthwise conv (x, B, C) -> SSM -> gated RMSNorm -> out_proj."""
+
+    def __init__(self, config: MambaConfig) -> None:
+        super().__init__()
+        self.config = config
+        c = config
+        self.in_proj = nn.Linear(c.dim, c.d_inner + c.conv_dim + c.n_heads, bias=False)
+        self.conv1d = nn.Conv1d(c.conv_dim, c.conv_dim, c.d_conv, groups=c.conv_dim, bias=True)
+        self.dt_bias = nn.Parameter(torch.empty(c.n_heads))
+        self.A_log = nn.Parameter(torch.empty(c.n_heads))
+        self.D = nn.Parameter(torch.empty(c.n_heads))
+        self.norm = GatedRMSNorm(c.d_inner, c.n_groups, c.norm_eps)
+        self.out_proj = nn.Linear(c.d_inner, c.dim, bias=False)
+
+    def _conv(self, xbc: torch.Tensor, conv_state: torch.Tensor,
+              counts: torch.Tensor) -> torch.Tensor:
+        """Causal depthwise convolution continuing `conv_state` (updated in place).
+
+        xbc: (B, T, conv_dim) -> (B, T, conv_dim) after SiLU. The new state is the last
+        d_conv - 1 inputs before each row's padding: slots counts[b] .. counts[b] + d_conv - 2
+        of the state followed by the chunk.
+        """
+        width, seqlen = conv_state.shape[-1], xbc.shape[1]
+        seq = torch.cat((conv_state, xbc.transpose(1, 2)), dim=-1)  # (B, C, d_conv - 1 + T)
+        # A sum of d_conv shifted products: for one token, much faster than F.conv1d (whose
+        # oneDNN call costs milliseconds of set-up), and no slower for a prompt.
+        w, bias = self.conv1d.weight[:, 0], self.conv1d.bias  # (C, d_conv), (C,)
+        assert bias is not None
+        out = bias[:, None] + seq[..., :seqlen] * w[:, :1]
+        for k in range(1, width + 1):
+            out = out + seq[..., k:k + seqlen] * w[:, k:k + 1]
+        index = (counts[:, None] + torch.arange(width, device=seq.device))[:, None, :]
+        conv_state.copy_(seq.gather(2, index.expand(-1, seq.shape[1], -1)))
+        return F.silu(out).transpose(1, 2)
+
+    def forward(self, h: torch.Tensor, valid: torch.Tensor, counts: torch.Tensor,
+                conv_state: torch.Tensor, ssm_state: torch.Tensor) -> torch.Tensor:
+        c = self.config
+        bsz, seqlen, _ = h.shape  # (B, T, dim)
+        z, xbc, dt = self.in_proj(h).split([c.d_inner, c.conv_dim, c.n_heads], dim=-1)
+        xbc = self._conv(xbc, conv_state, counts)
+        x, b, cmat = xbc.float().split([c.d_inner, c.n_groups * c.d_state,
+                                        c.n_groups * c.d_state], dim=-1)
+        mask = valid.to(torch.float32)[..., None]  # (B, T, 1)
+        dt = F.softplus(dt.float() + self.dt_bias.float())
+        if c.dt_limit != (0.0, math.inf):
+            dt = dt.clamp(*c.dt_limit)
+        dt = dt * mask  # padding: no decay, no input; the state stays as it was
+        x = (x * mask).view(bsz, seqlen, c.n_heads, c.head_dim)
+        b = b.view(bsz, seqlen, c.n_groups, c.d_state)
+        cmat = cmat.view(bsz, seqlen, c.n_groups, c.d_state)
+        a_neg = -self.A_log.float().exp()
+        kernels = _cuda_kernels() if h.is_cuda else None
+        if seqlen == 1 and kernels is not None:
+            heads = (c.n_heads, c.head_dim, c.d_state)
+            y = kernels[1](ssm_state, x[:, 0], dt[:, 0, :, None].expand(-1, -1, c.head_dim),
+                           a_neg[:, None, None].expand(heads), b[:, 0], cmat[:, 0])[:, None]
+        elif seqlen == 1:
+            y = ssm_step(x[:, 0], dt[:, 0], a_neg, b[:, 0], cmat[:, 0], ssm_state)[:, None]
+        elif kernels is not None:
+            y, new_state = kernels[0](x, dt, a_neg, b, cmat, c.chunk_size,
+                                      initial_states=ssm_state, return_final_states=True)
+            ssm_state.copy_(new_state)
+        else:
+            y, new_state = ssd_scan(x, dt, a_neg, b, cmat, ssm_state, c.chunk_size)
+            ssm_state.copy_(new_state)
+        y = y + x * self.D.float()[:, None]
+        y = self.norm(y.reshape(bsz, seqlen, c.d_inner), z)
+        return self.out_proj(y.to(h.dtype))  # type: ignore[no-any-return]
+
+
+class Mamba2Block(nn.Module):
+    def __init__(self, config: MambaConfig) -> None:
+        super().__init__()
+        self.residual_in_fp32 = config.residual_in_fp32
+        self.norm = RMSNorm(config.dim, config.norm_eps)
+        self.mixer = Mamba2Mixer(config)
+
+    def forward(self, h: torch.Tensor, valid: torch.Tensor, counts: torch.Tensor,
+                conv_state: torch.Tensor, ssm_state: torch.Tensor) -> torch.Tensor:
+        residual = h.float() if self.residual_in_fp32 else h
+        out = self.mixer(self.norm(h.to(self.norm.weight.dtype)), valid, counts, conv_state,
+                         ssm_state)
+        return residual + out  # type: ignore[no-any-return]
+
+
+class Mamba2Backbone(nn.Module):
+    def __init__(self, config: MambaConfig) -> None:
+        super().__init__()
+        self.embedding = nn.Embedding(config.padded_vocab_size, config.dim)
+        self.layers = nn.ModuleList(Mamba2Block(config) for _ in range(config.n_layers))
+        self.norm_f = RMSNorm(config.dim, config.norm_eps)
+
+
+class Mamba2(nn.Module):
+    """The language model: `backbone` (embedding, blocks, final norm) and `lm_head`."""
+
+    def __init__(self, config: MambaConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.backbone = Mamba2Backbone(config)
+        self.lm_head = nn.Linear(config.dim, config.padded_vocab_size, bias=False)
+
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        positions: torch.Tensor,
+        cache: MambaCache,
+        output_index: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Run `tokens: (B, T)` at `positions: (B, T)` (-1 = padding, at the end of rows only)
+        from the state in `cache`, which they must continue; the state is updated in place.
+
+        Returns float32 logits `(B, T, V)`, or `(B, V)` at `output_index: (B,)`; V is the
+        tokenizer's vocabulary (the padding rows of the embedding are never predicted).
+        """
+        counts = cache.advance(positions)
+        valid = positions >= 0
+        h = self.backbone.embedding(tokens)  # (B, T, dim)
+        for i, layer in enumerate(self.backbone.layers):
+            h = layer(h, valid, counts, cache.conv[i], cache.ssm[i])
+        if output_index is not None:
+            h = h[torch.arange(h.shape[0], device=h.device), output_index]  # (B, dim)
+        h = self.backbone.norm_f(h)
+        logits = self.lm_head(h.to(self.lm_head.weight.dtype))
+        return logits[..., : self.config.vocab_size].float()

@@ -1,0 +1,200 @@
+"""Per-document caches of the last prompt, so that the next prompt prefills only what changed.
+
+While a person types, consecutive FIM prompts of a document share almost all their tokens. A
+`PrefixCache` keeps, per key (the server uses the document URI), the model cache of the last
+request together with the tokens it holds (the prompt, then the generated tokens that were fed
+back). A new prompt reuses the longest common token prefix and prefills only the rest; the
+logits are those of a full recompute, because the cache is cut back exactly (`KVCache.keep`):
+
+- full-attention layers hold every position, so cutting back is forgetting the positions after
+  the common prefix;
+- sliding-window layers keep a rotating buffer of `window + rewind` slots: a buffer of exactly
+  `window` slots that has wrapped has already overwritten keys that a rewound query needs. The
+  `rewind` margin keeps them for cuts of up to `rewind` tokens; a deeper cut is detected by
+  `keep` and recomputed in full;
+- a recurrent state (Mamba2) cannot be cut back at all: the state just before the last
+  prompt's final token is snapshotted (`checkpoint()`) and continued from when the new prompt
+  shares everything up to it (the same prompt again, or one that extends it).
+
+Memory: every entry is one cache of the same geometry (`max_seq_len`, batch 1), allocated once
+and reused: the number of entries is `budget_bytes // entry_bytes`, and the least recently used
+document's cache is evicted (recycled for the newcomer) first. `drop(key)` frees a document's
+cache (its memory goes back to the allocator). An entry is checked out while a request runs on
+it (one request per document at a time; the server cancels the previous one first) and checked
+back in after.
+
+Thread safety: `checkout`, `checkin`, `drop` and `clear` take a lock; a cache checked out is
+only touched by the thread that runs the request.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import OrderedDict
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from .cache import KVCache
+
+if TYPE_CHECKING:
+    from .model import Model
+
+log = logging.getLogger(__name__)
+
+DEFAULT_REWIND = 512
+
+
+def common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n
+
+
+@dataclass
+class Lease:
+    """A cache checked out for one request: positions [0, reused) already hold `prompt`."""
+
+    key: Hashable
+    cache: Any  # KVCache, or an architecture's recurrent state
+    reused: int
+    # Length of the prompt whose end state was snapshotted (recurrent states), or -1.
+    checkpoint_len: int = -1
+    dropped: bool = field(default=False, repr=False)
+
+
+@dataclass
+class _Entry:
+    cache: Any
+    tokens: list[int]
+    checkpoint_len: int = -1
+
+
+class PrefixCache:
+    def __init__(self, model: Model, *, max_seq_len: int, budget_bytes: int,
+                 rewind: int = DEFAULT_REWIND) -> None:
+        if max_seq_len <= 0 or budget_bytes < 0 or rewind < 0:
+            raise ValueError(f"invalid prefix cache size: max_seq_len={max_seq_len}, "
+                             f"budget_bytes={budget_bytes}, rewind={rewind}")
+        self.model = model
+        self.max_seq_len = max_seq_len
+        self.rewind = rewind
+        self.budget_bytes = budget_bytes
+        self._entries: OrderedDict[Hashable, _Entry] = OrderedDict()  # LRU first
+        self._out: dict[Hashable, Lease] = {}
+        self._spare: list[Any] = []  # the probe cache, until a first document takes it
+        self._lock = threading.Lock()
+        probe = self._new_cache()
+        # A recurrent state keeps a snapshot beside it: twice its size.
+        self.entry_bytes = _nbytes(probe) * (1 if isinstance(probe, KVCache) else 2)
+        self.max_entries = budget_bytes // self.entry_bytes if self.entry_bytes else 0
+        if self.max_entries:
+            self._spare.append(probe)
+        else:
+            log.warning("prefix cache disabled: one document's cache needs %.1f MiB, the "
+                        "budget is %.1f MiB", self.entry_bytes / 2**20, budget_bytes / 2**20)
+
+    # -- what callers see ---------------------------------------------------------------------
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._entries) + len(self._out)
+
+    def nbytes(self) -> int:
+        """Memory held: every cache allocated, in use, idle or spare."""
+        with self._lock:
+            return self.entry_bytes * (len(self._entries) + len(self._out) + len(self._spare))
+
+    def keys(self) -> list[Hashable]:
+        """Cached keys, least recently used first (those checked out last)."""
+        with self._lock:
+            return [*self._entries, *self._out]
+
+    def new_cache(self) -> Any:
+        """A cache of this prefix cache's geometry (what a compiled decode step is built for)."""
+        return self._new_cache()
+
+    def checkout(self, key: Hashable, prompt: Sequence[int]) -> Lease | None:
+        """Take `key`'s cache for a request on `prompt`, cut back to the reusable prefix.
+
+        At least the prompt's last token is left to prefill (its logits are needed). Returns
+        None when caching cannot serve this request (prompt too long for the cache, budget too
+        small, or the key is already checked out): the caller then runs without it.
+        """
+        if not self.max_entries or len(prompt) >= self.max_seq_len:
+            return None
+        with self._lock:
+            if key in self._out:
+                return None
+            entry = self._entries.pop(key, None)
+            if entry is None:
+                cache = self._take_cache_locked()
+                if cache is None:
+                    return None
+                entry = _Entry(cache, [])
+            lease = Lease(key, entry.cache, 0, entry.checkpoint_len)
+            self._out[key] = lease
+        # Cutting back touches only this entry's tensors: outside the lock.
+        want = min(common_prefix_length(entry.tokens, prompt), len(prompt) - 1)
+        lease.reused = self._rewind(entry, want)
+        return lease
+
+    def checkin(self, lease: Lease, tokens: Sequence[int]) -> None:
+        """Give the cache back; it now holds `tokens` at positions [0, len(tokens))."""
+        with self._lock:
+            if self._out.get(lease.key) is not lease:
+                return
+            del self._out[lease.key]
+            if lease.dropped:
+                return  # the last reference: its memory goes with it
+            self._entries[lease.key] = _Entry(lease.cache, list(tokens), lease.checkpoint_len)
+
+    def drop(self, key: Hashable) -> bool:
+        """Forget `key`'s cache (the document was closed). True if there was one."""
+        with self._lock:
+            if (lease := self._out.get(key)) is not None:
+                lease.dropped = True  # freed when its request checks it back in
+                return True
+            return self._entries.pop(key, None) is not None
+
+    def clear(self) -> None:
+        with self._lock:
+            for lease in self._out.values():
+                lease.dropped = True
+            self._entries.clear()
+            self._spare.clear()
+
+    # -- internals ----------------------------------------------------------------------------
+
+    def _new_cache(self) -> Any:
+        return self.model.new_cache(1, self.max_seq_len, rewind=self.rewind)
+
+    def _take_cache_locked(self) -> Any:
+        if self._spare:
+            return self._spare.pop()
+        if len(self._entries) + len(self._out) < self.max_entries:
+            return self._new_cache()
+        if not self._entries:
+            return None  # every cache is in use by a running request
+        evicted_key, evicted = self._entries.popitem(last=False)
+        log.debug("prefix cache: evicted %s", evicted_key)
+        return evicted.cache
+
+    def _rewind(self, entry: _Entry, n: int) -> int:
+        cache = entry.cache
+        if isinstance(cache, KVCache):
+            return cache.keep(n)
+        # A recurrent state continues only from its snapshot (taken before the last prompt's
+        # final token), for a prompt that shares everything up to it.
+        if 0 < entry.checkpoint_len <= n:
+            cache.restore()
+            return entry.checkpoint_len
+        cache.reset()
+        return 0
+
+
+def _nbytes(cache: Any) -> int:
+    return int(cache.nbytes())

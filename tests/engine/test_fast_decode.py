@@ -1,0 +1,69 @@
+"""The compiled decode step (`engine.fast_decode`) computes what the eager forward computes, and
+the generation loop uses it for caches of its geometry only."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import engine
+from engine.fast_decode import FastDecoder
+from tests.conftest import CheckpointFactory
+
+SHAPE = dict(dim=48, n_heads=4, n_kv_heads=2, head_dim=16, hidden_dim=96, n_layers=2)
+PROMPT = [1, *range(300, 330)]
+
+
+@pytest.fixture(scope="module", params=[None, [8, None]], ids=["full", "window8-and-full"])
+def model(request: pytest.FixtureRequest, make_checkpoint: CheckpointFactory) -> engine.Model:
+    return engine.load(make_checkpoint("native", sliding_window=request.param, **SHAPE))
+
+
+@pytest.mark.parametrize("rewind", [0, 5])
+def test_eager_step_equals_the_model_forward(model: engine.Model, rewind: int) -> None:
+    """Decode 20 tokens past a 31-token prompt (the window of 8 wraps many times)."""
+    decoder = FastDecoder(model, batch_size=1, max_seq_len=64, rewind=rewind, compile=False)
+    fast, slow = decoder.new_cache(), model.new_cache(1, 64, rewind)
+    tokens = torch.tensor([PROMPT])
+    with torch.inference_mode():
+        for cache in (fast, slow):
+            model.forward(tokens, torch.arange(len(PROMPT))[None], cache)
+        token = torch.tensor([7])
+        for pos in range(len(PROMPT), len(PROMPT) + 20):
+            got = decoder.step(token, torch.tensor([pos]), fast)
+            want = model.forward(token[:, None], torch.tensor([[pos]]), slow,
+                                 output_index=torch.zeros(1, dtype=torch.long))
+            torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+            token = want.argmax(-1)
+
+
+def test_generation_uses_the_compiled_step_and_agrees_with_eager(model: engine.Model) -> None:
+    eager_tokens, eager_logprobs = engine.generate([PROMPT], model, max_tokens=16, eos_id=-1)
+    decoder = model.enable_fast_decode(64)
+    calls = 0
+    step = decoder.step
+
+    def counting_step(*args: object) -> torch.Tensor:
+        nonlocal calls
+        calls += 1
+        return step(*args)  # type: ignore[arg-type]
+
+    decoder.step = counting_step  # type: ignore[method-assign]
+    try:
+        tokens, logprobs = engine.generate([PROMPT], model, max_tokens=16, eos_id=-1)
+        # A batch of two and a request longer than the decoder's cache stay eager.
+        engine.generate([PROMPT, PROMPT[:5]], model, max_tokens=4, eos_id=-1)
+        engine.generate([PROMPT], model, max_tokens=40, eos_id=-1)
+    finally:
+        model.decoder = None
+    assert calls == 15  # every step after the first token, of the first request only
+    assert tokens == eager_tokens
+    assert logprobs[0] == pytest.approx(eager_logprobs[0], abs=1e-4)
+
+
+def test_a_cache_of_another_geometry_is_refused(model: engine.Model) -> None:
+    decoder = FastDecoder(model, batch_size=1, max_seq_len=64, compile=False)
+    with pytest.raises(ValueError, match=r"cache geometry \(1, .*\) differs from the decoder's"):
+        decoder.step(torch.tensor([3]), torch.tensor([0]), model.new_cache(1, 32))
+    assert not decoder.accepts(model.new_cache(2, 64))
+    assert decoder.accepts(model.new_cache(1, 64))
