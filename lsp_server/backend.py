@@ -8,6 +8,7 @@ Mistral API fit the same shape.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Generator
 from dataclasses import dataclass
 from typing import Protocol
@@ -15,6 +16,10 @@ from typing import Protocol
 from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 
 import engine
+
+from .settings import CacheSettings, CompletionSettings, default_cache_budget_mib
+
+log = logging.getLogger(__name__)
 
 Events = Generator["engine.TokenEvent | engine.EndEvent", None, None]
 
@@ -38,12 +43,58 @@ class Backend(Protocol):
                cancel: engine.CancellationToken) -> Events:
         ...
 
+    def forget(self, document: str) -> None:
+        """Drop whatever per-document state the backend keeps (the document was closed)."""
+        ...
+
+
+# Prompt tokens per prefill step: a superseded request stops within one step, and what it
+# computed stays in the document's prefix cache for the next keystroke.
+PREFILL_CHUNK = 256
+# Room in each document's cache for the generated tokens and for edits behind the cursor
+# (sliding-window layers): see `engine.PrefixCache`.
+REWIND = 512
+
+
+def context_tokens(settings: CompletionSettings) -> int:
+    """Positions a completion can need: the prompt's budgets, FIM's special tokens, the output;
+    rounded up so that small settings changes keep the same geometry."""
+    needed = settings.prefix_tokens + settings.suffix_tokens + settings.max_tokens + 16
+    return -(-needed // 256) * 256
+
 
 class LocalBackend:
-    """The in-process engine."""
+    """The in-process engine, with a prefix KV cache per document (when given one)."""
 
-    def __init__(self, model: engine.Model) -> None:
+    def __init__(self, model: engine.Model, prefix_cache: engine.PrefixCache | None = None
+                 ) -> None:
         self.model = model
+        self.prefix_cache = prefix_cache
+
+    @classmethod
+    def create(cls, model: engine.Model, completion: CompletionSettings, cache: CacheSettings,
+               compile: bool) -> LocalBackend:
+        """The backend the server runs: caches sized for `completion`'s budgets and, when
+        `compile`, a compiled decode step of the same geometry (slow: call it off the loop)."""
+        backend = cls(model)
+        backend.configure_cache(completion, cache)
+        if compile:
+            try:
+                model.enable_fast_decode(context_tokens(completion), 1, REWIND)
+            except engine.EngineError as e:  # an architecture it does not support
+                log.info("decoding eagerly: %s", e)
+        return backend
+
+    def configure_cache(self, completion: CompletionSettings, cache: CacheSettings) -> None:
+        if self.prefix_cache is not None:
+            self.prefix_cache.clear()
+        self.prefix_cache = None
+        if cache.enabled:
+            budget = cache.budget_mib if cache.budget_mib is not None \
+                else default_cache_budget_mib()
+            self.prefix_cache = engine.PrefixCache(
+                self.model, max_seq_len=context_tokens(completion), budget_bytes=budget * 2**20,
+                rewind=REWIND)
 
     @property
     def name(self) -> str:
@@ -55,4 +106,11 @@ class LocalBackend:
 
     def stream(self, request: GenerationRequest,
                cancel: engine.CancellationToken) -> Events:
-        return engine.stream(request.prompt, self.model, request.sampling, cancel=cancel)
+        return engine.stream(request.prompt, self.model, request.sampling, cancel=cancel,
+                             chunk_size=PREFILL_CHUNK, prefix_cache=self.prefix_cache,
+                             cache_key=request.document)
+
+    def forget(self, document: str) -> None:
+        """The document was closed: free its cache."""
+        if self.prefix_cache is not None:
+            self.prefix_cache.drop(document)

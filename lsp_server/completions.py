@@ -9,7 +9,9 @@
 - runs the blocking part (`run_completion`: prompt, generation, post-processing) on the single
   engine thread, never on the event loop;
 - turns an LSP `$/cancelRequest` (pygls cancels the handler's task) into a cancelled token, so
-  the engine thread stops too instead of computing for nobody.
+  the engine thread stops too instead of computing for nobody;
+- answers from the completion last shown when the user typed its beginning (typing through
+  the ghost text), without running the model.
 """
 
 from __future__ import annotations
@@ -47,6 +49,36 @@ class Outcome:
     prompt_tokens: int = 0
     generated_tokens: int = 0
     seconds: float = 0.0
+    reused_tokens: int = 0  # prompt tokens taken from the document's prefix cache
+    computed_tokens: int = 0  # tokens run through the model (prefill + fed back)
+    typed_through: bool = False  # answered from the completion shown before, no model run
+    # For a cancelled request: how long the engine ran on after the cancel, in ms.
+    stopped_ms: float | None = None
+
+    @property
+    def prefilled_tokens(self) -> int:
+        return self.prompt_tokens - self.reused_tokens
+
+
+@dataclass(frozen=True)
+class _Shown:
+    """A completion the editor got: the document and cursor it was for, and its text."""
+
+    document: Document
+    cursor: int
+    text: str
+
+    def typed_through(self, document: Document, cursor: int) -> str | None:
+        """What is left of the completion if the user has typed its beginning, else None."""
+        old, new = self.document.text, document.text
+        typed_len = cursor - self.cursor
+        if typed_len < 0 or len(new) - len(old) != typed_len or typed_len >= len(self.text):
+            return None
+        typed = new[self.cursor:cursor]
+        if not self.text.startswith(typed) or new[:self.cursor] != old[:self.cursor] or \
+                new[cursor:] != old[self.cursor:]:
+            return None
+        return self.text[typed_len:]
 
 
 def run_completion(backend: Backend, document: Document, cursor: int,
@@ -65,10 +97,11 @@ def run_completion(backend: Backend, document: Document, cursor: int,
                                      temperature=settings.temperature)
     deadline = start + settings.time_budget_ms / 1000
     events = backend.stream(GenerationRequest(prompt.tokens, sampling, document.uri), cancel)
-    generated, reason = 0, None
+    generated, reason, reused, computed = 0, None, 0, 0
     try:
         for event in events:
             if isinstance(event, engine.EndEvent):
+                reused, computed = event.cached_tokens, event.computed_tokens
                 text_filter.feed(event.text)
                 reason = CANCELLED if event.reason == "cancelled" else None
                 break
@@ -84,14 +117,25 @@ def run_completion(backend: Backend, document: Document, cursor: int,
     seconds = time.perf_counter() - start
     if not text and reason is None:
         reason = NOTHING
-    return Outcome(text, reason if not text else None, len(prompt.tokens), generated, seconds)
+    stopped_ms = None
+    if cancel.cancelled_at is not None:
+        stopped_ms = (time.monotonic() - cancel.cancelled_at) * 1000
+    return Outcome(text, reason if not text else None, len(prompt.tokens), generated, seconds,
+                   reused, computed, stopped_ms=stopped_ms)
 
 
 class CompletionService:
-    def __init__(self, executor: Executor, backend: Callable[[], Backend | None]) -> None:
+    """`on_finished(uri, outcome)` is called on the event loop for every request that ran the
+    model, when the engine thread is done with it: also for a request whose caller was
+    cancelled and got its reply long before."""
+
+    def __init__(self, executor: Executor, backend: Callable[[], Backend | None],
+                 on_finished: Callable[[str, Outcome], None] | None = None) -> None:
         self._executor = executor
         self._backend = backend
+        self._on_finished = on_finished
         self._running: dict[str, engine.CancellationToken] = {}
+        self._shown: dict[str, _Shown] = {}
 
     def cancel_all(self) -> None:
         for token in self._running.values():
@@ -101,6 +145,11 @@ class CompletionService:
         if (token := self._running.get(uri)) is not None:
             token.cancel()
 
+    def forget(self, uri: str) -> None:
+        """The document was closed."""
+        self.cancel(uri)
+        self._shown.pop(uri, None)
+
     async def complete(self, document: Document, cursor: int,
                        settings: CompletionSettings) -> Outcome:
         if not settings.enabled_for(document.language_id):
@@ -109,9 +158,12 @@ class CompletionService:
         if backend is None:
             return Outcome("", NO_MODEL)
         uri = document.uri
-        token = engine.CancellationToken()
         if (previous := self._running.get(uri)) is not None:
             previous.cancel()
+        shown = self._shown.get(uri)
+        if shown is not None and (rest := shown.typed_through(document, cursor)) is not None:
+            return Outcome(rest, typed_through=True)
+        token = engine.CancellationToken()
         self._running[uri] = token
         try:
             if settings.debounce_ms:
@@ -119,11 +171,23 @@ class CompletionService:
                 if token.cancelled:
                     return Outcome("", CANCELLED)
             loop = asyncio.get_running_loop()
-            return await loop.run_in_executor(
+            future = loop.run_in_executor(
                 self._executor, run_completion, backend, document, cursor, settings, token)
+            future.add_done_callback(lambda f: self._finished(uri, f))
+            # Shielded: cancelling this request must not cancel the future (the engine thread
+            # cannot be interrupted; `token` stops it), so its outcome is still reported.
+            outcome = await asyncio.shield(future)
+            if outcome.text:
+                self._shown[uri] = _Shown(document, cursor, outcome.text)
+            return outcome
         except asyncio.CancelledError:
             token.cancel()  # $/cancelRequest: stop the engine thread too
             raise
         finally:
             if self._running.get(uri) is token:
                 del self._running[uri]
+
+    def _finished(self, uri: str, future: asyncio.Future[Outcome]) -> None:
+        if self._on_finished is None or future.cancelled() or future.exception() is not None:
+            return
+        self._on_finished(uri, future.result())

@@ -23,8 +23,8 @@ from pygls.lsp.server import LanguageServer
 import engine
 
 from . import __version__
-from .backend import Backend, LocalBackend
-from .completions import CompletionService
+from .backend import Backend, LocalBackend, context_tokens
+from .completions import CompletionService, Outcome
 from .documents import DocumentStore
 from .features import register_all
 from .protocol import TramontaneProtocol, is_parse_error
@@ -33,6 +33,7 @@ from .settings import Settings
 log = logging.getLogger(__name__)
 
 STATUS = "tramontane/status"
+METRICS = "tramontane/metrics"
 
 
 class TramontaneServer(LanguageServer):
@@ -49,9 +50,11 @@ class TramontaneServer(LanguageServer):
         self.engine_thread = ThreadPoolExecutor(1, thread_name_prefix="tramontane-engine")
         self.backend: Backend | None = backend
         self._fixed_backend = backend is not None
-        self.completions = CompletionService(self.engine_thread, lambda: self.backend)
+        self.completions = CompletionService(self.engine_thread, lambda: self.backend,
+                                             self.report_metrics)
         self.pending_warnings: list[str] = []
-        self._loaded: tuple[str | None, str, str | None] | None = None
+        self._loaded: tuple[str | None, str, str | None, bool] | None = None
+        self._cache_shape: tuple[int, object] | None = None
         self._load_task: asyncio.Task[None] | None = None
 
     # --- talking to the client -------------------------------------------------------------
@@ -61,11 +64,28 @@ class TramontaneServer(LanguageServer):
         encoding = self.workspace.position_encoding or types.PositionEncodingKind.Utf16
         return encoding.value if isinstance(encoding, types.PositionEncodingKind) else encoding
 
-    def status(self, state: str, message: str, reason: str | None = None) -> None:
+    def status(self, state: str, message: str, reason: str | None = None,
+               **counters: int | bool) -> None:
         payload: dict[str, Any] = {"state": state, "message": message}
         if reason is not None:
             payload["reason"] = reason
+        payload.update(counters)
         self.protocol.notify(STATUS, payload)
+
+    def report_metrics(self, uri: str, outcome: Outcome) -> None:
+        """`tramontane/metrics`: what one request cost, sent when the engine is done with it
+        (for a cancelled request, after its reply). Diagnostics for benchmarks and tools."""
+        payload: dict[str, Any] = {
+            "uri": uri, "promptTokens": outcome.prompt_tokens,
+            "reusedTokens": outcome.reused_tokens, "computedTokens": outcome.computed_tokens,
+            "generatedTokens": outcome.generated_tokens,
+            "seconds": round(outcome.seconds, 4), "cancelled": outcome.stopped_ms is not None}
+        if outcome.stopped_ms is not None:
+            payload["stoppedMs"] = round(outcome.stopped_ms, 1)
+            log.info("cancelled completion for %s stopped %.0f ms after the cancel, %d tokens "
+                     "computed", uri.rsplit("/", 1)[-1], outcome.stopped_ms,
+                     outcome.computed_tokens)
+        self.protocol.notify(METRICS, payload)
 
     def show(self, kind: types.MessageType, message: str) -> None:
         self.window_show_message(types.ShowMessageParams(type=kind, message=message))
@@ -87,9 +107,16 @@ class TramontaneServer(LanguageServer):
 
     # --- the model -------------------------------------------------------------------------
 
-    def model_wanted(self) -> tuple[str | None, str, str | None]:
+    def model_wanted(self) -> tuple[str | None, str, str | None, bool]:
         s = self.settings
-        return (s.model, s.device, s.dtype)
+        return (s.model, s.device, s.dtype, s.compile)
+
+    def ensure_cache(self) -> None:
+        """Resize the prefix cache if its settings or the prompt budgets changed."""
+        shape = (context_tokens(self.settings.completion), self.settings.cache)
+        if isinstance(self.backend, LocalBackend) and shape != self._cache_shape:
+            self._cache_shape = shape
+            self.backend.configure_cache(self.settings.completion, self.settings.cache)
 
     def ensure_model(self) -> None:
         """Load (or unload) the model the settings name, if it is not the one loaded."""
@@ -111,14 +138,16 @@ class TramontaneServer(LanguageServer):
             return
         self._load_task = asyncio.ensure_future(self._load(*wanted))
 
-    async def _load(self, path: str | None, device: str, dtype: str | None) -> None:
+    async def _load(self, path: str | None, device: str, dtype: str | None,
+                    compile: bool) -> None:
         assert path is not None
         self.completions.cancel_all()
         self.backend = None
         self.status("loading", f"Loading {path}")
         progress = await self._progress_begin(f"Loading {path}")
         try:
-            model = await asyncio.to_thread(_load_model, path, device, dtype)
+            backend = await asyncio.to_thread(_load_backend, path, device, dtype, compile,
+                                              self.settings)
         except (engine.EngineError, ValueError, OSError, RuntimeError) as e:
             # RuntimeError: torch's own (out of memory, a device it cannot use).
             message = (f"Tramontane could not load the model: {e}. Set `model` to a Mistral "
@@ -129,8 +158,11 @@ class TramontaneServer(LanguageServer):
             self.status("error", message, reason="no model")
             self._progress_end(progress, "failed")
             return
-        self.backend = LocalBackend(model)
-        log.info("model ready: %r", model)
+        self.backend = backend
+        self._cache_shape = (context_tokens(self.settings.completion), self.settings.cache)
+        model = backend.model
+        log.info("model ready: %r%s", model,
+                 ", decode step compiled" if model.decoder is not None else "")
         self.status("ready", f"{model.path.name} ready ({model.dtype}, {model.device})")
         self._progress_end(progress, "ready")
 
@@ -152,10 +184,12 @@ class TramontaneServer(LanguageServer):
             self.work_done_progress.end(token, types.WorkDoneProgressEnd(message=message))
 
 
-def _load_model(path: str, device: str, dtype: str | None) -> engine.Model:
+def _load_backend(path: str, device: str, dtype: str | None, compile: bool,
+                  settings: Settings) -> LocalBackend:
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"device {device!r} is not available (no CUDA GPU or a CPU-only torch)")
-    return engine.load(path, device=device, dtype=dtype)
+    model = engine.load(path, device=device, dtype=dtype)
+    return LocalBackend.create(model, settings.completion, settings.cache, compile)
 
 
 def create_server(defaults: Settings | None = None,

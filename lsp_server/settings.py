@@ -3,8 +3,10 @@
 The wire names are camelCase and fixed (editors and users depend on them):
 
     {"model": path, "device": "cpu"|"cuda"|..., "dtype": "float32"|"bfloat16"|...,
+     "compile": bool,
      "completion": {"maxTokens", "prefixTokens", "suffixTokens", "timeBudgetMs", "debounceMs",
-                    "temperature", "enabledLanguages"}}
+                    "temperature", "enabledLanguages"},
+     "cache": {"enabled", "budgetMiB"}}
 
 Unknown keys are ignored. An invalid value leaves that one setting at its previous value (the
 default at first) and produces a warning that names the key, the value and what is expected; the
@@ -14,6 +16,7 @@ server shows it with window/showMessage.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
@@ -37,14 +40,42 @@ class CompletionSettings:
 
 
 @dataclass(frozen=True)
+class CacheSettings:
+    """The per-document prefix KV cache."""
+
+    enabled: bool = True
+    # Memory for all documents' caches; None = a share of the machine's memory
+    # (`default_cache_budget_mib`).
+    budget_mib: int | None = None
+
+
+@dataclass(frozen=True)
 class Settings:
     model: str | None = None
     device: str = "cpu"
     dtype: str | None = None
+    # Compile the one-token decode step when the model loads (faster decoding; the first
+    # compile takes a few tens of seconds, later launches reuse inductor's disk cache).
+    compile: bool = True
     completion: CompletionSettings = field(default_factory=CompletionSettings)
+    cache: CacheSettings = field(default_factory=CacheSettings)
+
+
+def default_cache_budget_mib() -> int:
+    """An eighth of the machine's memory, between 256 MiB and 4 GiB."""
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # not a POSIX system
+        total = 8 * 2**30
+    return int(min(4096, max(256, total // 8 // 2**20)))
+
+
+_WIRE_NAMES = {"budget_mib": "budgetMiB"}
 
 
 def _camel(name: str) -> str:
+    if name in _WIRE_NAMES:
+        return _WIRE_NAMES[name]
     head, *rest = name.split("_")
     return head + "".join(part.title() for part in rest)
 
@@ -105,7 +136,21 @@ COMPLETION_CHECKS: dict[str, Check] = {
     "temperature": _float_range(0.0, 5.0),
     "enabled_languages": _languages,
 }
-TOP_CHECKS: dict[str, Check] = {"model": _optional_str, "device": _device, "dtype": _dtype}
+def _bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    raise ValueError("true or false")
+
+
+def _optional_budget(value: Any) -> int | None:
+    if value is None:
+        return None
+    return int(_int_range(0, 1_048_576)(value))
+
+
+TOP_CHECKS: dict[str, Check] = {"model": _optional_str, "device": _device, "dtype": _dtype,
+                                "compile": _bool}
+CACHE_CHECKS: dict[str, Check] = {"enabled": _bool, "budget_mib": _optional_budget}
 
 
 def _merge(current: Any, raw: Mapping[str, Any], checks: dict[str, Check], where: str,
@@ -131,13 +176,15 @@ def merge_settings(current: Settings, raw: Any) -> tuple[Settings, list[str]]:
     if not isinstance(raw, Mapping):
         return current, [f"settings must be a JSON object, got {type(raw).__name__}; ignored"]
     settings = _merge(current, raw, TOP_CHECKS, "", warnings)
-    completion = raw.get("completion")
-    if completion is not None:
-        if isinstance(completion, Mapping):
-            settings = replace(settings, completion=_merge(
-                settings.completion, completion, COMPLETION_CHECKS, "completion.", warnings))
+    for part, checks in (("completion", COMPLETION_CHECKS), ("cache", CACHE_CHECKS)):
+        section = raw.get(part)
+        if section is None:
+            continue
+        if isinstance(section, Mapping):
+            settings = replace(settings, **{part: _merge(
+                getattr(settings, part), section, checks, f"{part}.", warnings)})
         else:
-            warnings.append("setting completion must be a JSON object; ignored")
+            warnings.append(f"setting {part} must be a JSON object; ignored")
     return settings, warnings
 
 

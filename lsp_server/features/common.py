@@ -39,7 +39,15 @@ async def complete_at(ls: TramontaneServer, uri: str, position: types.Position) 
         ls.log_to_client(types.MessageType.Error, f"Tramontane: {e}")
         outcome = Outcome("", ERROR)
     if ls.backend is not None:
-        message = (f"{outcome.generated_tokens} tokens in {outcome.seconds * 1000:.0f} ms "
-                   f"({outcome.prompt_tokens} prompt tokens)")
-        ls.status("ready", message, reason=outcome.reason)
+        if outcome.typed_through:
+            ls.status("ready", "Typed through the completion shown", typedThrough=True)
+        else:
+            message = (f"{outcome.generated_tokens} tokens in {outcome.seconds * 1000:.0f} ms "
+                       f"({outcome.prompt_tokens} prompt tokens, {outcome.reused_tokens} "
+                       f"reused, {outcome.prefilled_tokens} prefilled)")
+            log.info("completion: %s", message)
+            ls.status("ready", message, reason=outcome.reason,
+                      promptTokens=outcome.prompt_tokens, reusedTokens=outcome.reused_tokens,
+                      prefilledTokens=outcome.prefilled_tokens,
+                      generatedTokens=outcome.generated_tokens)
     return outcome

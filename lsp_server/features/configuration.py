@@ -20,3 +20,4 @@ def register(server: TramontaneServer) -> None:
         for warning in warnings:
             ls.show(types.MessageType.Warning, f"Tramontane: {warning}")
         ls.ensure_model()
+        ls.ensure_cache()

@@ -35,7 +35,9 @@ def register(server: TramontaneServer) -> None:
     @server.feature(types.TEXT_DOCUMENT_DID_CLOSE)
     def did_close(ls: TramontaneServer, params: types.DidCloseTextDocumentParams) -> None:
         uri = params.text_document.uri
-        ls.completions.cancel(uri)
+        ls.completions.forget(uri)
+        if ls.backend is not None:
+            ls.backend.forget(uri)  # frees the document's prefix cache
         try:
             ls.documents.close(uri)
         except DocumentError as e:

@@ -65,6 +65,9 @@ async def client(lsp_client: LanguageClient) -> AsyncIterator[LanguageClient]:
 async def start(client: LanguageClient, options: dict[str, Any] | None,
                 capabilities: str = "visual-studio-code") -> Statuses:
     statuses = Statuses(client)
+    if isinstance(options, dict) and "model" in options:
+        # Compiling the decode step takes seconds per server start; tests that want it say so.
+        options = {"compile": False, **options}
     await client.initialize_session(types.InitializeParams(
         capabilities=pytest_lsp.client_capabilities(capabilities),
         initialization_options=options,

@@ -37,6 +37,9 @@ class ScriptedBackend:
         self.log = Path(os.environ["FAKE_LOG"]) if "FAKE_LOG" in os.environ else None
         self.requests = 0
 
+    def forget(self, document: str) -> None:
+        pass
+
     def stream(self, request: GenerationRequest, cancel: engine.CancellationToken) -> Events:
         self.requests += 1
         if "FAKE_PRINT" in os.environ:
