@@ -1,14 +1,14 @@
 # One command per job. Every target builds its own virtual environment from nothing.
 #   make demo   set up, make a tiny random checkpoint (or use $TRAMONTANE_MODEL), stream a FIM completion
 #   make test   set up with the test extras, lint, type-check, run the whole suite
-#   make bench  the decode/prefill benchmark against transformers
+#   make bench  decode/prefill against transformers; the editing trace with the cache on and off
 
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 TINY := models/tiny
 
-.PHONY: demo test lint typecheck pytest bench clean
+.PHONY: demo test lint typecheck pytest bench clean test-vscode
 
 # torch is installed first and pinned: this machine has its CPU build on disk, while an
 # unpinned torch would pull several GB of CUDA wheels.
@@ -46,10 +46,18 @@ typecheck: $(VENV)/.test
 pytest: $(VENV)/.test
 	$(BIN)/python -m pytest
 
-test: lint typecheck pytest
+# The VS Code extension (editors/vscode): strict tsc + eslint, its Node tests against the real
+# server (tiny checkpoint, about a minute), and the .vsix.
+test-vscode: $(VENV)/.test
+	cd editors/vscode && npm ci --no-audit --no-fund && npm run check && \
+		TRAMONTANE_LSP_SERVER=$(abspath $(BIN))/lsp_server \
+		TRAMONTANE_CLI=$(abspath $(BIN))/tramontane npm test && npm run package
+
+test: lint typecheck pytest test-vscode
 
 bench: $(VENV)/.test
-	$(BIN)/python benchmarks/decode.py
+	$(BIN)/python benchmarks/decode.py --model-dir models/bench
+	$(BIN)/python benchmarks/edit_trace.py --model-dir models/bench
 
 clean:
 	rm -rf $(VENV) $(TINY)

