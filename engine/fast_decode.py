@@ -165,7 +165,7 @@ class _DecodeStep(torch.nn.Module):
             slots.append(slot)
             masks.append(allowed[:, None, None, :])  # (B, 1, 1, S)
         cos, sin = rotary_cos_sin(positions[:, None], self.head_dim, self.rope_theta,
-                                  self.embeddings.dtype)  # (B, 1, 1, hd/2)
+                                  self.embeddings.dtype)  # (B, 1, 1, hd)
         keep = valid[:, None, None]
 
         h = F.embedding(tokens, self.embeddings)  # (B, dim)

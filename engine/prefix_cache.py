@@ -108,7 +108,7 @@ class PrefixCache:
         with self._lock:
             return self.entry_bytes * (len(self._entries) + len(self._out) + len(self._spare))
 
-    def keys(self) -> list[Hashable]:
+    def cached_keys(self) -> list[Hashable]:
         """Cached keys, least recently used first (those checked out last)."""
         with self._lock:
             return [*self._entries, *self._out]

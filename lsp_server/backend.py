@@ -30,6 +30,7 @@ class GenerationRequest:
     sampling: engine.SamplingParams
     # Which document the prompt belongs to, so a backend can keep per-document state.
     document: str | None = None
+    adapter: str | None = None  # a LoRA adapter the backend has loaded; None = the base model
 
 
 class Backend(Protocol):
@@ -70,6 +71,7 @@ class LocalBackend:
                  ) -> None:
         self.model = model
         self.prefix_cache = prefix_cache
+        self._adapter_paths: dict[str, str] = {}
 
     @classmethod
     def create(cls, model: engine.Model, completion: CompletionSettings, cache: CacheSettings,
@@ -106,11 +108,43 @@ class LocalBackend:
 
     def stream(self, request: GenerationRequest,
                cancel: engine.CancellationToken) -> Events:
-        return engine.stream(request.prompt, self.model, request.sampling, cancel=cancel,
-                             chunk_size=PREFILL_CHUNK, prefix_cache=self.prefix_cache,
-                             cache_key=request.document)
+        adapter = request.adapter
+        # The cached keys and values depend on the adapter: one cache per (document, adapter).
+        key = request.document if adapter is None else (request.document, adapter)
+        events = engine.stream(request.prompt, self.model, request.sampling, cancel=cancel,
+                               chunk_size=PREFILL_CHUNK, prefix_cache=self.prefix_cache,
+                               cache_key=key if request.document is not None else None)
+        return events if adapter is None else self.model.with_lora(adapter, events)
 
     def forget(self, document: str) -> None:
-        """The document was closed: free its cache."""
+        """The document was closed: free its caches."""
         if self.prefix_cache is not None:
             self.prefix_cache.drop(document)
+            for adapter in self.model.loras:
+                self.prefix_cache.drop((document, adapter))
+
+    def sync_adapters(self, wanted: dict[str, str]) -> list[str]:
+        """Load and unload LoRA adapters so that exactly `wanted` ({name: path}) are loaded.
+        Returns one message per adapter that could not be loaded. Call it on the engine thread
+        (adapters change the model's layers)."""
+        problems = []
+        for name in self.model.loras:
+            if name not in wanted or self._adapter_paths.get(name) != wanted[name]:
+                self.model.unload_lora(name)
+                self._adapter_paths.pop(name, None)
+                self._drop_adapter_caches(name)
+        for name, path in wanted.items():
+            if name in self.model.loras:
+                continue
+            try:
+                self.model.load_lora(path, name=name)
+                self._adapter_paths[name] = path
+            except engine.EngineError as e:
+                problems.append(f"LoRA adapter {name!r} not loaded: {e}")
+        return problems
+
+    def _drop_adapter_caches(self, adapter: str) -> None:
+        if self.prefix_cache is not None:
+            for key in self.prefix_cache.cached_keys():
+                if isinstance(key, tuple) and key[1] == adapter:
+                    self.prefix_cache.drop(key)

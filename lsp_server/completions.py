@@ -96,7 +96,8 @@ def run_completion(backend: Backend, document: Document, cursor: int,
     sampling = engine.SamplingParams(max_tokens=settings.max_tokens,
                                      temperature=settings.temperature)
     deadline = start + settings.time_budget_ms / 1000
-    events = backend.stream(GenerationRequest(prompt.tokens, sampling, document.uri), cancel)
+    events = backend.stream(GenerationRequest(prompt.tokens, sampling, document.uri,
+                                              settings.adapter), cancel)
     generated, reason, reused, computed = 0, None, 0, 0
     try:
         for event in events:
@@ -149,6 +150,10 @@ class CompletionService:
         """The document was closed."""
         self.cancel(uri)
         self._shown.pop(uri, None)
+
+    def forget_shown(self) -> None:
+        """The settings changed: completions shown so far may not be what they would give."""
+        self._shown.clear()
 
     async def complete(self, document: Document, cursor: int,
                        settings: CompletionSettings) -> Outcome:

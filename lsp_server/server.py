@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -55,6 +56,8 @@ class TramontaneServer(LanguageServer):
         self.pending_warnings: list[str] = []
         self._loaded: tuple[str | None, str, str | None, bool] | None = None
         self._cache_shape: tuple[int, object] | None = None
+        self._adapters: Mapping[str, str] = {}  # what the backend has loaded
+        self._adapter_task: asyncio.Future[None] | None = None
         self._load_task: asyncio.Task[None] | None = None
 
     # --- talking to the client -------------------------------------------------------------
@@ -111,6 +114,27 @@ class TramontaneServer(LanguageServer):
         s = self.settings
         return (s.model, s.device, s.dtype, s.compile)
 
+    def ensure_adapters(self) -> None:
+        """Load or unload LoRA adapters to match the settings (on the engine thread, between
+        completions: adapters change the model's layers)."""
+        wanted = self.settings.adapters
+        backend = self.backend
+        if not isinstance(backend, LocalBackend) or wanted == self._adapters:
+            return
+        self._adapters = wanted
+
+        async def sync() -> None:
+            loop = asyncio.get_running_loop()
+            problems = await loop.run_in_executor(self.engine_thread, backend.sync_adapters,
+                                                  dict(wanted))
+            for problem in problems:
+                log.error("%s", problem)
+                self.show(types.MessageType.Error, f"Tramontane: {problem}")
+            if wanted:
+                log.info("LoRA adapters loaded: %s", ", ".join(backend.model.loras) or "none")
+
+        self._adapter_task = asyncio.ensure_future(sync())
+
     def ensure_cache(self) -> None:
         """Resize the prefix cache if its settings or the prompt budgets changed."""
         shape = (context_tokens(self.settings.completion), self.settings.cache)
@@ -158,7 +182,14 @@ class TramontaneServer(LanguageServer):
             self.status("error", message, reason="no model")
             self._progress_end(progress, "failed")
             return
+        self._adapters = dict(self.settings.adapters)
+        problems = await asyncio.get_running_loop().run_in_executor(
+            self.engine_thread, backend.sync_adapters, dict(self._adapters))
+        for problem in problems:
+            log.error("%s", problem)
+            self.show(types.MessageType.Error, f"Tramontane: {problem}")
         self.backend = backend
+        self.ensure_adapters()  # in case the settings changed while this one loaded
         self._cache_shape = (context_tokens(self.settings.completion), self.settings.cache)
         model = backend.model
         log.info("model ready: %r%s", model,

@@ -3,9 +3,9 @@
 The wire names are camelCase and fixed (editors and users depend on them):
 
     {"model": path, "device": "cpu"|"cuda"|..., "dtype": "float32"|"bfloat16"|...,
-     "compile": bool,
+     "compile": bool, "adapters": {name: path},
      "completion": {"maxTokens", "prefixTokens", "suffixTokens", "timeBudgetMs", "debounceMs",
-                    "temperature", "enabledLanguages"},
+                    "temperature", "enabledLanguages", "adapter"},
      "cache": {"enabled", "budgetMiB"}}
 
 Unknown keys are ignored. An invalid value leaves that one setting at its previous value (the
@@ -34,6 +34,8 @@ class CompletionSettings:
     temperature: float = 0.0
     # Language ids (as the editor names them) to complete in; "*" means all.
     enabled_languages: tuple[str, ...] = ("*",)
+    # The LoRA adapter (a name of `Settings.adapters`) completions run with; None = the base.
+    adapter: str | None = None
 
     def enabled_for(self, language_id: str) -> bool:
         return "*" in self.enabled_languages or language_id in self.enabled_languages
@@ -57,6 +59,9 @@ class Settings:
     # Compile the one-token decode step when the model loads (faster decoding; the first
     # compile takes a few tens of seconds, later launches reuse inductor's disk cache).
     compile: bool = True
+    # LoRA adapters to load beside the model, by name: {"python": "/path/to/lora"}. Which one a
+    # completion uses is `completion.adapter` (per workspace: each sends its own settings).
+    adapters: Mapping[str, str] = field(default_factory=dict)
     completion: CompletionSettings = field(default_factory=CompletionSettings)
     cache: CacheSettings = field(default_factory=CacheSettings)
 
@@ -135,11 +140,19 @@ COMPLETION_CHECKS: dict[str, Check] = {
     "debounce_ms": _int_range(0, 10_000),
     "temperature": _float_range(0.0, 5.0),
     "enabled_languages": _languages,
+    "adapter": _optional_str,
 }
 def _bool(value: Any) -> bool:
     if isinstance(value, bool):
         return value
     raise ValueError("true or false")
+
+
+def _adapters(value: Any) -> dict[str, str]:
+    if isinstance(value, Mapping) and all(isinstance(k, str) and k and isinstance(v, str) and v
+                                          for k, v in value.items()):
+        return dict(value)
+    raise ValueError('an object of adapter names to paths, e.g. {"python": "/loras/python"}')
 
 
 def _optional_budget(value: Any) -> int | None:
@@ -149,7 +162,7 @@ def _optional_budget(value: Any) -> int | None:
 
 
 TOP_CHECKS: dict[str, Check] = {"model": _optional_str, "device": _device, "dtype": _dtype,
-                                "compile": _bool}
+                                "compile": _bool, "adapters": _adapters}
 CACHE_CHECKS: dict[str, Check] = {"enabled": _bool, "budget_mib": _optional_budget}
 
 

@@ -19,5 +19,7 @@ def register(server: TramontaneServer) -> None:
         ls.settings, warnings = merge_settings(ls.settings, settings_payload(params.settings))
         for warning in warnings:
             ls.show(types.MessageType.Warning, f"Tramontane: {warning}")
+        ls.completions.forget_shown()
         ls.ensure_model()
         ls.ensure_cache()
+        ls.ensure_adapters()

@@ -17,7 +17,8 @@ from lsp_server.settings import DTYPES, Settings, _camel, merge_settings
 PACKAGE = Path(__file__).resolve().parents[2] / "editors" / "vscode" / "package.json"
 SECTION = "tramontane"
 CLIENT_ONLY = {"tramontane.serverCommand", "tramontane.serverArgs", "tramontane.enable"}
-JSON_TYPES = {bool: "boolean", int: "integer", float: "number", str: "string", tuple: "array"}
+JSON_TYPES = {bool: "boolean", int: "integer", float: "number", str: "string", tuple: "array",
+              dict: "object"}
 
 
 def declared() -> dict[str, dict[str, Any]]:

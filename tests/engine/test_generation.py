@@ -213,5 +213,7 @@ def test_the_model_context_bounds_prompt_and_generation(make_checkpoint: Checkpo
     assert len(tokens[0]) == 5
     events = list(engine.stream(list(range(1, 16)), model, engine.SamplingParams(max_tokens=10),
                                 eos_id=-1))
+    # 15 prompt tokens prefilled and 4 of the 5 generated fed back: 19 computed.
     assert events[-1] == engine.EndEvent("length", 15, 5, events[-1].prefill_seconds,  # type: ignore[union-attr]
-                                         events[-1].decode_seconds)  # type: ignore[union-attr]
+                                         events[-1].decode_seconds,  # type: ignore[union-attr]
+                                         computed_tokens=19)

@@ -17,7 +17,7 @@ from engine.fast_decode import FastDecoder
 from engine.loading import hf_to_native_name, native_to_hf_name
 from engine.moe import MoeFeedForward, route
 from tests.conftest import CheckpointFactory
-from tests.engine.test_parity import hf_model
+from tests.engine.test_parity import hf_greedy, hf_model
 
 ATOL = 1e-4
 # 4 experts, 2 per token; GQA, head_dim * n_heads != dim, and a sliding window shorter than the
@@ -29,23 +29,6 @@ PROMPTS = [
     [1, 9, 25, 400, 7, 12345],
     [1, 4000, 4001],
 ]
-
-
-def hf_greedy(model: transformers.PreTrainedModel, prompt: list[int],
-              n: int) -> tuple[list[int], list[float]]:
-    """transformers' greedy tokens and their log-probs from the raw logits.
-
-    (`min_new_tokens` makes transformers mask EOS in its processed `scores`, which moves every
-    log-prob by EOS's share: the raw `logits` are what our `eos_id=-1` run must match.)
-    """
-    out = model.generate(
-        torch.tensor([prompt]), max_new_tokens=n, min_new_tokens=n, do_sample=False,
-        output_logits=True, return_dict_in_generate=True, pad_token_id=0,
-    )
-    tokens = out.sequences[0, len(prompt):].tolist()
-    logprobs = [torch.log_softmax(s[0].float(), -1)[t].item()
-                for s, t in zip(out.logits, tokens, strict=True)]
-    return tokens, logprobs
 
 
 def test_route_takes_top_k_logits_and_softmaxes_over_them() -> None:

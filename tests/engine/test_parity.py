@@ -31,13 +31,18 @@ def hf_model(folder: object) -> transformers.PreTrainedModel:
 
 def hf_greedy(model: transformers.PreTrainedModel, prompt: list[int],
               n: int) -> tuple[list[int], list[float]]:
+    """transformers' greedy tokens and their log-probs from the raw logits.
+
+    (`min_new_tokens` makes transformers mask EOS in its processed `scores`, which moves every
+    log-prob by EOS's share: the raw `logits` are what our `eos_id=-1` run must match.)
+    """
     out = model.generate(
         torch.tensor([prompt]), max_new_tokens=n, min_new_tokens=n, do_sample=False,
-        output_scores=True, return_dict_in_generate=True, pad_token_id=0,
+        output_logits=True, return_dict_in_generate=True, pad_token_id=0,
     )
     tokens = out.sequences[0, len(prompt):].tolist()
     logprobs = [torch.log_softmax(s[0].float(), -1)[t].item()
-                for s, t in zip(out.scores, tokens, strict=True)]
+                for s, t in zip(out.logits, tokens, strict=True)]
     return tokens, logprobs
 
 

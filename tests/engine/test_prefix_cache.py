@@ -142,7 +142,7 @@ def test_least_recently_used_documents_are_evicted_within_the_budget(
     assert cache.max_entries == 2
     for key in ("a", "b", "a", "c"):  # c evicts b, the least recently used
         run(model, BASE, cache, key=key)
-    assert cache.keys() == ["a", "c"]
+    assert cache.cached_keys() == ["a", "c"]
     assert cache.nbytes() == 2 * cache.entry_bytes <= cache.budget_bytes
     assert run(model, BASE, cache, key="b")[2].cached_tokens == 0
     assert run(model, BASE, cache, key="b")[2].cached_tokens == len(BASE) - 1
@@ -160,7 +160,7 @@ def test_drop_frees_the_document_cache(model: engine.Model) -> None:
     assert cache.drop("a") and not cache.drop("a")
     gc.collect()
     assert tensors() is None
-    assert cache.keys() == ["b"] and cache.nbytes() == cache.entry_bytes
+    assert cache.cached_keys() == ["b"] and cache.nbytes() == cache.entry_bytes
 
 
 def test_a_document_dropped_while_its_request_runs_is_freed_at_checkin(
@@ -171,7 +171,7 @@ def test_a_document_dropped_while_its_request_runs_is_freed_at_checkin(
     assert cache.checkout("a", BASE) is None  # one request per document at a time
     assert cache.drop("a")
     cache.checkin(lease, BASE)
-    assert cache.keys() == []
+    assert cache.cached_keys() == []
 
 
 def test_a_budget_smaller_than_one_document_disables_caching(model: engine.Model) -> None:
@@ -184,5 +184,5 @@ def test_a_budget_smaller_than_one_document_disables_caching(model: engine.Model
 def test_a_prompt_longer_than_the_cache_runs_without_it(model: engine.Model) -> None:
     cache = new_cache(model, max_seq_len=40)
     tokens, _, end = run(model, BASE, cache)
-    assert end.cached_tokens == 0 and cache.keys() == []
+    assert end.cached_tokens == 0 and cache.cached_keys() == []
     assert tokens == run(model, BASE)[0]

@@ -33,6 +33,7 @@ describe('settings', () => {
       device: 'cpu',
       dtype: null,
       compile: true,
+      adapters: {},
       completion: {
         maxTokens: 128,
         prefixTokens: 1536,
@@ -41,6 +42,7 @@ describe('settings', () => {
         debounceMs: 0,
         temperature: 0,
         enabledLanguages: ['*'],
+        adapter: null,
       },
       cache: { enabled: true, budgetMiB: null },
     });

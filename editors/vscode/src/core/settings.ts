@@ -19,6 +19,7 @@ export const SECTIONS = {
     'debounceMs',
     'temperature',
     'enabledLanguages',
+    'adapter',
   ],
   cache: ['enabled', 'budgetMiB'],
 } as const satisfies Record<string, readonly string[]>;
@@ -27,7 +28,7 @@ export type Section = keyof typeof SECTIONS;
 const SECTION_NAMES = Object.keys(SECTIONS) as Section[];
 
 /** The server's top-level settings. */
-export const SERVER_KEYS = ['model', 'device', 'dtype', 'compile'] as const;
+export const SERVER_KEYS = ['model', 'device', 'dtype', 'compile', 'adapters'] as const;
 
 /** Every server setting, as a key under `tramontane.` (e.g. `completion.maxTokens`). */
 export const SERVER_SETTING_KEYS: readonly string[] = [
@@ -49,6 +50,7 @@ export interface InitializationOptions {
   device?: unknown;
   dtype?: unknown;
   compile?: unknown;
+  adapters?: unknown;
   completion: Record<string, unknown>;
   cache: Record<string, unknown>;
 }
