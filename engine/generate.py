@@ -274,7 +274,7 @@ def stream(
     emitted = 0
     lease = None
     if prefix_cache is not None and cache_key is not None:
-        lease = prefix_cache.checkout(cache_key, prompt)
+        lease = prefix_cache.checkout(cache_key, prompt, needed=len(prompt) + params.max_tokens)
     on_prefilled, split_at = None, None
     if lease is not None and not isinstance(lease.cache, KVCache):
         # A recurrent state cannot be cut back: snapshot it before the prompt's last token, so

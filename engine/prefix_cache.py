@@ -117,14 +117,17 @@ class PrefixCache:
         """A cache of this prefix cache's geometry (what a compiled decode step is built for)."""
         return self._new_cache()
 
-    def checkout(self, key: Hashable, prompt: Sequence[int]) -> Lease | None:
+    def checkout(self, key: Hashable, prompt: Sequence[int],
+                 needed: int | None = None) -> Lease | None:
         """Take `key`'s cache for a request on `prompt`, cut back to the reusable prefix.
 
-        At least the prompt's last token is left to prefill (its logits are needed). Returns
-        None when caching cannot serve this request (prompt too long for the cache, budget too
-        small, or the key is already checked out): the caller then runs without it.
+        At least the prompt's last token is left to prefill (its logits are needed). `needed`
+        is the number of positions the request will use (prompt and generated tokens; default
+        the prompt's). Returns None when caching cannot serve this request (it does not fit
+        the cache, the budget is too small, or the key is already checked out): the caller
+        then runs without it.
         """
-        if not self.max_entries or len(prompt) >= self.max_seq_len:
+        if not self.max_entries or max(len(prompt), needed or 0) > self.max_seq_len:
             return None
         with self._lock:
             if key in self._out:

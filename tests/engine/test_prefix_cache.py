@@ -181,8 +181,12 @@ def test_a_budget_smaller_than_one_document_disables_caching(model: engine.Model
     assert run(model, BASE, cache)[2].cached_tokens == 0
 
 
-def test_a_prompt_longer_than_the_cache_runs_without_it(model: engine.Model) -> None:
+def test_a_request_longer_than_the_cache_runs_without_it(model: engine.Model) -> None:
     cache = new_cache(model, max_seq_len=40)
     tokens, _, end = run(model, BASE, cache)
     assert end.cached_tokens == 0 and cache.cached_keys() == []
     assert tokens == run(model, BASE)[0]
+    # The prompt fits, the prompt and its 6 generated tokens do not: all 6 are generated.
+    cache = new_cache(model, max_seq_len=len(BASE) + 3)
+    tokens, _, end = run(model, BASE, cache)
+    assert len(tokens) == 6 and cache.cached_keys() == []
