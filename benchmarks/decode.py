@@ -2,7 +2,12 @@
 
 One random ~200M-parameter Mistral (dim 1024, 12 layers, 16 heads / 4 kv heads, hidden 3072,
 vocab 32768) is written once in both layouts (native for us, HF for transformers: the same
-weights) and run in each dtype asked for. What is timed, for every side alike:
+weights) and run in each dtype asked for. With `--archs`, also (benchmarks/models.py says why
+these shapes): a random Mixtral of the same active size (8 experts of hidden 1536, top-2: ~552M
+parameters, ~212M per token) against transformers' `MixtralForCausalLM`, and a random ~200M
+Mamba2 (dim 1024, 16 layers, d_state 128, head_dim 64, expand 2, 8 groups) against
+`Mamba2ForCausalLM` (its torch path: no CUDA kernels on a CPU). What is timed, for every side
+alike:
 
 - prefill: one forward pass over the prompt that fills the KV cache and computes the logits of
   the last token only. Ours: `EndEvent.prefill_seconds` of `engine.stream` (max_tokens=1).
@@ -13,8 +18,12 @@ weights) and run in each dtype asked for. What is timed, for every side alike:
   steps, each a forward pass plus argmax and bookkeeping. Ours: timestamps of `engine.stream`'s
   TokenEvents (eos_id=-1). Transformers: timestamps of a streamer's `put` calls in
   `generate(do_sample=False, min_new_tokens=max_new_tokens=N+1)` (its default dynamic cache,
-  SDPA attention). FastDecoder: the same `engine.stream` after `Model.enable_fast_decode`
-  (the engine's loop then runs each decode step through the compiled step).
+  SDPA attention, its default experts implementation for Mixtral). FastDecoder (dense only: it
+  refuses MoE and Mamba2): the same `engine.stream` after `Model.enable_fast_decode` (the
+  engine's loop then runs each decode step through the compiled step).
+
+The MoE and Mamba2 models are timed on prefill 512 only (dense: 512 and 2048). In bfloat16,
+transformers' Mamba2 keeps A_log, D and dt_bias in bfloat16 too; ours keeps them in float32.
 
 Fairness on a shared machine: every measurement is warmed up first (the first bfloat16 pass of
 each shape is slow), the sides are interleaved within each repeat, the median of the repeats is
@@ -23,21 +32,22 @@ reported, and a sample during which other processes kept more than `--max-foreig
 
 Also measured: memory bandwidth (a 1 GiB tensor sum = read bandwidth; and a copy), the weight
 bytes one decode token reads (every parameter but the embedding table, which is a gather; the
-output projection included), and the share of that bandwidth limit each decode rate reaches:
-tok/s * bytes_per_token / read bandwidth, measured again just before each dtype's decode
-samples (it moves with what else runs on the host). FastDecoder's compile time is reported cold
-(empty inductor cache, a first launch) and warm (cache filled, a later launch), with its
-agreement with the eager path: greedy tokens, and log-probs of the eager tokens fed back
-(teacher forced).
+output projection included; of a mixture of experts, the 2 experts a token uses; Mamba2's
+recurrent state, ~17 MB in float32, is not counted), and the share of that bandwidth limit each
+decode rate reaches: tok/s * bytes_per_token / read bandwidth, measured again just before each
+dtype's decode samples (it moves with what else runs on the host). FastDecoder's compile time is
+reported cold (empty inductor cache, a first launch) and warm (cache filled, a later launch),
+with its agreement with the eager path: greedy tokens, and log-probs of the eager tokens fed
+back (teacher forced).
 
     .venv/bin/python benchmarks/decode.py [--quick] [--dtypes float32,bfloat16]
-        [--model-dir DIR] [--json PATH] [--no-fast] [--max-foreign 0.25]
+        [--archs dense,moe,mamba2] [--model-dir DIR] [--json PATH] [--no-fast]
+        [--max-foreign 0.25]
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import functools
 import gc
 import json
@@ -46,19 +56,25 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+from models import (
+    ARCHS,
+    TOKENIZER,
+    Arch,
+    active_parameters,
+    decode_weight_bytes,
+    ensure_checkpoints,  # also edit_trace.py's way to the dense model
+    model_root,
+)
 
 import engine
-from engine.tiny import random_state_dict, tiny_config, write_checkpoint
+from engine.tiny import tiny_config
 
-SHAPE = dict(dim=1024, n_layers=12, n_heads=16, n_kv_heads=4, head_dim=64, hidden_dim=3072)
-TOKENIZER = "v3"
-SEED = 0
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 DECODE_PROMPT = 128
 # One decoder serves every request up to this length; attention reads only the slots in use.
@@ -135,41 +151,6 @@ def measure_bandwidth(repeats: int = 7) -> dict[str, float]:
     read = nbytes / timed(src.sum) / 1e9
     copy = 2 * nbytes / timed(lambda: dst.copy_(src)) / 1e9
     return {"read_gbps": read, "copy_gbps": copy}
-
-
-def decode_weight_bytes(module: torch.nn.Module) -> int:
-    """Bytes of weights one decode step reads: every parameter except the embedding table."""
-    return sum(p.numel() * p.element_size() for name, p in module.named_parameters()
-               if not name.endswith(("tok_embeddings.weight", "embed_tokens.weight")))
-
-
-# ---------------------------------------------------------------------------------------------
-# Set-up
-
-
-def ensure_checkpoints(root: Path) -> tuple[Path, Path]:
-    """Write (once) the random model in both layouts under `root`; return (native, hf)."""
-    native, hf = root / "native", root / "hf"
-    if not (native / "consolidated.safetensors").exists() or \
-            not (hf / "model.safetensors").exists():
-        t0 = time.perf_counter()
-        config = tiny_config(TOKENIZER, **SHAPE)  # type: ignore[arg-type]
-        state = random_state_dict(config, seed=SEED, dtype=torch.float32)
-        write_checkpoint(native, config, state, layout="native", tokenizer=TOKENIZER)
-        write_checkpoint(hf, config, state, layout="hf", tokenizer=TOKENIZER)
-        print(f"wrote the random model to {root} in {time.perf_counter() - t0:.1f}s")
-    return native, hf
-
-
-@contextlib.contextmanager
-def model_root(model_dir: str | None) -> Iterator[Path]:
-    if model_dir:
-        path = Path(model_dir)
-        path.mkdir(parents=True, exist_ok=True)
-        yield path
-    else:
-        with tempfile.TemporaryDirectory(prefix="bench-decode-") as tmp:
-            yield Path(tmp)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -303,17 +284,22 @@ def build_fast(model: engine.Model, cold: bool) -> tuple[Any, dict[str, float]]:
 # Driver
 
 
-def run_dtype(dtype_name: str, native: Path, hf: Path, prompts: dict[int, list[int]],
-              prefill_lengths: list[int], steps: int, repeats: int, fast: bool, quick: bool,
-              sample: Sampler) -> dict[str, Any]:
+def run_dtype(arch: Arch, dtype_name: str, native: Path, hf: Path,
+              prompts: dict[int, list[int]], prefill_lengths: list[int], steps: int,
+              repeats: int, fast: bool, quick: bool, sample: Sampler) -> dict[str, Any]:
     from transformers import AutoModelForCausalLM
 
-    row: dict[str, Any] = {"dtype": dtype_name}
+    row: dict[str, Any] = {"arch": arch.name, "dtype": dtype_name}
     model = engine.load(native, dtype=dtype_name)
     hf_model = AutoModelForCausalLM.from_pretrained(hf, dtype=DTYPES[dtype_name]).eval()
+    assert type(hf_model).__name__ == arch.hf_class, type(hf_model).__name__
     row["params"] = model.num_parameters()
-    row["decode_weight_bytes"] = decode_weight_bytes(model.module)
-    row["hf_attention"] = hf_model.config._attn_implementation
+    row["active_params"] = active_parameters(model.module, model.config)
+    row["decode_weight_bytes"] = decode_weight_bytes(model.module, model.config)
+    row["hf_class"] = arch.hf_class
+    row["hf_attention"] = getattr(hf_model.config, "_attn_implementation", None)
+    if arch.name == "moe":
+        row["hf_experts"] = getattr(hf_model.config, "_experts_implementation", None)
 
     for n in prefill_lengths:
         ours_prefill_seconds(model, prompts[n])  # warm-up
@@ -388,27 +374,40 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "bandwidth": bw, "rows": [],
     }
     with model_root(args.model_dir) as root:
-        native, hf = ensure_checkpoints(root)
-        for dtype_name in args.dtypes:
-            row = run_dtype(dtype_name, native, hf, prompts, prefill_lengths, steps, repeats,
-                            args.fast, quick, sample)
-            row["worst_foreign_load"] = sample.worst_kept
-            sample.worst_kept = 0.0
-            results["rows"].append(row)
-            print_row(row, prefill_lengths, steps)
-            gc.collect()
+        for name in args.archs:
+            arch = ARCHS[name]
+            native, hf = ensure_checkpoints(root, name)
+            # MoE and Mamba2: the short prompt only (the long one adds minutes, little news).
+            lengths = prefill_lengths if name == "dense" else prefill_lengths[:1]
+            for dtype_name in args.dtypes:
+                row = run_dtype(arch, dtype_name, native, hf, prompts, lengths, steps, repeats,
+                                args.fast and name == "dense", quick, sample)
+                row["worst_foreign_load"] = sample.worst_kept
+                sample.worst_kept = 0.0
+                results["rows"].append(row)
+                print_row(row, arch, lengths, steps)
+                gc.collect()
     results["bandwidth_end"] = measure_bandwidth()
     results["retried_samples"] = sample.retried
+    if len(args.archs) > 1:
+        print_summary(results["rows"], steps)
     print(f"\nread bandwidth at the end: {results['bandwidth_end']['read_gbps']:.1f} GB/s; "
           f"samples retried for other processes' load: {sample.retried}")
     return results
 
 
-def print_row(row: dict[str, Any], prefill_lengths: list[int], steps: int) -> None:
+def print_row(row: dict[str, Any], arch: Arch, prefill_lengths: list[int], steps: int) -> None:
     nbytes = row["decode_weight_bytes"]
     read = row["bandwidth"]["read_gbps"]
     limit = read * 1e9 / nbytes
-    print(f"\n== {row['dtype']}: {row['params'] / 1e6:.1f}M parameters, {nbytes / 1e6:.0f} MB of "
+    params = f"{row['params'] / 1e6:.1f}M parameters"
+    if arch.name == "dense":  # the header it always had
+        title = row["dtype"]
+    else:
+        title = f"{arch.name} ({arch.title}), {row['dtype']}"
+        if row["active_params"] != row["params"]:
+            params += f" ({row['active_params'] / 1e6:.1f}M per token)"
+    print(f"\n== {title}: {params}, {nbytes / 1e6:.0f} MB of "
           f"weights read per decode token; read bandwidth {read:.1f} GB/s (measured before the "
           f"decode samples) -> limit {limit:.1f} tok/s")
     print(f"{'tokens/s':<32}{'ours':>9}{'transformers':>14}{'ours/tf':>9}{'% of bw limit':>15}")
@@ -428,8 +427,15 @@ def print_row(row: dict[str, Any], prefill_lengths: list[int], steps: int) -> No
                         f"{row['compile_warm_seconds']:.1f}s" if "compile_cold_seconds" in row
                         else f"{row['compile_seconds']:.1f}s (inductor cache as found)")
         print(f"FastDecoder (max_seq_len {FAST_MAX_SEQ_LEN}): compile {compile_note}")
+    if arch.name == "dense":
+        reference = f"{row['hf_attention']} attention"
+    elif arch.name == "moe":
+        reference = (f"{row['hf_class']}: {row['hf_attention']} attention, "
+                     f"{row['hf_experts']} experts")
+    else:
+        reference = f"{row['hf_class']}: torch path"
     print(f"prefill: ours = engine.stream's prefill_seconds, transformers = one forward with "
-          f"use_cache=True, logits_to_keep=1 ({row['hf_attention']} attention)")
+          f"use_cache=True, logits_to_keep=1 ({reference})")
     agree = (f"agreement with our eager decode ({steps + 1} greedy tokens; max |d logprob| of "
              f"our tokens, fed back): transformers {row['hf_tokens_match']} tokens, "
              f"{row['hf_max_logprob_diff']:.2g}")
@@ -441,22 +447,40 @@ def print_row(row: dict[str, Any], prefill_lengths: list[int], steps: int) -> No
           f"cores")
 
 
+def print_summary(rows: list[dict[str, Any]], steps: int) -> None:
+    """Batch-1 decode of every architecture and dtype, one line each."""
+    print(f"\n== decode batch 1 ({steps} steps), tokens/s")
+    print(f"{'model':<32}{'ours':>9}{'transformers':>14}{'ours/tf':>9}{'tokens agree':>15}")
+    for row in rows:
+        label = f"{row['arch']}, {row['dtype']}"
+        a, b = row["ours_decode"], row["hf_decode"]
+        agree = f"{row['hf_tokens_match']}/{steps + 1}"
+        print(f"{label:<32}{a:>9.2f}{b:>14.2f}{a / b:>8.2f}x{agree:>15}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dtypes", default="float32,bfloat16",
                         type=lambda s: [d.strip() for d in s.split(",") if d.strip()])
+    parser.add_argument("--archs", default="dense,moe,mamba2",
+                        type=lambda s: [a.strip() for a in s.split(",") if a.strip()],
+                        help="models to run: dense (Mistral), moe (Mixtral), mamba2")
     parser.add_argument("--quick", action="store_true",
                         help="fewer tokens and repeats, no cold compile: a smoke run")
     parser.add_argument("--model-dir", help="write the random checkpoints here, or reuse them")
     parser.add_argument("--json", help="write the results to this file")
     parser.add_argument("--no-fast", dest="fast", action="store_false",
-                        help="skip engine.fast_decode.FastDecoder")
+                        help="skip engine.fast_decode.FastDecoder (dense only in any case)")
     parser.add_argument("--max-foreign", type=float, default=0.25,
                         help="retry a sample if other processes kept more cores busy than this")
     args = parser.parse_args(argv)
     bad = [d for d in args.dtypes if d not in DTYPES]
     if bad:
         parser.error(f"unknown dtype {bad[0]!r}; choose from {', '.join(DTYPES)}")
+    bad = [a for a in args.archs if a not in ARCHS]
+    if bad or not args.archs:
+        parser.error(f"unknown architecture {(bad or [''])[0]!r}; choose from "
+                     f"{', '.join(ARCHS)}")
     t0 = time.perf_counter()
     results = run(args)
     results["wall_seconds"] = time.perf_counter() - t0
