@@ -31,6 +31,10 @@ FinishReason = Literal["stop", "length", "cancelled"]
 # Prompts longer than this are prefilled in chunks even when no chunk size is given: one-shot
 # attention over a 100k-token prompt would need a (T, T) mask.
 DEFAULT_MAX_CHUNK = 4096
+# Prompts with at most this many tokens left to prefill go through the compiled decode step,
+# one token at a time, when there is one (measured on a 200M model on 2 cores: one eager
+# forward of 1-3 tokens ~60 ms, one compiled step ~18 ms).
+FAST_PREFILL_TOKENS = 3
 
 
 @dataclass(frozen=True)
@@ -139,6 +143,11 @@ def _steps(
             raise GenerationError(f"a prompt of {longest} tokens does not fit the cache of "
                                   f"{cache.max_seq_len} positions")
     fast = decoder is not None and decoder.accepts(cache)
+    # A prefix cache often leaves a token or two to prefill: one compiled step per token is
+    # cheaper than an eager forward for so few.
+    stepwise = fast and longest - start <= FAST_PREFILL_TOKENS
+    if stepwise:
+        chunk = 1
     generator = make_generator(params, device)
     lengths_t = torch.tensor(lengths, device=device)
     padded = torch.zeros(bsz, longest, dtype=torch.long)
@@ -164,7 +173,12 @@ def _steps(
         positions = torch.where(positions < lengths_t[:, None], positions, -1)
         ends_here = (lengths_t > begin) & (lengths_t <= end)
         out_index = (lengths_t - 1 - begin).clamp(0, end - begin - 1)
-        logits = model.forward(padded[:, begin:end], positions, cache, output_index=out_index)
+        if stepwise:
+            assert decoder is not None
+            logits = decoder.step(padded[:, begin], positions[:, 0], cache)
+        else:
+            logits = model.forward(padded[:, begin:end], positions, cache,
+                                   output_index=out_index)
         last_logits = torch.where(ends_here[:, None], logits, last_logits)
         stats.cached = [min(n, end) for n in lengths]
         if on_prefilled is not None and split_at is not None and end == split_at:

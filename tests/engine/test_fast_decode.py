@@ -67,3 +67,35 @@ def test_a_cache_of_another_geometry_is_refused(model: engine.Model) -> None:
         decoder.step(torch.tensor([3]), torch.tensor([0]), model.new_cache(1, 32))
     assert not decoder.accepts(model.new_cache(2, 64))
     assert decoder.accepts(model.new_cache(1, 64))
+
+
+def test_a_prefix_cache_leaving_a_few_tokens_prefills_them_with_the_compiled_step(
+        model: engine.Model) -> None:
+    cache = engine.PrefixCache(model, max_seq_len=64, budget_bytes=2**26, rewind=8)
+    decoder = FastDecoder(model, batch_size=1, max_seq_len=64, rewind=8, compile=False)
+    sampling = engine.SamplingParams(max_tokens=5)
+    grown = [*PROMPT, 11, 12]
+    want = list(engine.stream(grown, model, sampling, eos_id=-1))  # eager, no cache
+    model.decoder = decoder
+    calls = 0
+    step = decoder.step
+
+    def counting_step(*args: object) -> torch.Tensor:
+        nonlocal calls
+        calls += 1
+        return step(*args)  # type: ignore[arg-type]
+
+    decoder.step = counting_step  # type: ignore[method-assign]
+    try:
+        list(engine.stream(PROMPT, model, sampling, eos_id=-1, prefix_cache=cache,
+                           cache_key="doc"))
+        calls = 0
+        got = list(engine.stream(grown, model, sampling, eos_id=-1, prefix_cache=cache,
+                                 cache_key="doc"))
+    finally:
+        model.decoder = None
+    assert got[-1].cached_tokens == len(PROMPT)  # type: ignore[union-attr]
+    assert calls == 2 + 4  # the two new prompt tokens, then four decode steps
+    assert [e.token for e in got[:-1]] == [e.token for e in want[:-1]]  # type: ignore[union-attr]
+    assert [e.logprob for e in got[:-1]] == pytest.approx(  # type: ignore[union-attr]
+        [e.logprob for e in want[:-1]], abs=1e-4)  # type: ignore[union-attr]
