@@ -203,7 +203,7 @@ class FastDecoder:
         self.cache: KVCache = model.new_cache(batch_size, max_seq_len, rewind)
         self._graph = _DecodeStep(model.module, self.cache, batch_size)
         self._fn: Callable[..., torch.Tensor] = self._graph
-        self._compiled = compile
+        self.compiled = compile  # False: the same code run eagerly (tests)
         self.compile_seconds = 0.0
         if compile:
             self._fn = torch.compile(self._graph, fullgraph=True)
@@ -258,7 +258,7 @@ class FastDecoder:
                                                          strict=True)]
             values = [v[:, :, : spans[g]] for v, g in zip(cache.values, cache.layer_group,
                                                            strict=True)]
-            if self._compiled:
+            if self.compiled:
                 for t in slot_pos:
                     torch._dynamo.mark_dynamic(t, 1)
                 for t in (*keys, *values):

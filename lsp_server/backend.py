@@ -81,13 +81,24 @@ class LocalBackend:
         backend = cls(model)
         backend.configure_cache(completion, cache)
         if compile:
-            try:
-                model.enable_fast_decode(context_tokens(completion), 1, REWIND)
-            except engine.EngineError as e:  # an architecture it does not support
-                log.info("decoding eagerly: %s", e)
+            backend.compile(completion)
         return backend
 
+    def compile(self, completion: CompletionSettings, *, eager: bool = False) -> None:
+        """(Re)build the compiled decode step for the cache geometry of `completion`'s budgets;
+        slow (seconds): call it on the engine thread. `eager` builds it uncompiled (tests)."""
+        try:
+            self.model.enable_fast_decode(context_tokens(completion), 1, REWIND,
+                                          compile=not eager)
+        except engine.EngineError as e:  # an architecture it does not support
+            log.info("decoding eagerly: %s", e)
+
     def configure_cache(self, completion: CompletionSettings, cache: CacheSettings) -> None:
+        """Size the prefix caches for `completion`'s budgets. A compiled decode step built for
+        other budgets is rebuilt (seconds: call this on the engine thread)."""
+        decoder = self.model.decoder
+        if decoder is not None and decoder.max_seq_len != context_tokens(completion):
+            self.compile(completion, eager=not decoder.compiled)
         if self.prefix_cache is not None:
             self.prefix_cache.clear()
         self.prefix_cache = None

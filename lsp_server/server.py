@@ -58,6 +58,7 @@ class TramontaneServer(LanguageServer):
         self._cache_shape: tuple[int, object] | None = None
         self._adapters: Mapping[str, str] = {}  # what the backend has loaded
         self._adapter_task: asyncio.Future[None] | None = None
+        self._cache_task: asyncio.Future[None] | None = None
         self._load_task: asyncio.Task[None] | None = None
 
     # --- talking to the client -------------------------------------------------------------
@@ -140,7 +141,10 @@ class TramontaneServer(LanguageServer):
         shape = (context_tokens(self.settings.completion), self.settings.cache)
         if isinstance(self.backend, LocalBackend) and shape != self._cache_shape:
             self._cache_shape = shape
-            self.backend.configure_cache(self.settings.completion, self.settings.cache)
+            # On the engine thread, after the completion running there (it may recompile).
+            self._cache_task = asyncio.get_running_loop().run_in_executor(
+                self.engine_thread, self.backend.configure_cache, self.settings.completion,
+                self.settings.cache)
 
     def ensure_model(self) -> None:
         """Load (or unload) the model the settings name, if it is not the one loaded."""
