@@ -19,6 +19,19 @@ def model(request: pytest.FixtureRequest, make_checkpoint: CheckpointFactory) ->
     return engine.load(make_checkpoint("native", sliding_window=request.param, **SHAPE))
 
 
+def count_steps(decoder: FastDecoder) -> list[int]:
+    """Count the decoder's steps from now on, in the returned one-element list."""
+    calls = [0]
+    step = decoder.step
+
+    def counting_step(*args: object) -> torch.Tensor:
+        calls[0] += 1
+        return step(*args)  # type: ignore[arg-type]
+
+    decoder.step = counting_step  # type: ignore[method-assign]
+    return calls
+
+
 @pytest.mark.parametrize("rewind", [0, 5])
 def test_eager_step_equals_the_model_forward(model: engine.Model, rewind: int) -> None:
     """Decode 20 tokens past a 31-token prompt (the window of 8 wraps many times)."""
@@ -40,15 +53,7 @@ def test_eager_step_equals_the_model_forward(model: engine.Model, rewind: int) -
 def test_generation_uses_the_compiled_step_and_agrees_with_eager(model: engine.Model) -> None:
     eager_tokens, eager_logprobs = engine.generate([PROMPT], model, max_tokens=16, eos_id=-1)
     decoder = model.enable_fast_decode(64)
-    calls = 0
-    step = decoder.step
-
-    def counting_step(*args: object) -> torch.Tensor:
-        nonlocal calls
-        calls += 1
-        return step(*args)  # type: ignore[arg-type]
-
-    decoder.step = counting_step  # type: ignore[method-assign]
+    calls = count_steps(decoder)
     try:
         tokens, logprobs = engine.generate([PROMPT], model, max_tokens=16, eos_id=-1)
         # A batch of two and a request longer than the decoder's cache stay eager.
@@ -56,7 +61,7 @@ def test_generation_uses_the_compiled_step_and_agrees_with_eager(model: engine.M
         engine.generate([PROMPT], model, max_tokens=40, eos_id=-1)
     finally:
         model.decoder = None
-    assert calls == 15  # every step after the first token, of the first request only
+    assert calls[0] == 15  # every step after the first token, of the first request only
     assert tokens == eager_tokens
     assert logprobs[0] == pytest.approx(eager_logprobs[0], abs=1e-4)
 
@@ -77,25 +82,17 @@ def test_a_prefix_cache_leaving_a_few_tokens_prefills_them_with_the_compiled_ste
     grown = [*PROMPT, 11, 12]
     want = list(engine.stream(grown, model, sampling, eos_id=-1))  # eager, no cache
     model.decoder = decoder
-    calls = 0
-    step = decoder.step
-
-    def counting_step(*args: object) -> torch.Tensor:
-        nonlocal calls
-        calls += 1
-        return step(*args)  # type: ignore[arg-type]
-
-    decoder.step = counting_step  # type: ignore[method-assign]
+    calls = count_steps(decoder)
     try:
         list(engine.stream(PROMPT, model, sampling, eos_id=-1, prefix_cache=cache,
                            cache_key="doc"))
-        calls = 0
+        calls[0] = 0
         got = list(engine.stream(grown, model, sampling, eos_id=-1, prefix_cache=cache,
                                  cache_key="doc"))
     finally:
         model.decoder = None
     assert got[-1].cached_tokens == len(PROMPT)  # type: ignore[union-attr]
-    assert calls == 2 + 4  # the two new prompt tokens, then four decode steps
+    assert calls[0] == 2 + 4  # the two new prompt tokens, then four decode steps
     assert [e.token for e in got[:-1]] == [e.token for e in want[:-1]]  # type: ignore[union-attr]
     assert [e.logprob for e in got[:-1]] == pytest.approx(  # type: ignore[union-attr]
         [e.logprob for e in want[:-1]], abs=1e-4)  # type: ignore[union-attr]
