@@ -253,15 +253,16 @@ def _parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
 TensorIndex = dict[str, tuple[Path, str, tuple[int, ...], torch.dtype]]
 
 
-def _index_tensors(files: Iterable[Path], rename: Callable[[str], str | None]) -> TensorIndex:
-    """Where each weight is, from the files' headers only (no tensor is read)."""
+def _index_tensors(files: Iterable[Path], rename: Callable[[str], str | None],
+                   kind: str = "Mistral dense transformer") -> TensorIndex:
+    """Where each weight is, from the files' headers only (no tensor is read); `rename` maps a
+    stored name to ours, or to None for a tensor that is not a `kind` weight."""
     index: TensorIndex = {}
     for f in files:
         for stored, (dtype, shape) in read_safetensors_header(f).items():
             native = rename(stored)
             if native is None:
-                raise ModelLoadError(f, f"unexpected tensor {stored!r} (not a Mistral dense "
-                                     "transformer weight)")
+                raise ModelLoadError(f, f"unexpected tensor {stored!r} (not a {kind} weight)")
             index[native] = (f, stored, shape, dtype)
     return index
 
@@ -278,6 +279,24 @@ def _load_mamba(folder: Path, *, hf: bool, device: str | torch.device,
     from .mamba2_loading import load_mamba
 
     return load_mamba(folder, hf=hf, device=device, dtype=dtype)
+
+
+def check_tensors(index: TensorIndex, expected: dict[str, tuple[int, ...]], first_file: Path, *,
+                  stored_name: Callable[[str], str] = lambda name: name,
+                  unexpected_hint: str = "") -> None:
+    """Every expected tensor is stored with its shape, and nothing else is: otherwise a
+    `ModelLoadError` naming the file and the tensor (as `stored_name` spells it)."""
+    for name, shape in expected.items():
+        if name not in index:
+            raise ModelLoadError(first_file, f"missing tensor {stored_name(name)!r}")
+        f, stored, got, _ = index[name]
+        if got != shape:
+            raise ModelLoadError(f, f"tensor {stored!r} has shape {list(got)}, the config "
+                                 f"implies {list(shape)}")
+    extra = sorted(set(index) - set(expected))
+    if extra:
+        f, stored, _, _ = index[extra[0]]
+        raise ModelLoadError(f, f"unexpected tensor {stored!r}{unexpected_hint}")
 
 
 def load(path: str | Path, device: str | torch.device = "cpu",
@@ -322,19 +341,8 @@ def load(path: str | Path, device: str | torch.device = "cpu",
     expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
     if config.tied_embeddings:
         index.pop("output.weight", None)
-    for name, shape in expected.items():
-        if name == "output.weight" and config.tied_embeddings:
-            continue
-        if name not in index:
-            raise ModelLoadError(files[0], f"missing tensor {name!r}")
-        f, stored, got, _ = index[name]
-        if got != shape:
-            raise ModelLoadError(f, f"tensor {stored!r} has shape {list(got)}, the config "
-                                 f"implies {list(shape)}")
-    extra = set(index) - set(expected)
-    if extra:
-        name = sorted(extra)[0]
-        raise ModelLoadError(index[name][0], f"unexpected tensor {index[name][1]!r}")
+        del expected["output.weight"]
+    check_tensors(index, expected, files[0])
 
     float_dtypes = [d for (_, _, _, d) in index.values() if d.is_floating_point]
     target_dtype = target_dtype or (float_dtypes[0] if float_dtypes else torch.float32)

@@ -20,7 +20,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .errors import ModelLoadError
-from .loading import _hf_files, _native_files, read_safetensors_header
+from .loading import _hf_files, _index_tensors, _native_files, check_tensors
 from .mamba2 import NATIVE_EXTRA_FIELDS, REFERENCE_VALUES, Mamba2, MambaConfig
 from .model import Model
 from .tokenizer import find_tokenizer_file, load_tokenizer
@@ -103,30 +103,15 @@ def load_mamba(folder: Path, *, hf: bool, device: str | torch.device,
     stored_name: Callable[[str], str] = ours_to_hf if hf else ours_to_native
     tokenizer = load_tokenizer(find_tokenizer_file(folder))
 
-    index: dict[str, tuple[Path, str, tuple[int, ...], torch.dtype]] = {}
-    for f in files:
-        for stored, (stored_dtype, shape) in read_safetensors_header(f).items():
-            ours = rename(stored)
-            if ours is None:
-                raise ModelLoadError(f, f"unexpected tensor {stored!r} (not a Mamba2 weight)")
-            index[ours] = (f, stored, shape, stored_dtype)
+    index = _index_tensors(files, rename, kind="Mamba2")
     with torch.device("meta"):
         module = Mamba2(config)
     expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
     if config.tie_embeddings:
         index.pop("lm_head.weight", None)
         del expected["lm_head.weight"]
-    for name, shape in expected.items():
-        if name not in index:
-            raise ModelLoadError(files[0], f"missing tensor {stored_name(name)!r}")
-        f, stored, got, _ = index[name]
-        if got != shape:
-            raise ModelLoadError(f, f"tensor {stored!r} has shape {list(got)}, the config "
-                                 f"implies {list(shape)}")
-    extra = sorted(set(index) - set(expected))
-    if extra:
-        f, stored, _, _ = index[extra[0]]
-        raise ModelLoadError(f, f"unexpected tensor {stored!r} (not a Mamba2 weight)")
+    check_tensors(index, expected, files[0], stored_name=stored_name,
+                  unexpected_hint=" (not a Mamba2 weight)")
 
     target = dtype or index[_EMBEDDING][3]
     state: dict[str, torch.Tensor] = {}
