@@ -187,16 +187,11 @@ class PrefixCache:
         return evicted.cache
 
     def _rewind(self, entry: _Entry, n: int) -> int:
-        cache = entry.cache
-        if isinstance(cache, KVCache):
-            return cache.keep(n)
-        # A recurrent state continues only from its snapshot (taken before the last prompt's
-        # final token), for a prompt that shares everything up to it.
-        if 0 < entry.checkpoint_len <= n:
-            cache.restore()
-            return entry.checkpoint_len
-        cache.reset()
-        return 0
+        if not isinstance(entry.cache, KVCache):
+            # A recurrent state continues only from its snapshot (taken before the last
+            # prompt's final token), for a prompt that shares everything up to it.
+            n = entry.checkpoint_len if 0 < entry.checkpoint_len <= n else 0
+        return int(entry.cache.keep(n))
 
 
 def _nbytes(cache: Any) -> int:
