@@ -11,10 +11,10 @@ import torch
 from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 from torch import nn
 
-from .cache import KVCache
+from .cache import KVCache, MambaCache
 from .config import TransformerConfig
 from .lora import LoraAdapters
-from .mamba2 import MambaCache, MambaConfig
+from .mamba2 import MambaConfig
 
 if TYPE_CHECKING:
     from .fast_decode import FastDecoder

@@ -17,7 +17,8 @@ from safetensors.torch import load_file, save_file
 
 import engine
 from engine import cli
-from engine.mamba2 import MambaCache, MambaConfig, ssd_scan, ssm_step
+from engine.cache import MambaCache
+from engine.mamba2 import MambaConfig, ssd_scan, ssm_step
 from engine.tiny import make_tiny, tiny_mamba_config
 
 ATOL = 1e-4
