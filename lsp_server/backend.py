@@ -65,12 +65,12 @@ def context_tokens(settings: CompletionSettings) -> int:
 
 
 class LocalBackend:
-    """The in-process engine, with a prefix KV cache per document (when given one)."""
+    """The in-process engine, with a prefix KV cache per document once `configure_cache` (or
+    `create`) has sized one."""
 
-    def __init__(self, model: engine.Model, prefix_cache: engine.PrefixCache | None = None
-                 ) -> None:
+    def __init__(self, model: engine.Model) -> None:
         self.model = model
-        self.prefix_cache = prefix_cache
+        self.prefix_cache: engine.PrefixCache | None = None
         self._adapter_paths: dict[str, str] = {}
 
     @classmethod

@@ -123,18 +123,16 @@ class TramontaneServer(LanguageServer):
         if not isinstance(backend, LocalBackend) or wanted == self._adapters:
             return
         self._adapters = wanted
+        self._adapter_task = asyncio.ensure_future(self._sync_adapters(backend, wanted))
 
-        async def sync() -> None:
-            loop = asyncio.get_running_loop()
-            problems = await loop.run_in_executor(self.engine_thread, backend.sync_adapters,
-                                                  dict(wanted))
-            for problem in problems:
-                log.error("%s", problem)
-                self.show(types.MessageType.Error, f"Tramontane: {problem}")
-            if wanted:
-                log.info("LoRA adapters loaded: %s", ", ".join(backend.model.loras) or "none")
-
-        self._adapter_task = asyncio.ensure_future(sync())
+    async def _sync_adapters(self, backend: LocalBackend, wanted: Mapping[str, str]) -> None:
+        problems = await asyncio.get_running_loop().run_in_executor(
+            self.engine_thread, backend.sync_adapters, dict(wanted))
+        for problem in problems:
+            log.error("%s", problem)
+            self.show(types.MessageType.Error, f"Tramontane: {problem}")
+        if wanted:
+            log.info("LoRA adapters loaded: %s", ", ".join(backend.model.loras) or "none")
 
     def ensure_cache(self) -> None:
         """Resize the prefix cache if its settings or the prompt budgets changed."""
@@ -190,11 +188,7 @@ class TramontaneServer(LanguageServer):
             self._progress_end(progress, "failed")
             return
         self._adapters = dict(self.settings.adapters)
-        problems = await asyncio.get_running_loop().run_in_executor(
-            self.engine_thread, backend.sync_adapters, dict(self._adapters))
-        for problem in problems:
-            log.error("%s", problem)
-            self.show(types.MessageType.Error, f"Tramontane: {problem}")
+        await self._sync_adapters(backend, self._adapters)
         self.backend = backend
         self.ensure_adapters()  # in case the settings changed while this one loaded
         self._cache_shape = (context_tokens(self.settings.completion), self.settings.cache)
