@@ -19,7 +19,7 @@ alike:
   TokenEvents (eos_id=-1). Transformers: timestamps of a streamer's `put` calls in
   `generate(do_sample=False, min_new_tokens=max_new_tokens=N+1)` (its default dynamic cache,
   SDPA attention, its default experts implementation for Mixtral). FastDecoder (dense only: it
-  refuses MoE and Mamba2): the same `engine.stream` after `Model.enable_fast_decode` (the
+  refuses MoE and Mamba2): the same `engine.stream` after `engine.enable_fast_decode` (the
   engine's loop then runs each decode step through the compiled step).
 
 The MoE and Mamba2 models are timed on prefill 512 only (dense: 512 and 2048). In bfloat16,
@@ -73,7 +73,7 @@ from models import (
 )
 
 import engine
-from engine.tiny import tiny_config
+from engine.checkpoints.tiny import tiny_config
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 DECODE_PROMPT = 128
@@ -260,7 +260,7 @@ def build_fast(model: engine.Model, cold: bool) -> tuple[Any, dict[str, float]]:
     then warm (cache filled, as at a later launch), or as found."""
     from torch._inductor.runtime.cache_dir_utils import temporary_cache_dir
 
-    from engine.fast_decode import FastDecoder
+    from engine.runtime.compiled import FastDecoder
 
     times: dict[str, float] = {}
     if not cold:
@@ -470,7 +470,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model-dir", help="write the random checkpoints here, or reuse them")
     parser.add_argument("--json", help="write the results to this file")
     parser.add_argument("--no-fast", dest="fast", action="store_false",
-                        help="skip engine.fast_decode.FastDecoder (dense only in any case)")
+                        help="skip engine.runtime.compiled.FastDecoder (dense only in any case)")
     parser.add_argument("--max-foreign", type=float, default=0.25,
                         help="retry a sample if other processes kept more cores busy than this")
     args = parser.parse_args(argv)

@@ -23,10 +23,14 @@ from typing import Any
 
 import torch
 
-from engine.config import TransformerConfig
-from engine.mamba2 import MambaConfig
-from engine.mamba2_loading import random_mamba_state_dict
-from engine.tiny import random_state_dict, tiny_config, tiny_mamba_config, write_checkpoint
+from engine.arch.config import MambaConfig, TransformerConfig
+from engine.checkpoints.mamba2 import random_mamba_state_dict
+from engine.checkpoints.tiny import (
+    random_state_dict,
+    tiny_config,
+    tiny_mamba_config,
+    write_checkpoint,
+)
 
 TOKENIZER = "v3"
 SEED = 0

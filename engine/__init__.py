@@ -1,17 +1,21 @@
 """Tramontane's inference engine: Mistral models in plain PyTorch. Tokens in, tokens out.
 
 No LSP, no asyncio: callers run it on a thread and stop it with a `CancellationToken`.
+
+Layout: `arch/` holds the architectures (configs, layers, caches, adapters), `checkpoints/` reads
+and writes checkpoint folders and tokenizers, `runtime/` runs models (phases, generation loop,
+compiled step, prefix cache, sampling), `model.py` ties a loaded network to its tokenizer.
 """
 
+from .arch.config import TransformerConfig
 from .cancel import CancellationToken
-from .config import TransformerConfig
+from .checkpoints.tokenizer import TextStream, encode_fim
 from .errors import EngineError, GenerationError, ModelLoadError
-from .generate import EndEvent, FinishReason, TokenEvent, generate, stream
-from .loading import load
-from .model import Model
-from .prefix_cache import PrefixCache
-from .sampling import SamplingParams
-from .tokenizer import TextStream, encode_fim
+from .model import Model, load
+from .runtime.compiled import compile_decode_step, enable_fast_decode
+from .runtime.generation import EndEvent, FinishReason, TokenEvent, generate, stream
+from .runtime.prefix_cache import PrefixCache
+from .runtime.sampling import SamplingParams
 
 __all__ = [
     "CancellationToken",
@@ -26,6 +30,8 @@ __all__ = [
     "TextStream",
     "TokenEvent",
     "TransformerConfig",
+    "compile_decode_step",
+    "enable_fast_decode",
     "encode_fim",
     "generate",
     "load",

@@ -29,13 +29,13 @@ from mistral_common.protocol.instruct.messages import (
 )
 from mistral_common.protocol.instruct.request import ChatCompletionRequest
 
-from . import hub, tiny
+from .checkpoints import hub, tiny
+from .checkpoints.files import DTYPE_NAMES
+from .checkpoints.tokenizer import encode_fim
 from .errors import EngineError, GenerationError
-from .generate import EndEvent, TokenEvent, stream
-from .loading import DTYPE_NAMES, load
-from .model import Model
-from .sampling import SamplingParams
-from .tokenizer import encode_fim
+from .model import Model, load
+from .runtime.generation import EndEvent, TokenEvent, stream
+from .runtime.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
 

@@ -1,25 +1,40 @@
-"""`Model`: the loaded network, its tokenizer and its config, as callers see them."""
+"""`Model`: the loaded network, its tokenizer and its config, as callers see them; `load`."""
 
 from __future__ import annotations
 
 from collections.abc import Generator, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import torch
 from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 from torch import nn
 
-from .cache import KVCache, MambaCache
-from .config import TransformerConfig
-from .lora import LoraAdapters
-from .mamba2 import MambaConfig
-
-if TYPE_CHECKING:
-    from .fast_decode import FastDecoder
+from .arch.cache import Cache
+from .arch.config import MambaConfig, TransformerConfig
+from .arch.lora import LoraAdapters
+from .checkpoints.loading import load_checkpoint
+from .checkpoints.lora import read_adapter
 
 T = TypeVar("T")
+
+
+class DecodeStep(Protocol):
+    """A faster implementation of one decode step for caches of one geometry (the compiled
+    step of `runtime.compiled`); the generation loop uses it where `accepts(cache)`."""
+
+    batch_size: int
+    max_seq_len: int
+
+    compiled: bool
+
+    def accepts(self, cache: object) -> bool: ...
+
+    def new_cache(self) -> Any: ...
+
+    def step(self, tokens: torch.Tensor, positions: torch.Tensor,
+             cache: Any = None) -> torch.Tensor: ...
 
 
 class Model:
@@ -37,9 +52,9 @@ class Model:
         self.path = path
         self._loras = LoraAdapters(module)
         # A compiled one-token step that the generation loop uses for caches of its geometry
-        # (`enable_fast_decode`); None = the eager forward for every step.
-        self.decoder: FastDecoder | None = None
-        self._suspended_decoder: FastDecoder | None = None  # set aside while LoRA is loaded
+        # (`engine.enable_fast_decode`); None = the eager forward for every step.
+        self.decoder: DecodeStep | None = None
+        self._suspended_decoder: DecodeStep | None = None  # set aside while LoRA is loaded
 
     @property
     def device(self) -> torch.device:
@@ -60,30 +75,13 @@ class Model:
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.module.parameters())
 
-    def new_cache(self, batch_size: int, max_seq_len: int,
-                  rewind: int = 0) -> KVCache | MambaCache:
-        if isinstance(self.config, MambaConfig):  # a recurrent state: constant size, no rewind
-            return MambaCache(self.config, batch_size, max_seq_len, device=self.device,
-                              dtype=self.dtype)
-        return KVCache(self.config, batch_size, max_seq_len, device=self.device, dtype=self.dtype,
-                       rewind=rewind)
+    def new_cache(self, batch_size: int, max_seq_len: int, rewind: int = 0) -> Cache:
+        """An empty cache for `batch_size` sequences of up to `max_seq_len` positions, of the
+        kind the architecture keeps (`rewind`: spare slots for cutting back, see `KVCache`)."""
+        return self.module.new_cache(  # type: ignore[operator, no-any-return]
+            batch_size, max_seq_len, rewind=rewind, device=self.device, dtype=self.dtype)
 
-    def enable_fast_decode(self, max_seq_len: int, batch_size: int = 1, rewind: int = 0, *,
-                           compile: bool = True) -> FastDecoder:
-        """Compile the one-token decode step (`engine.fast_decode`) for caches of this size.
-
-        From then on the generation loop decodes with it whenever its cache has this geometry
-        (`new_cache(batch_size, max_seq_len, rewind)`); other batches stay eager. Takes 20-35 s
-        for a 200M model on 2 CPU cores the first time, a few seconds once inductor's disk cache
-        holds the kernels. Raises `EngineError` for architectures it does not support.
-        """
-        from .fast_decode import FastDecoder
-
-        self.decoder = FastDecoder(self, batch_size, max_seq_len, rewind=rewind, compile=compile)
-        return self.decoder
-
-    def forward(self, tokens: torch.Tensor, positions: torch.Tensor,
-                cache: KVCache | MambaCache,
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, cache: Cache,
                 output_index: torch.Tensor | None = None) -> torch.Tensor:
         return self.module(tokens, positions, cache, output_index)  # type: ignore[no-any-return]
 
@@ -95,7 +93,9 @@ class Model:
         `scaling=None` takes `lora.scaling` from the `params.json` beside the adapter, else 2.0.
         The adapter runs only inside `use_lora(name)`; the base weights are never changed.
         """
-        name = self._loras.load(path, scaling, name)
+        adapter = read_adapter(path, self.module, scaling, name, loaded=self._loras.names)
+        self._loras.attach(adapter.name, adapter.tensors, adapter.scaling)
+        name = adapter.name
         # The compiled decode step reads the base weights only: set it aside while adapters
         # are loaded (its weights are the same tensors, so it comes back as it was).
         if self.decoder is not None:
@@ -134,3 +134,10 @@ class Model:
     def __repr__(self) -> str:
         return (f"Model({self.path.name}, {self.num_parameters() / 1e6:.1f}M parameters, "
                 f"{self.dtype}, {self.device})")
+
+
+def load(path: str | Path, device: str | torch.device = "cpu",
+         dtype: str | torch.dtype | None = None) -> Model:
+    """Load a native Mistral or Hugging Face checkpoint folder (any supported architecture)."""
+    checkpoint = load_checkpoint(path, device=device, dtype=dtype)
+    return Model(checkpoint.module, checkpoint.config, checkpoint.tokenizer, checkpoint.path)

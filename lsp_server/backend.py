@@ -88,7 +88,7 @@ class LocalBackend:
         """(Re)build the compiled decode step for the cache geometry of `completion`'s budgets;
         slow (seconds): call it on the engine thread. `eager` builds it uncompiled (tests)."""
         try:
-            self.model.enable_fast_decode(context_tokens(completion), 1, REWIND,
+            engine.enable_fast_decode(self.model, context_tokens(completion), 1, REWIND,
                                           compile=not eager)
         except engine.EngineError as e:  # an architecture it does not support
             log.info("decoding eagerly: %s", e)

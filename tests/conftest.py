@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine.tiny import random_state_dict, tiny_config, write_checkpoint
+from engine.checkpoints.tiny import random_state_dict, tiny_config, write_checkpoint
 
 CheckpointFactory = Callable[..., Path]
 

@@ -21,7 +21,7 @@ from pathlib import Path
 from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 
 import engine
-from engine.tiny import tokenizer_source
+from engine.checkpoints.tiny import tokenizer_source
 from lsp_server.backend import Events, GenerationRequest
 from lsp_server.cli import serve
 from lsp_server.server import create_server

@@ -17,8 +17,9 @@ from mistral_common.protocol.fim.request import FIMRequest
 from mistral_common.protocol.instruct.messages import AssistantMessage, UserMessage
 
 import engine
-from engine import cli, hub
-from engine.tiny import NOTICE
+from engine import cli
+from engine.checkpoints import hub
+from engine.checkpoints.tiny import NOTICE
 from tests.conftest import CheckpointFactory
 
 PREFIX = "def fibonacci(n):\n    "

@@ -1,5 +1,5 @@
-"""The compiled decode step (`engine.fast_decode`) computes what the eager forward computes, and
-the generation loop uses it for caches of its geometry only."""
+"""The compiled decode step (`engine.runtime.compiled`) computes what the eager forward
+computes, and the generation loop uses it for caches of its geometry only."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import engine
-from engine.fast_decode import FastDecoder
+from engine.runtime.compiled import FastDecoder
 from tests.conftest import CheckpointFactory
 
 SHAPE = dict(dim=48, n_heads=4, n_kv_heads=2, head_dim=16, hidden_dim=96, n_layers=2)
@@ -52,7 +52,7 @@ def test_eager_step_equals_the_model_forward(model: engine.Model, rewind: int) -
 
 def test_generation_uses_the_compiled_step_and_agrees_with_eager(model: engine.Model) -> None:
     eager_tokens, eager_logprobs = engine.generate([PROMPT], model, max_tokens=16, eos_id=-1)
-    decoder = model.enable_fast_decode(64)
+    decoder = engine.enable_fast_decode(model, 64)
     calls = count_steps(decoder)
     try:
         tokens, logprobs = engine.generate([PROMPT], model, max_tokens=16, eos_id=-1)

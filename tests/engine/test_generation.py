@@ -12,8 +12,8 @@ import pytest
 import torch
 
 import engine
-from engine.cache import KVCache
-from engine.tiny import tiny_config
+from engine.arch.cache import KVCache
+from engine.checkpoints.tiny import tiny_config
 from tests.conftest import CheckpointFactory
 
 SHAPE = dict(dim=48, n_heads=4, n_kv_heads=2, head_dim=16, hidden_dim=96, n_layers=3)

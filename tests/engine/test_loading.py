@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import engine
-from engine.config import LEGACY_ROPE_THETA
+from engine.arch.config import LEGACY_ROPE_THETA
 from tests.conftest import CheckpointFactory
 
 

@@ -14,9 +14,9 @@ from safetensors.torch import save_file
 from torch import nn
 
 import engine
-from engine.fast_decode import FastDecoder
-from engine.lora import LoRALinear
-from engine.tiny import random_state_dict, tiny_config, write_checkpoint
+from engine.arch.lora import LoRALinear
+from engine.checkpoints.tiny import random_state_dict, tiny_config, write_checkpoint
+from engine.runtime.compiled import FastDecoder
 from tests.conftest import CheckpointFactory
 from tests.engine.test_moe import hf_greedy
 from tests.engine.test_parity import hf_model
@@ -306,7 +306,7 @@ def test_fast_decoder_refuses_a_model_with_adapters(make_checkpoint: CheckpointF
 def test_loading_an_adapter_sets_the_fast_decoder_aside_until_the_last_unload(
         make_checkpoint: CheckpointFactory, tmp_path: Path) -> None:
     model = engine.load(make_checkpoint("native", **DENSE))
-    decoder = model.enable_fast_decode(64, compile=False)
+    decoder = engine.enable_fast_decode(model, 64, compile=False)
     tensors = adapter_weights(DENSE)
     model.load_lora(write_adapter(tmp_path / "x", tensors))
     model.load_lora(write_adapter(tmp_path / "y", tensors))

@@ -17,9 +17,11 @@ from safetensors.torch import load_file, save_file
 
 import engine
 from engine import cli
-from engine.cache import MambaCache
-from engine.mamba2 import MambaConfig, ssd_scan, ssm_step
-from engine.tiny import make_tiny, tiny_mamba_config
+from engine.arch.config import MambaConfig
+from engine.arch.mamba2 import ssd_scan, ssm_step
+from engine.arch.recurrent import MambaCache
+from engine.checkpoints.mamba2 import from_params as mamba_from_params
+from engine.checkpoints.tiny import make_tiny, tiny_mamba_config
 
 ATOL = 1e-4
 LONG = [1, *[(i * 7919) % 30000 + 100 for i in range(49)]]  # 50 tokens: 4 scan chunks of 16
@@ -357,7 +359,7 @@ def test_codestral_mamba_params_get_the_reference_layer_hyper_parameters(
         "dim": 4096, "n_layers": 64, "vocab_size": 32768, "n_groups": 8, "rms_norm": True,
         "residual_in_fp32": True, "fused_add_norm": True, "pad_vocab_size_multiple": 1,
         "tie_embeddings": False, "model_type": "mamba"}))
-    config = MambaConfig.from_params(path)
+    config = mamba_from_params(path)
     assert (config.d_state, config.d_conv, config.expand, config.head_dim, config.chunk_size,
             config.norm_eps, config.dt_limit) == (128, 4, 2, 64, 256, 1e-5, (0.0, math.inf))
     assert (config.d_inner, config.n_heads, config.conv_dim, config.padded_vocab_size) == (

@@ -12,10 +12,15 @@ import torch
 import transformers
 
 import engine
-from engine.config import MoeConfig, from_hf_config, from_params
-from engine.fast_decode import FastDecoder
-from engine.loading import hf_to_native_name, native_to_hf_name
-from engine.moe import MoeFeedForward, route
+from engine.arch.config import MoeConfig
+from engine.arch.moe import MoeFeedForward, route
+from engine.checkpoints.dense import (
+    from_hf_config,
+    from_params,
+    hf_to_native_name,
+    native_to_hf_name,
+)
+from engine.runtime.compiled import FastDecoder
 from tests.conftest import CheckpointFactory
 from tests.engine.test_parity import hf_greedy, hf_model
 

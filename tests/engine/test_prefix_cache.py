@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import engine
-from engine.prefix_cache import PrefixCache, common_prefix_length
+from engine.runtime.prefix_cache import PrefixCache, common_prefix_length
 from tests.conftest import CheckpointFactory
 
 SHAPE = dict(dim=48, n_heads=4, n_kv_heads=2, head_dim=16, hidden_dim=96, n_layers=2)

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from engine.sampling import SamplingParams, filtered_probs, sample, token_logprobs
+from engine.runtime.sampling import SamplingParams, filtered_probs, sample, token_logprobs
 
 # probabilities 0.5, 0.25, 0.125, 0.125 at temperature 1
 LOGITS = torch.log(torch.tensor([[0.5, 0.25, 0.125, 0.125]]))

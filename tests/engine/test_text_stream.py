@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 
-from engine.tiny import tokenizer_source
-from engine.tokenizer import TextStream
+from engine.checkpoints.tiny import tokenizer_source
+from engine.checkpoints.tokenizer import TextStream
 
 TEXT = "def naïve(x):\n    return '𝔘ŋ🎉 世界'  # ok\n"
 

@@ -10,7 +10,7 @@ from mistral_common.protocol.fim.request import FIMRequest
 from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 
 import engine
-from engine.tiny import tokenizer_source
+from engine.checkpoints.tiny import tokenizer_source
 from lsp_server.documents import Document
 from lsp_server.prompt import PromptBuilder
 

@@ -26,7 +26,7 @@ from huggingface_hub.errors import (
     RevisionNotFoundError,
 )
 
-from .errors import EngineError
+from ..errors import EngineError
 
 log = logging.getLogger(__name__)
 

@@ -15,11 +15,10 @@ import mistral_common
 import torch
 from safetensors.torch import save_file
 
-from .config import MoeConfig, TransformerConfig
-from .loading import hf_config_dict, state_dict_to_hf
-from .mamba2 import MambaConfig
-from .mamba2_loading import random_mamba_state_dict, write_mamba_checkpoint
-from .transformer import Transformer
+from ..arch.config import MambaConfig, MoeConfig, TransformerConfig
+from ..arch.transformer import Transformer
+from .dense import hf_config_dict, state_dict_to_hf
+from .mamba2 import random_mamba_state_dict, write_mamba_checkpoint
 
 TOKENIZERS = {
     # name -> (file in mistral-common's data/, name in a checkpoint folder, vocabulary size)

@@ -1,31 +1,26 @@
-"""Mamba2 checkpoints: weight names of both layouts, loading, and tiny random copies.
+"""Mamba2 checkpoints (Codestral Mamba): config parsing, weight names of both layouts, and tiny
+random copies.
 
-`loading.load` hands over here for a native folder whose `params.json` says
-`"model_type": "mamba"` and for a Hugging Face folder of `Mamba2ForCausalLM`. Our module names
-are the native keys without their `model.` prefix; Hugging Face's differ only in
-`backbone.embeddings` (plural). No tensor needs permuting.
+A native folder whose `params.json` says `"model_type": "mamba"`, or a Hugging Face folder of
+`Mamba2ForCausalLM`. Our module names are the native keys without their `model.` prefix; Hugging
+Face's differ only in `backbone.embeddings` (plural). No tensor needs permuting.
 """
 
 from __future__ import annotations
 
 import json
-import logging
 import math
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
+from torch import nn
 
-from .errors import ModelLoadError
-from .loading import _hf_files, _index_tensors, _native_files, check_tensors
-from .mamba2 import NATIVE_EXTRA_FIELDS, REFERENCE_VALUES, Mamba2, MambaConfig
-from .model import Model
-from .tokenizer import find_tokenizer_file, load_tokenizer
-
-log = logging.getLogger(__name__)
+from ..arch.config import MambaConfig
+from ..arch.mamba2 import Mamba2
+from ..errors import ModelLoadError
+from .files import read_json
 
 HF_ARCHITECTURE = "Mamba2ForCausalLM"
 _NATIVE_PREFIX = "model."
@@ -34,6 +29,79 @@ _EMBEDDING = "backbone.embedding.weight"
 # Per-head parameters stay float32 whatever the model's dtype: they are tiny, and A and dt
 # set the decay of a state that accumulates over the whole sequence.
 _FLOAT32_SUFFIXES = (".A_log", ".D", ".dt_bias")
+
+
+def from_params(path: Path) -> MambaConfig:
+    """Parse a native `params.json` (`"model_type": "mamba"`).
+
+    Mistral's files list only the fields below; the layer's other hyper-parameters are the
+    reference Mamba2's. A tiny test model may set them with mamba_ssm's names (`d_state`,
+    `d_conv`, `expand`, `headdim`, `chunk_size`) and `norm_eps`.
+    """
+    data = read_json(path)
+    for key in ("dim", "n_layers", "vocab_size", "n_groups"):
+        if key not in data:
+            raise ModelLoadError(path, f"missing required field {key!r}")
+    if data.get("rms_norm", True) is not True:
+        raise ModelLoadError(path, "rms_norm: false (LayerNorm) is not supported; Mamba2 "
+                             "checkpoints use RMSNorm")
+    known = {"model_type", "dim", "n_layers", "vocab_size", "n_groups", "rms_norm",
+             "residual_in_fp32", "fused_add_norm", "pad_vocab_size_multiple",
+             "tie_embeddings", *NATIVE_EXTRA_FIELDS.values()}
+    extra = {name: data[native] for name, native in NATIVE_EXTRA_FIELDS.items()
+             if native in data}
+    return _build(
+        path, dim=data["dim"], n_layers=data["n_layers"], vocab_size=data["vocab_size"],
+        n_groups=data["n_groups"],
+        pad_vocab_size_multiple=data.get("pad_vocab_size_multiple", 1),
+        tie_embeddings=bool(data.get("tie_embeddings", False)),
+        residual_in_fp32=bool(data.get("residual_in_fp32", True)),
+        extras={k: v for k, v in data.items() if k not in known}, **extra)
+
+
+def from_hf_config(path: Path) -> MambaConfig:
+    """Parse a Hugging Face `config.json` of `Mamba2ForCausalLM` (missing fields take
+    transformers' `Mamba2Config` defaults, as transformers would)."""
+    data = read_json(path)
+    for key in ("hidden_size", "num_hidden_layers", "vocab_size"):
+        if key not in data:
+            raise ModelLoadError(path, f"missing required field {key!r}")
+    unsupported = {"use_bias": False, "use_conv_bias": True, "hidden_act": "silu"}
+    for key, want in unsupported.items():
+        if data.get(key, want) != want:
+            raise ModelLoadError(path, f"{key}={data[key]!r} is not supported (only "
+                                 f"{want!r}, as in Codestral Mamba)")
+    limit = data.get("time_step_limit", (0.0, math.inf))
+    config = _build(
+        path, dim=data["hidden_size"], n_layers=data["num_hidden_layers"],
+        vocab_size=data["vocab_size"], n_groups=data.get("n_groups", 8),
+        d_state=data.get("state_size", 128), d_conv=data.get("conv_kernel", 4),
+        expand=data.get("expand", 2), head_dim=data.get("head_dim", 64),
+        chunk_size=data.get("chunk_size", 256),
+        norm_eps=float(data.get("layer_norm_epsilon", 1e-5)),
+        tie_embeddings=bool(data.get("tie_word_embeddings", False)),
+        residual_in_fp32=bool(data.get("residual_in_fp32", True)),
+        dt_limit=(float(limit[0]), float(limit[1])))
+    heads = data.get("num_heads", config.n_heads)
+    if heads != config.n_heads:
+        raise ModelLoadError(path, f"num_heads ({heads}) must be expand * hidden_size / "
+                             f"head_dim ({config.n_heads})")
+    return config
+
+
+# MambaConfig field -> its params.json name (mamba_ssm's), for the hyper-parameters that
+# Mistral's params.json leaves at the reference value.
+NATIVE_EXTRA_FIELDS = {"d_state": "d_state", "d_conv": "d_conv", "expand": "expand",
+                       "head_dim": "headdim", "chunk_size": "chunk_size", "norm_eps": "norm_eps"}
+REFERENCE_VALUES: dict[str, object] = {"d_state": 128, "d_conv": 4, "expand": 2,
+                                       "head_dim": 64, "chunk_size": 256, "norm_eps": 1e-5}
+
+
+def _build(source: Path, **kwargs: Any) -> MambaConfig:
+    try:
+        return MambaConfig(**kwargs)
+    except (ValueError, TypeError) as e:
+        raise ModelLoadError(source, str(e)) from None
 
 
 def native_to_ours(name: str) -> str | None:
@@ -90,47 +158,39 @@ def mamba_hf_config(config: MambaConfig) -> dict[str, Any]:
     }
 
 
-def load_mamba(folder: Path, *, hf: bool, device: str | torch.device,
-               dtype: torch.dtype | None) -> Model:
-    """Load a Mamba2 folder (native or Hugging Face layout); `dtype=None` keeps the stored one."""
-    if hf:
-        config = MambaConfig.from_hf_config(folder / "config.json")
-        files = _hf_files(folder)
-    else:
-        config = MambaConfig.from_params(folder / "params.json")
-        files = _native_files(folder)
-    rename: Callable[[str], str | None] = hf_to_ours if hf else native_to_ours
-    stored_name: Callable[[str], str] = ours_to_hf if hf else ours_to_native
-    tokenizer = load_tokenizer(find_tokenizer_file(folder))
+class MambaFamily:
+    """Mamba2: `params.json` with `"model_type": "mamba"`, `config.json` of
+    `Mamba2ForCausalLM`."""
 
-    index = _index_tensors(files, rename, kind="Mamba2")
-    with torch.device("meta"):
-        module = Mamba2(config)
-    expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
-    if config.tie_embeddings:
-        index.pop("lm_head.weight", None)
-        del expected["lm_head.weight"]
-    check_tensors(index, expected, files[0], stored_name=stored_name,
-                  unexpected_hint=" (not a Mamba2 weight)")
+    name = "Mamba2"
 
-    target = dtype or index[_EMBEDDING][3]
-    state: dict[str, torch.Tensor] = {}
-    for f in files:
-        try:
-            with safe_open(str(f), framework="pt", device="cpu") as handle:
-                for name, (src, stored, _, _) in index.items():
-                    if src == f:
-                        want = torch.float32 if name.endswith(_FLOAT32_SUFFIXES) else target
-                        state[name] = handle.get_tensor(stored).to(device=device, dtype=want)
-        except SafetensorError as e:
-            raise ModelLoadError(f, f"cannot read tensors ({e})") from None
-    if config.tie_embeddings:
-        state["lm_head.weight"] = state[_EMBEDDING]
-    module.load_state_dict(state, assign=True, strict=True)
-    module.eval().requires_grad_(False)
-    log.info("loaded %s (Mamba2, %s layout, %s, %s)", folder, "hf" if hf else "native", target,
-             device)
-    return Model(module, config, tokenizer, folder)
+    def claims(self, data: dict[str, Any], hf: bool) -> bool:
+        return is_mamba_hf_config(data) if hf else data.get("model_type") == "mamba"
+
+    def parse_config(self, path: Path, hf: bool) -> MambaConfig:
+        return from_hf_config(path) if hf else from_params(path)
+
+    def build(self, config: MambaConfig) -> nn.Module:
+        return Mamba2(config)
+
+    def rename(self, stored: str, hf: bool) -> str | None:
+        return hf_to_ours(stored) if hf else native_to_ours(stored)
+
+    def stored_name(self, ours: str, hf: bool) -> str:
+        return ours_to_hf(ours) if hf else ours_to_native(ours)
+
+    def tied(self, config: MambaConfig) -> tuple[str, str] | None:
+        return ("lm_head.weight", _EMBEDDING) if config.tie_embeddings else None
+
+    def convert(self, ours: str, tensor: torch.Tensor, config: MambaConfig,
+                hf: bool) -> torch.Tensor:
+        return tensor
+
+    def keeps_float32(self, ours: str) -> bool:
+        return ours.endswith(_FLOAT32_SUFFIXES)
+
+
+FAMILY = MambaFamily()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -13,8 +13,12 @@ logits are those of a full recompute, because the cache is cut back exactly (`KV
   `rewind` margin keeps them for cuts of up to `rewind` tokens; a deeper cut is detected by
   `keep` and recomputed in full;
 - a recurrent state (Mamba2) cannot be cut back at all: the state just before the last
-  prompt's final token is snapshotted (`checkpoint()`) and continued from when the new prompt
-  shares everything up to it (the same prompt again, or one that extends it).
+  prompt's final token is saved (`Cache.save_point`/`save`) and continued from when the new
+  prompt shares everything up to it (the same prompt again, or one that extends it), as is the
+  live state when the new prompt extends all it holds.
+
+Every cache answers `keep(n)` with what it can hold exactly, so nothing here depends on the
+kind of cache.
 
 Memory: every entry is one cache of the same geometry (`max_seq_len`, batch 1), allocated once
 and reused: the number of entries is `budget_bytes // entry_bytes`, and the least recently used
@@ -34,12 +38,12 @@ import threading
 from collections import OrderedDict
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from .cache import KVCache
+from ..arch.cache import Cache
 
 if TYPE_CHECKING:
-    from .model import Model
+    from ..model import Model
 
 log = logging.getLogger(__name__)
 
@@ -59,18 +63,15 @@ class Lease:
     """A cache checked out for one request: positions [0, reused) already hold `prompt`."""
 
     key: Hashable
-    cache: Any  # KVCache, or an architecture's recurrent state
+    cache: Cache
     reused: int
-    # Length of the prompt whose end state was snapshotted (recurrent states), or -1.
-    checkpoint_len: int = -1
     dropped: bool = field(default=False, repr=False)
 
 
 @dataclass
 class _Entry:
-    cache: Any
+    cache: Cache
     tokens: list[int]
-    checkpoint_len: int = -1
 
 
 class PrefixCache:
@@ -85,11 +86,10 @@ class PrefixCache:
         self.budget_bytes = budget_bytes
         self._entries: OrderedDict[Hashable, _Entry] = OrderedDict()  # LRU first
         self._out: dict[Hashable, Lease] = {}
-        self._spare: list[Any] = []  # the probe cache, until a first document takes it
+        self._spare: list[Cache] = []  # the probe cache, until a first document takes it
         self._lock = threading.Lock()
         probe = self._new_cache()
-        # A recurrent state keeps a snapshot beside it: twice its size.
-        self.entry_bytes = _nbytes(probe) * (1 if isinstance(probe, KVCache) else 2)
+        self.entry_bytes = probe.nbytes(with_snapshot=True)
         self.max_entries = budget_bytes // self.entry_bytes if self.entry_bytes else 0
         if self.max_entries:
             self._spare.append(probe)
@@ -113,7 +113,7 @@ class PrefixCache:
         with self._lock:
             return [*self._entries, *self._out]
 
-    def new_cache(self) -> Any:
+    def new_cache(self) -> Cache:
         """A cache of this prefix cache's geometry (what a compiled decode step is built for)."""
         return self._new_cache()
 
@@ -138,11 +138,11 @@ class PrefixCache:
                 if cache is None:
                     return None
                 entry = _Entry(cache, [])
-            lease = Lease(key, entry.cache, 0, entry.checkpoint_len)
+            lease = Lease(key, entry.cache, 0)
             self._out[key] = lease
         # Cutting back touches only this entry's tensors: outside the lock.
         want = min(common_prefix_length(entry.tokens, prompt), len(prompt) - 1)
-        lease.reused = self._rewind(entry, want)
+        lease.reused = entry.cache.keep(want)
         return lease
 
     def checkin(self, lease: Lease, tokens: Sequence[int]) -> None:
@@ -153,7 +153,7 @@ class PrefixCache:
             del self._out[lease.key]
             if lease.dropped:
                 return  # the last reference: its memory goes with it
-            self._entries[lease.key] = _Entry(lease.cache, list(tokens), lease.checkpoint_len)
+            self._entries[lease.key] = _Entry(lease.cache, list(tokens))
 
     def drop(self, key: Hashable) -> bool:
         """Forget `key`'s cache (the document was closed). True if there was one."""
@@ -172,10 +172,10 @@ class PrefixCache:
 
     # -- internals ----------------------------------------------------------------------------
 
-    def _new_cache(self) -> Any:
+    def _new_cache(self) -> Cache:
         return self.model.new_cache(1, self.max_seq_len, rewind=self.rewind)
 
-    def _take_cache_locked(self) -> Any:
+    def _take_cache_locked(self) -> Cache | None:
         if self._spare:
             return self._spare.pop()
         if len(self._entries) + len(self._out) < self.max_entries:
@@ -185,14 +185,3 @@ class PrefixCache:
         evicted_key, evicted = self._entries.popitem(last=False)
         log.debug("prefix cache: evicted %s", evicted_key)
         return evicted.cache
-
-    def _rewind(self, entry: _Entry, n: int) -> int:
-        if not isinstance(entry.cache, KVCache):
-            # A recurrent state continues only from its snapshot (taken before the last
-            # prompt's final token), for a prompt that shares everything up to it.
-            n = entry.checkpoint_len if 0 < entry.checkpoint_len <= n else 0
-        return int(entry.cache.keep(n))
-
-
-def _nbytes(cache: Any) -> int:
-    return int(cache.nbytes())

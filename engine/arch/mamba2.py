@@ -1,4 +1,5 @@
-"""Mamba2 (Codestral Mamba): config and network in plain PyTorch (its state: cache.py).
+"""Mamba2 (Codestral Mamba): the network in plain PyTorch (its config: config.py; its state:
+recurrent.py).
 
 A Mamba2 layer replaces attention by a selective state-space model (SSM). Per head h, with a
 state `S` of shape (head_dim, d_state) and the token's input `x` (head_dim), `B`, `C` (d_state)
@@ -12,9 +13,10 @@ with matrix multiplications; between chunks only the state is carried. Generated
 recurrent form above: one constant-time step per token, whatever the length so far.
 
 The state of a sequence is therefore constant in size: the last `d_conv - 1` inputs of the
-causal convolution and the SSM state, per layer (`cache.MambaCache`). Padding tokens (position -1)
-get `dt = 0` and `x = 0`, which leaves the SSM state exactly as it was, and the convolution state
-keeps the row's last real inputs, so ragged batches and chunked prefill are exact.
+causal convolution and the SSM state, per layer (`recurrent.MambaCache`). Padding tokens
+(position -1) get `dt = 0` and `x = 0`, which leaves the SSM state exactly as it was, and the
+convolution state keeps the row's last real inputs, so ragged batches and chunked prefill are
+exact.
 
 Module names follow the checkpoint keys (native keys without their `model.` prefix), so a
 state dict loads as it is. A fused CUDA scan (`mamba_ssm`) is used only when it is installed
@@ -26,151 +28,15 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .cache import MambaCache
-from .config import read_json
-from .errors import ModelLoadError
+from .config import MambaConfig
 from .layers import RMSNorm
-
-
-@dataclass(frozen=True)
-class MambaConfig:
-    """Shape of a Mamba2 language model; the defaults are the reference Mamba2 layer's."""
-
-    dim: int
-    n_layers: int
-    vocab_size: int  # the tokenizer's vocabulary: logits have this many columns
-    n_groups: int = 1
-    d_state: int = 128
-    d_conv: int = 4
-    expand: int = 2
-    head_dim: int = 64
-    chunk_size: int = 256
-    norm_eps: float = 1e-5
-    pad_vocab_size_multiple: int = 1  # embedding rows = vocab_size rounded up to this multiple
-    tie_embeddings: bool = False
-    residual_in_fp32: bool = True
-    dt_limit: tuple[float, float] = (0.0, math.inf)
-    max_position_embeddings: int | None = None  # a recurrent model has no context limit
-    extras: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
-
-    def __post_init__(self) -> None:
-        for name in ("dim", "n_layers", "vocab_size", "n_groups", "d_state", "d_conv", "expand",
-                     "head_dim", "chunk_size", "pad_vocab_size_multiple"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if self.d_inner % self.head_dim:
-            raise ValueError(f"expand * dim ({self.d_inner}) must be a multiple of head_dim "
-                             f"({self.head_dim})")
-        if self.n_heads % self.n_groups:
-            raise ValueError(f"the number of heads ({self.n_heads}) must be a multiple of "
-                             f"n_groups ({self.n_groups})")
-        if self.norm_eps <= 0:
-            raise ValueError(f"norm_eps must be positive, got {self.norm_eps}")
-        lo, hi = self.dt_limit
-        if not 0.0 <= lo < hi:
-            raise ValueError(f"dt_limit must be (low, high) with 0 <= low < high, got "
-                             f"{self.dt_limit}")
-
-    @property
-    def d_inner(self) -> int:
-        return self.expand * self.dim
-
-    @property
-    def n_heads(self) -> int:
-        return self.d_inner // self.head_dim
-
-    @property
-    def conv_dim(self) -> int:
-        """Channels of the causal convolution: x, B and C."""
-        return self.d_inner + 2 * self.n_groups * self.d_state
-
-    @property
-    def padded_vocab_size(self) -> int:
-        m = self.pad_vocab_size_multiple
-        return -(-self.vocab_size // m) * m
-
-    @classmethod
-    def from_params(cls, path: Path) -> MambaConfig:
-        """Parse a native `params.json` (`"model_type": "mamba"`).
-
-        Mistral's files list only the fields below; the layer's other hyper-parameters are the
-        reference Mamba2's. A tiny test model may set them with mamba_ssm's names (`d_state`,
-        `d_conv`, `expand`, `headdim`, `chunk_size`) and `norm_eps`.
-        """
-        data = read_json(path)
-        for key in ("dim", "n_layers", "vocab_size", "n_groups"):
-            if key not in data:
-                raise ModelLoadError(path, f"missing required field {key!r}")
-        if data.get("rms_norm", True) is not True:
-            raise ModelLoadError(path, "rms_norm: false (LayerNorm) is not supported; Mamba2 "
-                                 "checkpoints use RMSNorm")
-        known = {"model_type", "dim", "n_layers", "vocab_size", "n_groups", "rms_norm",
-                 "residual_in_fp32", "fused_add_norm", "pad_vocab_size_multiple",
-                 "tie_embeddings", *NATIVE_EXTRA_FIELDS.values()}
-        extra = {name: data[native] for name, native in NATIVE_EXTRA_FIELDS.items()
-                 if native in data}
-        return _build(
-            path, dim=data["dim"], n_layers=data["n_layers"], vocab_size=data["vocab_size"],
-            n_groups=data["n_groups"],
-            pad_vocab_size_multiple=data.get("pad_vocab_size_multiple", 1),
-            tie_embeddings=bool(data.get("tie_embeddings", False)),
-            residual_in_fp32=bool(data.get("residual_in_fp32", True)),
-            extras={k: v for k, v in data.items() if k not in known}, **extra)
-
-    @classmethod
-    def from_hf_config(cls, path: Path) -> MambaConfig:
-        """Parse a Hugging Face `config.json` of `Mamba2ForCausalLM` (missing fields take
-        transformers' `Mamba2Config` defaults, as transformers would)."""
-        data = read_json(path)
-        for key in ("hidden_size", "num_hidden_layers", "vocab_size"):
-            if key not in data:
-                raise ModelLoadError(path, f"missing required field {key!r}")
-        unsupported = {"use_bias": False, "use_conv_bias": True, "hidden_act": "silu"}
-        for key, want in unsupported.items():
-            if data.get(key, want) != want:
-                raise ModelLoadError(path, f"{key}={data[key]!r} is not supported (only "
-                                     f"{want!r}, as in Codestral Mamba)")
-        limit = data.get("time_step_limit", (0.0, math.inf))
-        config = _build(
-            path, dim=data["hidden_size"], n_layers=data["num_hidden_layers"],
-            vocab_size=data["vocab_size"], n_groups=data.get("n_groups", 8),
-            d_state=data.get("state_size", 128), d_conv=data.get("conv_kernel", 4),
-            expand=data.get("expand", 2), head_dim=data.get("head_dim", 64),
-            chunk_size=data.get("chunk_size", 256),
-            norm_eps=float(data.get("layer_norm_epsilon", 1e-5)),
-            tie_embeddings=bool(data.get("tie_word_embeddings", False)),
-            residual_in_fp32=bool(data.get("residual_in_fp32", True)),
-            dt_limit=(float(limit[0]), float(limit[1])))
-        heads = data.get("num_heads", config.n_heads)
-        if heads != config.n_heads:
-            raise ModelLoadError(path, f"num_heads ({heads}) must be expand * hidden_size / "
-                                 f"head_dim ({config.n_heads})")
-        return config
-
-
-# MambaConfig field -> its params.json name (mamba_ssm's), for the hyper-parameters that
-# Mistral's params.json leaves at the reference value.
-NATIVE_EXTRA_FIELDS = {"d_state": "d_state", "d_conv": "d_conv", "expand": "expand",
-                       "head_dim": "headdim", "chunk_size": "chunk_size", "norm_eps": "norm_eps"}
-REFERENCE_VALUES: dict[str, object] = {"d_state": 128, "d_conv": 4, "expand": 2,
-                                       "head_dim": 64, "chunk_size": 256, "norm_eps": 1e-5}
-
-
-def _build(source: Path, **kwargs: Any) -> MambaConfig:
-    try:
-        return MambaConfig(**kwargs)
-    except (ValueError, TypeError) as e:
-        raise ModelLoadError(source, str(e)) from None
-
+from .recurrent import MambaCache
 
 # ---------------------------------------------------------------------------------------------
 # The scan (prefill) and the step (decode)
@@ -377,6 +243,11 @@ class Mamba2(nn.Module):
         self.config = config
         self.backbone = Mamba2Backbone(config)
         self.lm_head = nn.Linear(config.dim, config.padded_vocab_size, bias=False)
+
+    def new_cache(self, batch_size: int, max_seq_len: int, *, rewind: int = 0,
+                  device: torch.device | str, dtype: torch.dtype) -> MambaCache:
+        """A recurrent state: constant in size, no rewind (it is snapshotted instead)."""
+        return MambaCache(self.config, batch_size, max_seq_len, device=device, dtype=dtype)
 
     def forward(
         self,

@@ -20,7 +20,7 @@ from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 from mistral_common.tokens.tokenizers.sentencepiece import SentencePieceTokenizer
 from mistral_common.tokens.tokenizers.tekken import Tekkenizer
 
-from .errors import GenerationError, ModelLoadError
+from ..errors import GenerationError, ModelLoadError
 
 TOKENIZER_GLOBS = ("tekken.json", "tokenizer.model.v*", "*.model.v*", "tokenizer.model")
 

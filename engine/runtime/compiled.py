@@ -43,11 +43,11 @@ from typing import Any, cast
 import torch
 import torch.nn.functional as F
 
-from .cache import KVCache
-from .errors import EngineError
-from .layers import Attention, FeedForward, apply_rotary, rotary_cos_sin
-from .lora import LoRALinear
-from .transformer import Transformer, TransformerBlock
+from ..arch.cache import KVCache
+from ..arch.layers import Attention, FeedForward, apply_rotary, rotary_cos_sin
+from ..arch.lora import LoRALinear
+from ..arch.transformer import Transformer, TransformerBlock
+from ..errors import EngineError
 
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -264,3 +264,22 @@ class FastDecoder:
                 for t in (*keys, *values):
                     torch._dynamo.mark_dynamic(t, 2)
             return self._fn(tokens, positions, slot_pos, keys, values)
+
+
+def compile_decode_step(model: Any, max_seq_len: int, batch_size: int = 1, rewind: int = 0,
+                        *, compile: bool = True) -> FastDecoder:
+    """Build the compiled one-token decode step for caches of this size, without installing it
+    (`model.decoder = step` does, between two requests). Slow: 20-35 s for a 200M model on 2 CPU
+    cores the first time, a few seconds once inductor's disk cache holds the kernels. May run on
+    another thread than the model's (it only reads the weights). Raises `EngineError` for
+    architectures it does not support."""
+    return FastDecoder(model, batch_size, max_seq_len, rewind=rewind, compile=compile)
+
+
+def enable_fast_decode(model: Any, max_seq_len: int, batch_size: int = 1, rewind: int = 0, *,
+                       compile: bool = True) -> FastDecoder:
+    """`compile_decode_step` and install it: from then on the generation loop decodes with it
+    whenever its cache has this geometry (`model.new_cache(batch_size, max_seq_len, rewind)`);
+    other batches stay eager."""
+    model.decoder = compile_decode_step(model, max_seq_len, batch_size, rewind, compile=compile)
+    return model.decoder

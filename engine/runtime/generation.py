@@ -16,15 +16,14 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
-from .cache import KVCache
-from .cancel import CancellationToken
-from .errors import GenerationError
+from ..cancel import CancellationToken
+from ..checkpoints.tokenizer import TextStream
+from ..errors import GenerationError
 from .prefix_cache import PrefixCache
 from .sampling import SamplingParams, make_generator, sample, token_logprobs
-from .tokenizer import TextStream
 
 if TYPE_CHECKING:
-    from .model import Model
+    from ..model import Model
 
 FinishReason = Literal["stop", "length", "cancelled"]
 
@@ -290,15 +289,11 @@ def stream(
     if prefix_cache is not None and cache_key is not None:
         lease = prefix_cache.checkout(cache_key, prompt, needed=len(prompt) + params.max_tokens)
     on_prefilled, split_at = None, None
-    if lease is not None and not isinstance(lease.cache, KVCache):
-        # A recurrent state cannot be cut back: snapshot it before the prompt's last token, so
-        # that the same prompt again, or one that extends it, continues from the snapshot.
-        split_at = len(prompt) - 1
-
-        def on_prefilled() -> None:
-            assert lease is not None
-            lease.cache.checkpoint()
-            lease.checkpoint_len = len(prompt) - 1
+    if lease is not None:
+        # Where the cache wants its state saved for the next prompt (recurrent states, which
+        # cannot be cut back), if anywhere.
+        split_at = lease.cache.save_point(len(prompt))
+        on_prefilled = lease.cache.save if split_at is not None else None
     try:
         with torch.inference_mode():
             for tokens, logprobs, emit in _steps(

@@ -1,6 +1,5 @@
-"""What a model remembers of each sequence: the key/value cache of the transformers, allocated
-once per batch of sequences and updated in place; and Mamba2's recurrent state (`MambaCache`,
-at the end).
+"""What a transformer remembers of each sequence: the key/value cache, allocated once per batch
+of sequences and updated in place (Mamba2's recurrent state is in recurrent.py).
 
 Layout, per layer: keys and values of shape (B, n_kv_heads, capacity + 1, head_dim).
 
@@ -27,15 +26,47 @@ and keeps shapes static for compiled decode steps.
 
 from __future__ import annotations
 
+from collections.abc import Hashable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 
 from .config import TransformerConfig
 
-if TYPE_CHECKING:
-    from .mamba2 import MambaConfig
+
+class Cache(Protocol):
+    """What the runtime needs of any architecture's cache (`KVCache` here; Mamba2's recurrent
+    state in recurrent.py): the prefix cache and the generation loop use only this."""
+
+    batch_size: int
+    max_seq_len: int
+
+    def nbytes(self, with_snapshot: bool = False) -> int:
+        """Bytes held; `with_snapshot`: also what `save()` will hold beside it."""
+        ...
+
+    def clear(self) -> None:
+        """Forget every position."""
+        ...
+
+    def keep(self, n: int) -> int:
+        """Hold exactly the first `m <= n` positions of each row, for the largest `m` this cache
+        can restore, and return `m` (0: cleared)."""
+        ...
+
+    def save_point(self, length: int) -> int | None:
+        """Where a prefill of `length` tokens must pause for `save()`, so that a later prompt
+        can continue from there; None when the cache can be cut back anywhere."""
+        ...
+
+    def save(self) -> None:
+        """Keep a copy of the state as it is now (see `save_point`)."""
+        ...
+
+    def geometry(self) -> Hashable:
+        """What a compiled step specialises on (caches of equal geometry are interchangeable)."""
+        ...
 
 
 @dataclass
@@ -97,8 +128,14 @@ class KVCache:
         ]
         self.values = [torch.zeros_like(k) for k in self.keys]
 
-    def nbytes(self) -> int:
+    def nbytes(self, with_snapshot: bool = False) -> int:
         return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values))
+
+    def save_point(self, length: int) -> int | None:
+        return None  # cut back anywhere: `keep` needs no saved copy
+
+    def save(self) -> None:
+        pass
 
     def geometry(self) -> tuple[int, tuple[tuple[int, int | None], ...]]:
         """What a compiled step specialises on: batch size and (capacity, window) per group."""
@@ -202,123 +239,3 @@ class KVCache:
         cache_k.scatter_(2, plan.slots, k)
         cache_v.scatter_(2, plan.slots, v)
         return keys, values
-
-
-# ---------------------------------------------------------------------------------------------
-# Mamba2's recurrent state (the model is in mamba2.py)
-
-
-@dataclass(frozen=True)
-class MambaSnapshot:
-    """A copy of a `MambaCache`'s whole state (see `MambaCache.checkpoint`)."""
-
-    conv: torch.Tensor
-    ssm: torch.Tensor
-    lengths: torch.Tensor
-
-
-class MambaCache:
-    """What a Mamba2 model remembers of each row: constant in size, whatever the length.
-
-    Per layer: `conv[layer]` (B, conv_dim, d_conv - 1), the last inputs of the causal
-    convolution, in the model's dtype (they are stored activations: no precision is lost); and
-    `ssm[layer]` (B, heads, head_dim, d_state) in float32, since it accumulates over the whole
-    sequence. `lengths` (B,) counts the tokens each row has consumed: a recurrent state can only
-    be extended, so `advance` refuses positions that do not continue it.
-
-    Unlike a KV cache it cannot be cut back to an earlier position. A per-document prefix cache
-    instead calls `checkpoint()` after a prompt's prefill and `restore()` (or `keep(n)`) when
-    the next prompt extends that one. `max_seq_len` is recorded for the callers' bookkeeping
-    only: it bounds nothing here.
-    """
-
-    def __init__(self, config: MambaConfig, batch_size: int, max_seq_len: int, *,
-                 device: torch.device | str, dtype: torch.dtype) -> None:
-        self.batch_size = batch_size
-        self.max_seq_len = max_seq_len
-        # Normal tensors even when made in inference mode: updatable in and out of that mode.
-        with torch.inference_mode(False):
-            self.conv = torch.zeros(config.n_layers, batch_size, config.conv_dim,
-                                    config.d_conv - 1, device=device, dtype=dtype)
-            self.ssm = torch.zeros(config.n_layers, batch_size, config.n_heads,
-                                   config.head_dim, config.d_state, device=device,
-                                   dtype=torch.float32)
-            self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)
-        self.snapshot: MambaSnapshot | None = None
-
-    def nbytes(self) -> int:
-        """Bytes of the live state; once `checkpoint()` is called, the copy holds as many again
-        (Codestral Mamba: 260 MiB each)."""
-        return sum(t.numel() * t.element_size() for t in (self.conv, self.ssm))
-
-    def reset(self) -> None:
-        """Back to the empty state (the checkpoint, if any, is kept)."""
-        self.conv.zero_()
-        self.ssm.zero_()
-        self.lengths.zero_()
-
-    clear = reset  # the name `KVCache` uses
-
-    def checkpoint(self) -> MambaSnapshot:
-        """Copy the whole state aside, over the previous copy, and return that copy.
-
-        The copy's memory is allocated at the first call and reused by the next ones (a prefix
-        cache checkpoints at every request): a returned snapshot changes at the next call.
-        """
-        if self.snapshot is None:
-            with torch.inference_mode(False):
-                self.snapshot = MambaSnapshot(self.conv.clone(), self.ssm.clone(),
-                                              self.lengths.clone())
-        else:
-            self.snapshot.conv.copy_(self.conv)
-            self.snapshot.ssm.copy_(self.ssm)
-            self.snapshot.lengths.copy_(self.lengths)
-        return self.snapshot
-
-    def restore(self, snapshot: MambaSnapshot | None = None) -> None:
-        """Put back `snapshot` (default: the last `checkpoint()`); the copy stays for reuse."""
-        if snapshot is None:
-            snapshot = self.snapshot
-        if snapshot is None:
-            raise ValueError("restore() without a checkpoint: call checkpoint() first")
-        if snapshot.ssm.shape != self.ssm.shape or snapshot.conv.shape != self.conv.shape:
-            raise ValueError(f"snapshot of shape {tuple(snapshot.ssm.shape)} does not fit this "
-                             f"cache's {tuple(self.ssm.shape)}")
-        self.conv.copy_(snapshot.conv)
-        self.ssm.copy_(snapshot.ssm)
-        self.lengths.copy_(snapshot.lengths)
-
-    def keep(self, n: int) -> int:
-        """Make every row hold exactly its first `n` tokens if an exact state exists; return
-        what is held: `n` (the current state or the checkpoint) or else 0 (state reset).
-
-        The counterpart of `KVCache.keep` for a prefix cache: a recurrent state cannot be cut
-        back, only replaced by a copy taken at that length.
-        """
-        if n > 0 and bool((self.lengths == n).all()):
-            return n
-        if n > 0 and self.snapshot is not None and bool((self.snapshot.lengths == n).all()):
-            self.restore()
-            return n
-        self.reset()
-        return 0
-
-    def advance(self, positions: torch.Tensor) -> torch.Tensor:
-        """Check that `positions: (B, T)` continue each row, count them; returns (B,) counts.
-
-        Each row's tokens must be at positions lengths[b], lengths[b] + 1, ... followed only by
-        padding (-1). Must be called exactly once per forward, before the layers run.
-        """
-        if positions.shape[0] != self.batch_size:
-            raise ValueError(f"{positions.shape[0]} rows for a cache of {self.batch_size}")
-        steps = torch.arange(positions.shape[1], device=positions.device)
-        counts = (positions >= 0).sum(dim=1)
-        expected = torch.where(steps < counts[:, None], self.lengths[:, None] + steps, -1)
-        if not torch.equal(positions, expected):
-            row = int((positions != expected).any(dim=1).nonzero()[0, 0])
-            raise ValueError(
-                f"row {row}: positions {positions[row].tolist()[:8]} do not continue its "
-                f"recurrent state, which holds {int(self.lengths[row])} tokens (expected "
-                f"consecutive positions from there, padding only at the end)")
-        self.lengths += counts
-        return counts

@@ -38,6 +38,11 @@ class Transformer(nn.Module):
         self.norm = RMSNorm(config.dim, config.norm_eps)
         self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
 
+    def new_cache(self, batch_size: int, max_seq_len: int, *, rewind: int = 0,
+                  device: torch.device | str, dtype: torch.dtype) -> KVCache:
+        return KVCache(self.config, batch_size, max_seq_len, device=device, dtype=dtype,
+                       rewind=rewind)
+
     def forward(
         self,
         tokens: torch.Tensor,

@@ -1,0 +1,1 @@
+"""The architectures: configs, layers, caches and adapters, one family per module."""

@@ -1,0 +1,1 @@
+"""Checkpoint folders and tokenizers: reading, writing, downloading, tiny random copies."""

@@ -1,0 +1,56 @@
+"""What the loader needs to know of one architecture's checkpoints.
+
+Each architecture (dense transformer and its MoE variant, Mamba2, ...) has one module in this
+package that describes its checkpoints with a `Family`: how to recognise its config file, parse
+it, build the empty network, and translate weight names and layouts. `loading.FAMILIES` lists
+them; the loader itself is the same for all. Adding an architecture is a new module here and one
+line in that list.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+
+class Family(Protocol):
+    @property
+    def name(self) -> str:
+        """How error messages name it, e.g. "Mistral dense transformer"."""
+        ...
+
+    def claims(self, data: dict[str, Any], hf: bool) -> bool:
+        """Whether a folder whose `params.json` (or, `hf`, `config.json`) holds `data` is ours."""
+        ...
+
+    def parse_config(self, path: Path, hf: bool) -> Any:
+        """The frozen config of `path`; `ModelLoadError` for what cannot be used."""
+        ...
+
+    def build(self, config: Any) -> nn.Module:
+        """The network, with parameters on the current (meta) device."""
+        ...
+
+    def rename(self, stored: str, hf: bool) -> str | None:
+        """Our module name of a stored tensor, None if it is not one of this family's."""
+        ...
+
+    def stored_name(self, ours: str, hf: bool) -> str:
+        """The stored name of one of our tensors (for messages)."""
+        ...
+
+    def tied(self, config: Any) -> tuple[str, str] | None:
+        """(output weight, embedding weight) when the config ties them: the output is then not
+        stored, and shares the embedding's tensor."""
+        ...
+
+    def convert(self, ours: str, tensor: torch.Tensor, config: Any, hf: bool) -> torch.Tensor:
+        """A stored tensor in our layout (e.g. q/k rows from Hugging Face's rotary order)."""
+        ...
+
+    def keeps_float32(self, ours: str) -> bool:
+        """Whether this tensor stays float32 whatever dtype the model is loaded in."""
+        ...

@@ -1,0 +1,1 @@
+"""Running a model: phases, the generation loop, the compiled step, prefix caches, sampling."""
