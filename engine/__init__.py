@@ -13,7 +13,7 @@ from .checkpoints.tokenizer import TextStream, encode_fim
 from .errors import EngineError, GenerationError, ModelLoadError
 from .model import Model, load
 from .runtime.compiled import compile_decode_step, enable_fast_decode
-from .runtime.generation import EndEvent, FinishReason, TokenEvent, generate, stream
+from .runtime.generation import EndEvent, FinishReason, Stream, TokenEvent, generate, stream
 from .runtime.prefix_cache import PrefixCache
 from .runtime.sampling import SamplingParams
 
@@ -27,6 +27,7 @@ __all__ = [
     "ModelLoadError",
     "PrefixCache",
     "SamplingParams",
+    "Stream",
     "TextStream",
     "TokenEvent",
     "TransformerConfig",
