@@ -158,6 +158,7 @@ class LocalBackend:
         self._adapters: dict[str, str] = {}
         self._generation = 0  # bumped at every model change: late compiles are dropped
         self._compiling: threading.Thread | None = None
+        self._compiling_for: tuple[int, int, tuple[str, ...]] | None = None
 
     # -- what the server sees -------------------------------------------------------------------
 
@@ -349,13 +350,16 @@ class LocalBackend:
         decoder = model.decoder
         if decoder is not None and decoder.max_seq_len != shape[0]:
             model.decoder = None
-        if self._compile and model.decoder is None:
-            self._start_compile(model, shape[0])
-            return True
-        return False
+        return self._recompile_if_needed()
 
     def _start_compile(self, model: engine.Model, max_seq_len: int) -> None:
+        """Compile on a thread of its own; `_swap_in` installs the result between two steps.
+        A compile already under way for the same size and layers is not started twice."""
         generation = self._generation
+        target = (generation, max_seq_len, tuple(model.loras))
+        if self._compiling is not None and self._compiling_for == target:
+            return
+        self._compiling_for = target
 
         def build() -> None:
             with contextlib.suppress(OSError, AttributeError):  # not Linux: default priority
@@ -369,19 +373,23 @@ class LocalBackend:
                 self._compiling = None
                 return
             log.info("decode step compiled in %.1f s", time.perf_counter() - started)
-            self._scheduler.call(lambda: self._swap_in(generation, model, decoder))
+            self._scheduler.call(lambda: self._swap_in(generation, model, decoder, target[2]))
 
         thread = threading.Thread(target=build, name="tramontane-compile", daemon=True)
         self._compiling = thread
         thread.start()
 
-    def _swap_in(self, generation: int, model: engine.Model, decoder: Any) -> None:
+    def _swap_in(self, generation: int, model: engine.Model, decoder: Any,
+                 loras: tuple[str, ...]) -> None:
         """On the engine thread, between two steps."""
         self._compiling = None
         if generation != self._generation or model is not self._model:
             return
-        if self._cache_shape is None or decoder.max_seq_len != self._cache_shape[0]:
-            return  # the budgets changed while it compiled: a newer compile is on its way
+        if self._cache_shape is None or decoder.max_seq_len != self._cache_shape[0] or \
+                tuple(model.loras) != loras:
+            # The budgets or the adapters changed while it compiled: compile for them.
+            self._recompile_if_needed()
+            return
         model.decoder = decoder
         self._set_status(self._ready_status())
 
@@ -390,8 +398,21 @@ class LocalBackend:
             return
         problems = await self._run(self._load_adapters, wanted)
         self._adapters = dict(wanted)
+        # The model set its compiled step aside (the layers changed): build one for them.
+        if await self._run(self._recompile_if_needed):
+            self._set_status(self._ready_status())
         if problems:
             raise BackendError("; ".join(problems))
+
+    def _recompile_if_needed(self) -> bool:
+        """On the engine thread: start a compile if the model has no compiled step for its
+        current layers and caches; True if one started."""
+        model = self._model
+        if model is None or not self._compile or self._cache_shape is None or \
+                model.decoder is not None:
+            return False
+        self._start_compile(model, self._cache_shape[0])
+        return True
 
     def _load_adapters(self, wanted: dict[str, str]) -> list[str]:
         """On the engine thread: exactly `wanted` ({name: path}) loaded; one message per adapter
