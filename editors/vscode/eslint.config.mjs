@@ -26,6 +26,17 @@ export default tseslint.config(
     },
   },
   {
+    // The Chromium tests' stand-in for VS Code's webview host: plain browser JavaScript.
+    files: ['test/fixtures/*.js'],
+    ...tseslint.configs.disableTypeChecked,
+    languageOptions: {
+      parserOptions: { projectService: false },
+      globals: Object.fromEntries(['window', 'document', 'sessionStorage', 'DataTransfer', 'File',
+        'atob', 'ClipboardEvent', 'DragEvent', 'MessageEvent', 'getComputedStyle']
+        .map((name) => [name, 'readonly'])),
+    },
+  },
+  {
     // The core and the chat run in plain Node (the chat page in the webview) and are tested
     // there: no VS Code API in them.
     files: ['src/core/**/*.ts', 'src/chat/**/*.ts'],

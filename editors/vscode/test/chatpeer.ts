@@ -32,6 +32,8 @@ export type Step =
   | { waitForCancel: { ms: number; then?: Step[] } }
   /** Ignores a cancel and waits. */
   | { sleep: number }
+  /** Waits until the test says so (at most 10 s). */
+  | { until: Promise<void> }
   | { error: { code: number; message: string } }
   /** The reply; by default built from the text steps, as the server does. */
   | { result: Record<string, unknown> };
@@ -118,6 +120,8 @@ export class ScriptedPeer {
           }
         } else if ('sleep' in step) {
           await delay(step.sleep);
+        } else if ('until' in step) {
+          await Promise.race([step.until, delay(10_000)]);
         } else if ('error' in step) {
           throw new ResponseError(step.error.code, step.error.message);
         } else {

@@ -196,6 +196,7 @@ export class ChatController {
     chat.turns.push(turn);
     chat.updated = this.host.now();
     this.post({ type: 'turnStart', chatId: chat.id, turn });
+    this.post({ type: 'chats', chats: this.summaries() });
     this.save();
 
     const source = new CancelSource();
