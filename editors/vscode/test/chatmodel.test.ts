@@ -3,6 +3,8 @@
 import assert from 'node:assert/strict';
 import { describe, test } from 'node:test';
 
+import { editorContext, selectionLabel } from '../src/chat/context';
+import { formatProblems, MAX_PROBLEMS, type Problem, requestedPath } from '../src/chat/diagnostics';
 import { ANNOTATION_ID, editedUris, needsConfirmation, requireConfirmation } from '../src/chat/edits';
 import { chatHtml, contentSecurityPolicy } from '../src/chat/html';
 import { dataUriBytes, dataUriProblem, imageProblem, MIB } from '../src/chat/images';
@@ -231,5 +233,38 @@ describe('the storage bound', () => {
     assert.deepEqual(store.load().map((c) => c.id), ['ok']);
     memento.values.set(STORAGE_KEY, { not: 'a list' });
     assert.deepEqual(store.load(), []);
+  });
+});
+
+describe('editor context and the diagnostics tool', () => {
+  test('chips: the file, and the selection with 1-based lines', () => {
+    const selection = { start: { line: 40, character: 4 }, end: { line: 58, character: 0 } };
+    assert.deepEqual(editorContext({ uri: 'file:///w/server.py', scheme: 'file', name: 'server.py',
+      selection }), {
+      file: { uri: 'file:///w/server.py', label: 'server.py' },
+      selection: { uri: 'file:///w/server.py', range: selection, label: 'server.py:41-58' },
+    });
+    assert.deepEqual(editorContext({ uri: 'untitled:Untitled-1', scheme: 'untitled',
+      name: 'Untitled-1', selection: { start: { line: 2, character: 1 }, end: { line: 2, character: 1 } } }),
+    { file: { uri: 'untitled:Untitled-1', label: 'Untitled-1' } });
+    assert.deepEqual(editorContext({ uri: 'output:x', scheme: 'output', name: 'x' }), {});
+    assert.deepEqual(editorContext(undefined), {});
+    assert.equal(selectionLabel('a.py', { start: { line: 3, character: 2 }, end: { line: 3, character: 9 } }), 'a.py:4');
+  });
+
+  test('diagnostics: errors first, one line each, bounded; arguments checked', () => {
+    const problem = (path: string, line: number, severity: Problem['severity']): Problem =>
+      ({ path, line, character: 0, severity, message: `m${String(line)}\n  more`, source: 'ruff' });
+    assert.equal(formatProblems([problem('b.py', 3, 'warning'), problem('a.py', 9, 'error')], undefined),
+      'a.py:10:1: error: m9 more [ruff]\nb.py:4:1: warning: m3 more [ruff]');
+    assert.equal(formatProblems([], 'a.py'), 'No problems reported in a.py.');
+    const many = Array.from({ length: MAX_PROBLEMS + 5 }, (_, i) => problem('a.py', i, 'hint'));
+    const lines = formatProblems(many, undefined).split('\n');
+    assert.equal(lines.length, MAX_PROBLEMS + 1);
+    assert.equal(lines.at(-1), '… and 5 more');
+    assert.equal(requestedPath({ path: './src/a.py' }), 'src/a.py');
+    assert.equal(requestedPath('{"path": "b.py"}'), 'b.py');
+    assert.equal(requestedPath({}), undefined);
+    assert.throws(() => requestedPath({ path: 3 }), { message: 'path must be a string' });
   });
 });

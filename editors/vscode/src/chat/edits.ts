@@ -48,7 +48,7 @@ export interface ApplyEditParams {
 
 export const ANNOTATION_ID = 'tramontane.proposedEdit';
 
-function isTextDocumentEdit(change: DocumentChange): change is TextDocumentEdit {
+export function isTextDocumentEdit(change: DocumentChange): change is TextDocumentEdit {
   return !('kind' in change);
 }
 
