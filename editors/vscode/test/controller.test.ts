@@ -89,7 +89,8 @@ describe('chat controller', () => {
     assert.deepEqual(r.types(), ['state', 'context']);
     await r.controller.receive({ type: 'send', text: 'What does this do?', images: [PNG].map((url) =>
       ({ name: 'shot.png', url })), context: { uri: URI, range: RANGE, label: 'app.py:3-4' } });
-    assert.deepEqual(r.types().slice(2), ['turnStart', 'delta', 'delta', 'turnEnd']);
+    assert.deepEqual(r.types().slice(2), ['turnStart', 'chats', 'delta', 'delta', 'turnEnd']);
+    assert.deepEqual(r.last('chats').chats.map((c) => c.title), ['What does this do?']);
     assert.deepEqual(r.last('turnEnd'), { type: 'turnEnd', chatId: 'chat-1', status: 'stop' });
     assert.deepEqual(r.peer.requests[0], { chatId: 'chat-1', context: { uri: URI, range: RANGE },
       messages: [{ role: 'user', content: [{ type: 'text', text: 'What does this do?' },
@@ -125,7 +126,8 @@ describe('chat controller', () => {
     const r = open(() => [{ error: { code: -32602,
       message: 'The model has no vision encoder: it cannot read images.' } }]);
     await r.controller.receive({ type: 'send', text: 'look', images: [{ name: 'a.png', url: PNG }] });
-    assert.deepEqual(r.types(), ['turnStart', 'turnFailed']);
+    assert.deepEqual(r.types(), ['turnStart', 'chats', 'turnFailed', 'chats']);
+    assert.deepEqual(r.last('chats').chats, []);
     assert.deepEqual(r.last('turnFailed'), { type: 'turnFailed', chatId: 'chat-1', withdrawn: true,
       message: 'Not sent: The model has no vision encoder: it cannot read images.',
       text: 'look', images: [{ name: 'a.png', url: PNG }] });

@@ -245,6 +245,7 @@ export class ChatController {
         }
         this.postFor(chat, { type: 'turnFailed', chatId: chat.id,
           message: `Not sent: ${outcome.message}`, text, images, withdrawn: true });
+        this.post({ type: 'chats', chats: this.summaries() });
         this.save();
         return;
       }

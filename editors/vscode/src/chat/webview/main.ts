@@ -634,7 +634,8 @@ function onMessage(message: ToView): void {
       return;
     case 'chats':
       chats = message.chats;
-      titleText.textContent = chats.find((c) => c.id === chat?.id)?.title ?? titleText.textContent;
+      titleText.textContent = chats.find((c) => c.id === chat?.id)?.title ??
+        (chat === undefined || chat.turns.length === 0 ? 'New chat' : titleText.textContent);
       if (!historyPanel.hidden) {
         renderHistory();
       }
