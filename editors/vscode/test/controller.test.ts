@@ -241,5 +241,8 @@ describe('chat controller', () => {
     r.controller.setContext({ file: { uri: URI, label: 'app.py' } });
     assert.deepEqual(r.last('context'), { type: 'context', focus: false,
       context: { file: { uri: URI, label: 'app.py' } } });
+    const posted = r.posted.length;
+    r.controller.setContext({ file: { uri: URI, label: 'app.py' } }); // the cursor moved
+    assert.equal(r.posted.length, posted);
   });
 });

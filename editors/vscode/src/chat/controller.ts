@@ -91,6 +91,10 @@ export class ChatController {
   /** The active file and selection; `focus` puts the cursor in the input (Ask About
    * Selection), now or when the page next loads. */
   setContext(context: EditorContext, focus = false): void {
+    // Selection events come with every cursor move: only a change is posted.
+    if (!focus && JSON.stringify(context) === JSON.stringify(this.context)) {
+      return;
+    }
     this.context = context;
     this.focusPending ||= focus;
     this.postContext();
