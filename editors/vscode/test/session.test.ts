@@ -241,7 +241,7 @@ describe('chat session against the real server (TRAMONTANE_CHAT_E2E=1)', {
   test('a turn streams deltas that concatenate to the reply; Stop cancels; close is accepted', async () => {
     tiny = makeTiny();
     server = await Session.start({ model: tiny.dir, compile: false, completion: {}, cache: {},
-      chat: { maxTokens: 16 } });
+      chat: { maxTokens: 256 } });
     await server.waitForStatus((s) => s.state === 'ready');
     const connection = server.connection;
     session = new ChatSession({
@@ -260,9 +260,11 @@ describe('chat session against the real server (TRAMONTANE_CHAT_E2E=1)', {
     assert.equal(outcome.kind, 'done');
     assert.equal(outcome.result.message.content, text);
 
+    // Stop at the first delta (or after 50 ms, should the tiny model be slow to write one).
     const source = new CancelSource();
     const stopped = session.turn({ ...turnOf(['Say more.']), chatId: 'chat-2' },
       () => { source.cancel(); }, source.token);
+    setTimeout(() => { source.cancel(); }, 50);
     assert.equal((await within(30_000, 'the cancelled turn', stopped)).kind, 'cancelled');
     await session.close('chat-1');
   });
