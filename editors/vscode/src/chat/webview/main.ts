@@ -8,18 +8,10 @@
 
 import { imageProblem, MIB } from '../images';
 import type { ChatSummary, EditorContext, FromView, ImageAttachment, ToView } from '../messages';
-import {
-  applyDelta,
-  type AssistantEntry,
-  type Conversation,
-  type Step,
-  type ToolStep,
-  type Turn,
-  type TurnStatus,
-} from '../model';
-import { formatArguments } from '../protocol';
+import { applyDelta, type Conversation, type Turn } from '../model';
+import { ago, h, iconButton, labelButton } from './dom';
 import { icon, type IconName } from './icons';
-import { renderMarkdown } from './markdown';
+import { type CodeActions, emptyState, turnView, type TurnView, updateTurn } from './turns';
 
 interface VsCodeApi {
   postMessage(message: FromView): void;
@@ -39,52 +31,8 @@ interface Draft {
 
 const vscode = acquireVsCodeApi();
 
-// ---- small DOM helpers -------------------------------------------------------------------
-
-type Child = Node | string | undefined | false;
-
-function h<K extends keyof HTMLElementTagNameMap>(tag: K, className?: string,
-  ...children: Child[]): HTMLElementTagNameMap[K] {
-  const element = document.createElement(tag);
-  if (className !== undefined && className !== '') {
-    element.className = className;
-  }
-  for (const child of children) {
-    if (child !== undefined && child !== false) {
-      element.append(child);
-    }
-  }
-  return element;
-}
-
-function iconButton(name: IconName, title: string, className = 'icon-button'): HTMLButtonElement {
-  const button = h('button', className, icon(name));
-  button.type = 'button';
-  button.title = title;
-  button.setAttribute('aria-label', title);
-  return button;
-}
-
-function labelButton(name: IconName, label: string, className: string): HTMLButtonElement {
-  const button = h('button', className, icon(name), h('span', '', label));
-  button.type = 'button';
-  return button;
-}
-
 function post(message: FromView): void {
   vscode.postMessage(message);
-}
-
-function ago(ms: number): string {
-  const minutes = Math.round((Date.now() - ms) / 60_000);
-  if (minutes < 1) {
-    return 'just now';
-  }
-  if (minutes < 60) {
-    return `${minutes} min ago`;
-  }
-  const hours = Math.round(minutes / 60);
-  return hours < 24 ? `${hours} h ago` : new Date(ms).toLocaleDateString();
 }
 
 // ---- state ---------------------------------------------------------------------------------
@@ -177,184 +125,12 @@ function hideNotice(): void {
 
 noticeClose.addEventListener('click', hideNotice);
 
-// ---- conversation ----------------------------------------------------------------------------
-
-interface TurnView {
-  turn: Turn;
-  steps: HTMLElement;
-  rendered: { element: HTMLElement; key: string }[];
-  typing: HTMLElement;
-  note: HTMLElement;
-}
-
 let views: TurnView[] = [];
 
-function emptyState(): HTMLElement {
-  return h('div', 'empty',
-    h('div', 'empty-logo', icon('sparkle')),
-    h('h2', '', 'Ask Tramontane'),
-    h('p', '', 'Questions about your code, answered by the model on your machine.'),
-    h('ul', 'empty-tips',
-      h('li', '', icon('file'), 'The active file goes along (remove its chip to leave it out).'),
-      h('li', '', icon('selection'), 'Select code and run Tramontane: Ask About Selection.'),
-      h('li', '', icon('image'), 'Paste a screenshot, or drop an image file here.'),
-      h('li', '', icon('tool'), 'It can read and search the workspace, and propose edits you review.')));
-}
-
-function contextChip(label: string, name: IconName, uri: string): HTMLElement {
-  const chip = h('span', 'chip small', icon(name), h('span', 'chip-label', label));
-  chip.title = uri;
-  return chip;
-}
-
-function userView(turn: Turn): HTMLElement {
-  const user = turn.user;
-  const bubble = h('div', 'bubble');
-  if (user.context !== undefined) {
-    bubble.append(h('div', 'bubble-context', contextChip(user.context.label,
-      user.context.range === undefined ? 'file' : 'selection', user.context.uri)));
-  }
-  if (user.text !== '') {
-    bubble.append(h('div', 'user-text', user.text));
-  }
-  if (user.images.length > 0) {
-    const row = h('div', 'bubble-images');
-    for (const url of user.images) {
-      const image = h('img', 'thumb');
-      image.src = url;
-      image.alt = 'attached image';
-      row.append(image);
-    }
-    bubble.append(row);
-  }
-  if ((user.droppedImages ?? 0) > 0) {
-    bubble.append(h('div', 'dropped', `${user.droppedImages ?? 0} image(s) not kept after a reload`));
-  }
-  return h('div', 'msg user', h('div', 'who', icon('user'), h('span', '', 'You')), bubble);
-}
-
-function argumentsPreview(args: unknown): string {
-  let value: unknown = args;
-  if (typeof args === 'string') {
-    try {
-      value = JSON.parse(args);
-    } catch {
-      return args.slice(0, 60); // not JSON: its start
-    }
-  }
-  if (value === null || typeof value !== 'object') {
-    return JSON.stringify(value).slice(0, 60);
-  }
-  const text = Object.entries(value as Record<string, unknown>)
-    .map(([k, v]) => `${k}: ${typeof v === 'string' ? v : JSON.stringify(v)}`).join(', ');
-  return text.length > 60 ? `${text.slice(0, 59)}…` : text;
-}
-
-function toolView(step: ToolStep, open: boolean): HTMLElement {
-  const running = step.result === undefined;
-  const status = running
-    ? h('span', 'tool-status running', h('span', 'spinner'))
-    : h('span', `tool-status ${step.isError === true ? 'failed' : 'ok'}`,
-      icon(step.isError === true ? 'error' : 'check'));
-  const summary = h('summary', '', icon('chevron'), icon('tool'),
-    h('span', 'tool-name', step.name), h('span', 'tool-args', argumentsPreview(step.arguments)),
-    status);
-  const body = h('div', 'tool-body',
-    h('div', 'tool-label', 'Arguments'),
-    h('pre', 'tool-pre', formatArguments(step.arguments)));
-  if (running) {
-    body.append(h('div', 'tool-label', 'Running…'));
-  } else {
-    body.append(h('div', 'tool-label', step.isError === true ? 'Error' : 'Result'),
-      h('pre', step.isError === true ? 'tool-pre error' : 'tool-pre', step.result ?? ''));
-  }
-  const details = h('details', `tool${step.isError === true ? ' failed' : ''}${running ? ' running' : ''}`,
-    summary, body);
-  details.open = open;
-  return details;
-}
-
-function decorateCode(root: HTMLElement): void {
-  for (const pre of root.querySelectorAll('pre')) {
-    const code = pre.querySelector('code');
-    if (code === null) {
-      continue;
-    }
-    const language = /language-([\w+#.-]+)/.exec(code.className)?.[1] ?? '';
-    const insert = labelButton('insert', 'Insert', 'code-action insert');
-    insert.title = 'Insert at the cursor';
-    const copy = labelButton('copy', 'Copy', 'code-action copy');
-    copy.title = 'Copy';
-    insert.addEventListener('click', () => { post({ type: 'insert', code: code.textContent }); });
-    copy.addEventListener('click', () => {
-      post({ type: 'copy', code: code.textContent });
-      const label = copy.querySelector('span');
-      if (label !== null) {
-        label.textContent = 'Copied';
-        setTimeout(() => { label.textContent = 'Copy'; }, 1200);
-      }
-    });
-    const block = h('div', 'code-block',
-      h('div', 'code-toolbar', h('span', 'code-lang', language), h('div', 'spacer'), insert, copy));
-    pre.replaceWith(block);
-    block.append(pre);
-  }
-}
-
-function stepView(step: Step, previous: HTMLElement | undefined): HTMLElement {
-  if (step.kind === 'tool') {
-    return toolView(step, previous instanceof HTMLDetailsElement && previous.open);
-  }
-  const element = h('div', 'md');
-  element.append(renderMarkdown(step.text, document));
-  decorateCode(element);
-  return element;
-}
-
-function stepKey(step: Step): string {
-  return step.kind === 'text'
-    ? `text:${step.text.length}`
-    : `tool:${step.id}:${step.result === undefined ? 'running' : 'done'}`;
-}
-
-function noteClass(status: TurnStatus): string {
-  return status === 'error' ? 'note error' : status === 'stop' ? 'note' : 'note warn';
-}
-
-function updateTurn(view: TurnView): void {
-  const assistant: AssistantEntry = view.turn.assistant;
-  assistant.steps.forEach((step, index) => {
-    const key = stepKey(step);
-    const old = view.rendered[index];
-    if (old?.key === key) {
-      return;
-    }
-    const element = stepView(step, old?.element);
-    if (old === undefined) {
-      view.steps.append(element);
-    } else {
-      old.element.replaceWith(element);
-    }
-    view.rendered[index] = { element, key };
-  });
-  const streaming = assistant.status === 'streaming';
-  view.typing.hidden = !streaming;
-  view.note.textContent = assistant.note ?? '';
-  view.note.className = noteClass(assistant.status);
-  view.note.hidden = assistant.note === undefined;
-}
-
-function turnView(turn: Turn): TurnView {
-  const steps = h('div', 'steps');
-  const typing = h('div', 'typing', h('span', ''), h('span', ''), h('span', ''));
-  const note = h('div', 'note');
-  const view: TurnView = { turn, steps, rendered: [], typing, note };
-  log.append(h('section', 'turn', userView(turn),
-    h('div', 'msg assistant', h('div', 'who', icon('sparkle'), h('span', '', 'Tramontane')),
-      steps, typing, note)));
-  updateTurn(view);
-  return view;
-}
+const codeActions: CodeActions = {
+  insert: (code) => { post({ type: 'insert', code }); },
+  copy: (code) => { post({ type: 'copy', code }); },
+};
 
 function nearBottom(): boolean {
   return log.scrollHeight - log.scrollTop - log.clientHeight < 48;
@@ -370,7 +146,8 @@ function renderConversation(): void {
   if (chat === undefined || chat.turns.length === 0) {
     log.append(emptyState());
   } else {
-    views = chat.turns.map(turnView);
+    views = chat.turns.map((turn) => turnView(turn, codeActions));
+    log.append(...views.map((view) => view.element));
   }
   titleText.textContent = chat?.title ?? 'New chat';
   updateBusy();
@@ -640,7 +417,7 @@ function onMessage(message: ToView): void {
         renderHistory();
       }
       return;
-    case 'turnStart':
+    case 'turnStart': {
       if (chat?.id !== message.chatId) {
         return;
       }
@@ -648,10 +425,13 @@ function onMessage(message: ToView): void {
         log.replaceChildren();
       }
       chat.turns.push(message.turn);
-      views.push(turnView(message.turn));
+      const view = turnView(message.turn, codeActions);
+      views.push(view);
+      log.append(view.element);
       updateBusy();
       scrollToEnd();
       return;
+    }
     case 'delta': {
       const turn = lastTurn();
       if (chat?.id === message.chatId && turn !== undefined) {
