@@ -28,7 +28,7 @@ import engine
 from .backend import Backend, GenerationRequest
 from .documents import Document
 from .postprocess import CompletionContext, CompletionFilter, detect_indentation
-from .prompt import PromptBuilder
+from .prompt import PromptBuilder, PromptCancelled
 from .settings import CompletionSettings
 
 log = logging.getLogger(__name__)
@@ -87,16 +87,22 @@ def run_completion(backend: Backend, document: Document, cursor: int,
     start = time.perf_counter()
     if cancel.cancelled:
         return Outcome("", CANCELLED)
-    builder = PromptBuilder(backend.tokenizer, prefix_tokens=settings.prefix_tokens,
+    raw = backend.tokenizer.instruct_tokenizer.tokenizer
+    builder = PromptBuilder(lambda text: len(raw.encode(text, bos=False, eos=False)),
+                            prefix_tokens=settings.prefix_tokens,
                             suffix_tokens=settings.suffix_tokens)
-    prompt = builder.build(document, cursor)
+    try:
+        prompt = builder.build(document, cursor, lambda: cancel.cancelled)
+    except PromptCancelled:
+        return Outcome("", CANCELLED, stopped_ms=_stopped_ms(cancel))
+    tokens = engine.encode_fim(backend.tokenizer, prompt.prefix, prompt.suffix)
     context = CompletionContext.from_prefix_suffix(
         prompt.prefix, prompt.suffix, indentation=detect_indentation(prompt.prefix + prompt.suffix))
     text_filter = CompletionFilter(context)
     sampling = engine.SamplingParams(max_tokens=settings.max_tokens,
                                      temperature=settings.temperature)
     deadline = start + settings.time_budget_ms / 1000
-    events = backend.stream(GenerationRequest(prompt.tokens, sampling, document.uri,
+    events = backend.stream(GenerationRequest(tokens, sampling, document.uri,
                                               settings.adapter), cancel)
     generated, reason, reused, computed = 0, None, 0, 0
     try:
@@ -118,11 +124,14 @@ def run_completion(backend: Backend, document: Document, cursor: int,
     seconds = time.perf_counter() - start
     if not text and reason is None:
         reason = NOTHING
-    stopped_ms = None
-    if cancel.cancelled_at is not None:
-        stopped_ms = (time.monotonic() - cancel.cancelled_at) * 1000
-    return Outcome(text, reason if not text else None, len(prompt.tokens), generated, seconds,
-                   reused, computed, stopped_ms=stopped_ms)
+    return Outcome(text, reason if not text else None, len(tokens), generated, seconds,
+                   reused, computed, stopped_ms=_stopped_ms(cancel))
+
+
+def _stopped_ms(cancel: engine.CancellationToken) -> float | None:
+    if cancel.cancelled_at is None:
+        return None
+    return (time.monotonic() - cancel.cancelled_at) * 1000
 
 
 class CompletionService:
