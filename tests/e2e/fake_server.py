@@ -8,11 +8,14 @@ Environment:
                "<n> <document> steps=<k> <finish reason>"
   FAKE_RAISE   if set, the backend raises RuntimeError(FAKE_RAISE) (an unexpected failure)
   FAKE_PRINT   if set, the backend prints to stdout, from Python and through fd 1 directly
+  FAKE_BLOCK   seconds the first step blocks the engine thread, deaf to cancellation (a compile
+               or a long prefill); "scripted backend: blocking" goes to stderr when it starts
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 import time
@@ -25,6 +28,8 @@ from engine.tiny import tokenizer_source
 from lsp_server.backend import Events, GenerationRequest
 from lsp_server.cli import serve
 from lsp_server.server import create_server
+
+log = logging.getLogger("fake_server")
 
 
 class ScriptedBackend:
@@ -47,6 +52,10 @@ class ScriptedBackend:
             os.write(1, b"stray native write\n")
         if "FAKE_RAISE" in os.environ:
             raise RuntimeError(os.environ["FAKE_RAISE"])
+        if "FAKE_BLOCK" in os.environ:
+            log.warning("scripted backend: blocking the engine thread for %s s",
+                        os.environ["FAKE_BLOCK"])
+            time.sleep(float(os.environ["FAKE_BLOCK"]))
         steps, reason = 0, "length"
         try:
             for text in self.texts[: request.sampling.max_tokens]:
@@ -64,4 +73,5 @@ class ScriptedBackend:
 
 
 if __name__ == "__main__":
-    sys.exit(serve(create_server(backend=ScriptedBackend())))  # type: ignore[arg-type]
+    logging.basicConfig(stream=sys.stderr, level=logging.WARNING)
+    serve(create_server(backend=ScriptedBackend()))  # type: ignore[arg-type]
