@@ -97,6 +97,9 @@ class TramontaneProtocol(LanguageServerProtocol):
             return
         method = data.get("method")
         is_request = method is not None and "id" in data
+        if is_request and not self._initialized and method != types.INITIALIZE:
+            self.send_error(msg_id, SERVER_NOT_INITIALIZED, "the server is not initialized yet")
+            return
         if method is not None and not self._serves(method):
             if is_request:
                 self.send_error(msg_id, METHOD_NOT_FOUND, f"method not found: {method}")
@@ -134,12 +137,8 @@ class TramontaneProtocol(LanguageServerProtocol):
         self.send_error(request_id(head), code, message)
 
     def handle_message(self, message: Any) -> None:
-        if not self._initialized and isinstance(message, types.InitializeRequest):
+        if isinstance(message, types.InitializeRequest):
             self._initialized = True
-        elif not self._initialized and hasattr(message, "id") and hasattr(message, "method"):
-            self.send_error(message.id, SERVER_NOT_INITIALIZED,
-                            "the server is not initialized yet")
-            return
         super().handle_message(message)
 
     def report_parse_error(self, error: Exception) -> None:

@@ -346,3 +346,18 @@ def test_a_50_mb_line_does_not_hold_the_engine(tiny_model: Path) -> None:
         assert_clean(server)
     finally:
         server.close()
+
+
+def test_before_initialize_every_request_is_refused_first() -> None:
+    """-32002 comes before any other answer: unknown methods and ill-typed params included."""
+    server = RawServer(SERVER)
+    try:
+        for method, params in [("tramontane/nope", {}), ("textDocument/completion", {
+                "textDocument": {"uri": 42}, "position": {"line": 1.5, "character": 0}})]:
+            assert error(server, server.request(method, params)) == {
+                "code": -32002, "message": "the server is not initialized yet"}
+        assert "capabilities" in server.initialize()["result"]
+        assert error(server, server.request("tramontane/nope", {}))["code"] == -32601
+        assert no_more_replies(server) == []
+    finally:
+        server.close()
