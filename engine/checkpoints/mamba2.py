@@ -20,7 +20,7 @@ from torch import nn
 from ..arch.config import MambaConfig
 from ..arch.mamba2 import Mamba2
 from ..errors import ModelLoadError
-from .files import read_json
+from .files import config_float, read_json
 
 HF_ARCHITECTURE = "Mamba2ForCausalLM"
 _NATIVE_PREFIX = "model."
@@ -71,14 +71,17 @@ def from_hf_config(path: Path) -> MambaConfig:
         if data.get(key, want) != want:
             raise ModelLoadError(path, f"{key}={data[key]!r} is not supported (only "
                                  f"{want!r}, as in Codestral Mamba)")
-    limit = data.get("time_step_limit", (0.0, math.inf))
+    limit = data.get("time_step_limit", [0.0, math.inf])
+    if not (isinstance(limit, list) and len(limit) == 2 and
+            all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in limit)):
+        raise ModelLoadError(path, f"time_step_limit must be [low, high], got {limit!r}")
     config = _build(
         path, dim=data["hidden_size"], n_layers=data["num_hidden_layers"],
         vocab_size=data["vocab_size"], n_groups=data.get("n_groups", 8),
         d_state=data.get("state_size", 128), d_conv=data.get("conv_kernel", 4),
         expand=data.get("expand", 2), head_dim=data.get("head_dim", 64),
         chunk_size=data.get("chunk_size", 256),
-        norm_eps=float(data.get("layer_norm_epsilon", 1e-5)),
+        norm_eps=config_float(data, "layer_norm_epsilon", 1e-5, path),
         tie_embeddings=bool(data.get("tie_word_embeddings", False)),
         residual_in_fp32=bool(data.get("residual_in_fp32", True)),
         dt_limit=(float(limit[0]), float(limit[1])))

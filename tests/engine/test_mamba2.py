@@ -414,3 +414,45 @@ def test_loading_errors_name_the_file_and_the_problem(folders: dict[str, Path],
         with pytest.raises(engine.ModelLoadError) as info:
             engine.load(folder)
         assert str(info.value) == message
+
+
+# ---------------------------------------------------------------------------------------------
+# Config files written by other tools
+
+
+@pytest.mark.parametrize("spelling", ['{"__float__": "Infinity"}', "Infinity"],
+                         ids=["transformers-5.2x", "bare-token"])
+def test_time_step_limit_reads_both_spellings_of_infinity(folders: dict[str, Path],
+                                                          tmp_path: Path, spelling: str) -> None:
+    folder = tmp_path / "m"
+    shutil.copytree(folders["hf"], folder)
+    data = json.loads((folder / "config.json").read_text())
+    data["time_step_limit"] = "LIMIT"
+    text = json.dumps(data, indent=2).replace('"LIMIT"', f"[0.0, {spelling}]")
+    (folder / "config.json").write_text(text)
+    assert f'"time_step_limit": [0.0, {spelling}]' in text
+    assert engine.load(folder).config.dt_limit == (0.0, math.inf)
+
+
+def test_a_config_json_saved_by_transformers_loads_like_ours(folders: dict[str, Path],
+                                                             tmp_path: Path) -> None:
+    folder = tmp_path / "m"
+    shutil.copytree(folders["hf"], folder)
+    config = transformers.Mamba2Config.from_pretrained(folder)
+    (folder / "config.json").unlink()
+    config.save_pretrained(folder)
+    text = (folder / "config.json").read_text()
+    if '"__float__": "Infinity"' not in text:
+        pytest.skip(f"transformers {transformers.__version__} writes the bare token")
+    assert engine.load(folder).config == engine.load(folders["hf"]).config
+
+
+@pytest.mark.parametrize("limit", [[0.0], "inf", [0.0, {"__float__": "Huge"}], [0.0, None]])
+def test_a_time_step_limit_that_is_no_pair_of_numbers_is_refused(
+        folders: dict[str, Path], tmp_path: Path, limit: object) -> None:
+    folder = _edited_copy(folders["hf"], tmp_path / "m", params={"time_step_limit": limit},
+                          config_name="config.json")
+    with pytest.raises(engine.ModelLoadError) as info:
+        engine.load(folder)
+    assert str(info.value) == (f"{folder / 'config.json'}: time_step_limit must be [low, high], "
+                               f"got {limit!r}")
