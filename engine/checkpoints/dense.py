@@ -21,6 +21,7 @@ from torch import nn
 from ..arch.config import LEGACY_ROPE_THETA, MOE_ROPE_THETA, MoeConfig, TransformerConfig
 from ..arch.transformer import Transformer
 from ..errors import ModelLoadError
+from .family import BlockCount
 from .files import config_float, read_json
 
 log = logging.getLogger(__name__)
@@ -269,6 +270,10 @@ def hf_config_dict(config: TransformerConfig) -> dict[str, object]:
 # The family
 
 
+_LAYER = re.compile(r"^layers\.(\d+)\.")
+_EXPERT = re.compile(r"^layers\.\d+\.feed_forward\.experts\.(\d+)\.")
+
+
 class DenseFamily:
     """Dense and MoE transformers: `params.json` without a `model_type` (or "transformer"),
     `config.json` of `MistralForCausalLM` / `MixtralForCausalLM`."""
@@ -281,6 +286,21 @@ class DenseFamily:
             return not archs or bool(set(archs) & set(HF_ARCHITECTURES))
         return data.get("model_type", "transformer") == "transformer" and \
             not data.get("vision_encoder")
+
+    def block_counts(self, data: dict[str, Any], hf: bool) -> list[BlockCount]:
+        if hf:
+            counts = [BlockCount("num_hidden_layers", data.get("num_hidden_layers"), _LAYER,
+                                 "layers")]
+            if "num_local_experts" in data:
+                counts.append(BlockCount("num_local_experts", data["num_local_experts"],
+                                         _EXPERT, "experts"))
+            return counts
+        counts = [BlockCount("n_layers", data.get("n_layers"), _LAYER, "layers")]
+        moe = data.get("moe")
+        if isinstance(moe, dict):
+            counts.append(BlockCount("moe.num_experts", moe.get("num_experts"), _EXPERT,
+                                     "experts"))
+        return counts
 
     def parse_config(self, path: Path, hf: bool) -> TransformerConfig:
         return from_hf_config(path) if hf else from_params(path)

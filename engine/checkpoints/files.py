@@ -31,6 +31,8 @@ TensorIndex = dict[str, tuple[Path, str, tuple[int, ...], torch.dtype]]
 # which `json.loads` reads as it is.
 _FLOAT_TAG = "__float__"
 _FLOAT_TAG_VALUES = {"Infinity": math.inf, "-Infinity": -math.inf, "NaN": math.nan}
+# The safetensors format's own limit on the header (the library refuses larger ones).
+MAX_SAFETENSORS_HEADER = 100_000_000
 
 
 def _tagged_float(obj: dict[str, Any]) -> Any:
@@ -41,11 +43,14 @@ def _tagged_float(obj: dict[str, Any]) -> Any:
 
 def parse_json(text: str | bytes, path: Path, what: str = "not valid JSON") -> Any:
     """`text` decoded, both spellings of infinity read as floats; a `ModelLoadError` naming
-    `path` for anything else than JSON."""
+    `path` for anything else than JSON, including nesting too deep for Python's parser (which
+    raises `RecursionError`, not a decoding error)."""
     try:
         return json.loads(text, object_hook=_tagged_float)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ModelLoadError(path, f"{what} ({e})") from None
+    except RecursionError:
+        raise ModelLoadError(path, f"{what} (nested too deeply)") from None
 
 
 def read_json(path: Path) -> dict[str, Any]:
@@ -54,6 +59,8 @@ def read_json(path: Path) -> dict[str, Any]:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ModelLoadError(path, "file not found") from None
+    except OSError as e:  # a folder of that name, no permission, an I/O error
+        raise ModelLoadError(path, f"cannot read ({e.strerror or e})") from None
     except UnicodeDecodeError as e:
         raise ModelLoadError(path, f"not valid JSON ({e})") from None
     data = parse_json(text, path)
@@ -88,6 +95,10 @@ def read_safetensors_header(path: Path) -> dict[str, tuple[torch.dtype, tuple[in
                 raise ModelLoadError(
                     path, f"truncated or not a safetensors file: the header claims {header_len} "
                     f"bytes but the file has {size}")
+            if header_len > MAX_SAFETENSORS_HEADER:
+                raise ModelLoadError(
+                    path, f"not a safetensors file: a header of {header_len} bytes (the format "
+                    f"allows {MAX_SAFETENSORS_HEADER})")
             raw = f.read(header_len)
     except OSError as e:
         raise ModelLoadError(path, f"unreadable safetensors header ({e})") from None

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ from torch import nn
 from ..arch.config import MambaConfig
 from ..arch.mamba2 import Mamba2
 from ..errors import ModelLoadError
+from .family import BlockCount
 from .files import config_float, read_json
 
 HF_ARCHITECTURE = "Mamba2ForCausalLM"
@@ -29,6 +31,7 @@ _EMBEDDING = "backbone.embedding.weight"
 # Per-head parameters stay float32 whatever the model's dtype: they are tiny, and A and dt
 # set the decay of a state that accumulates over the whole sequence.
 _FLOAT32_SUFFIXES = (".A_log", ".D", ".dt_bias")
+_LAYER = re.compile(r"^backbone\.layers\.(\d+)\.")
 
 
 def from_params(path: Path) -> MambaConfig:
@@ -169,6 +172,10 @@ class MambaFamily:
 
     def claims(self, data: dict[str, Any], hf: bool) -> bool:
         return is_mamba_hf_config(data) if hf else data.get("model_type") == "mamba"
+
+    def block_counts(self, data: dict[str, Any], hf: bool) -> list[BlockCount]:
+        field = "num_hidden_layers" if hf else "n_layers"
+        return [BlockCount(field, data.get(field), _LAYER, "layers")]
 
     def parse_config(self, path: Path, hf: bool) -> MambaConfig:
         return from_hf_config(path) if hf else from_params(path)

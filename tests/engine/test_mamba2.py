@@ -406,7 +406,8 @@ def test_loading_errors_name_the_file_and_the_problem(folders: dict[str, Path],
     params = json.loads((native / "params.json").read_text())
     del params["n_groups"]
     (tmp_path / "j").mkdir()
-    shutil.copy(native / "tokenizer.model.v3", tmp_path / "j")
+    for name in ("tokenizer.model.v3", weights):  # the headers are read before the config
+        shutil.copy(native / name, tmp_path / "j")
     (tmp_path / "j" / "params.json").write_text(json.dumps(params))
     cases.append((tmp_path / "j", f"{tmp_path / 'j' / 'params.json'}: missing required field "
                   "'n_groups'"))
