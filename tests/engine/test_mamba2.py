@@ -311,6 +311,8 @@ def test_make_tiny_arch_mamba_writes_a_native_codestral_mamba_folder(
     folder = tmp_path / "tiny"
     assert cli.main(["make-tiny", str(folder), "--arch", "mamba", "--dim", "32",
                      "--layers", "1"]) == 0
+    assert capsys.readouterr().err.splitlines()[0] == (
+        f"wrote a tiny Mamba2 checkpoint (native layout, v3 tokenizer) to {folder}")
     params = json.loads((folder / "params.json").read_text())
     assert params == {"model_type": "mamba", "dim": 32, "n_layers": 1, "vocab_size": 32768,
                       "n_groups": 2, "rms_norm": True, "residual_in_fp32": True,
