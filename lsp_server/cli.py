@@ -6,11 +6,26 @@ import argparse
 import logging
 import os
 import sys
+from collections.abc import Callable
 from typing import BinaryIO
 
 from . import __version__
 from .server import TramontaneServer, create_server
-from .settings import DTYPES, Settings
+from .settings import DTYPES, TOP_CHECKS, Settings
+
+
+def _setting(key: str) -> Callable[[str], str]:
+    """An argparse type that checks a flag as the setting of the same name is checked, so the
+    command line accepts exactly what `initializationOptions` does."""
+    check = TOP_CHECKS[key]
+
+    def parse(text: str) -> str:
+        try:
+            return str(check(text))
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(f"{text!r}: expected {e}") from None
+
+    return parse
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -23,7 +38,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--port", type=int, default=2087, help="TCP port (default 2087)")
     parser.add_argument("--model", help="checkpoint folder (initializationOptions.model "
                         "overrides it)")
-    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N (default cpu)")
+    parser.add_argument("--device", type=_setting("device"), default="cpu",
+                        help="where the model runs: cpu, cuda, cuda:N or mps (default cpu; "
+                        "initializationOptions.device overrides it)")
     parser.add_argument("--dtype", choices=DTYPES, help="default: the checkpoint's")
     parser.add_argument("--log-level", default="WARNING", help="stderr log level")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
