@@ -50,3 +50,18 @@ def test_make_lint_passes_with_the_folders_make_demo_and_make_bench_create(
                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stdout + run.stderr
     assert run.stdout == "All checks passed!\n"
+
+
+def test_the_login_command_is_the_same_everywhere_and_exists() -> None:
+    """README, `tramontane download --help` and the gated-repository error name one command,
+    and the installed huggingface_hub has it (`huggingface-cli` is gone from its 1.x)."""
+    sources = [ROOT / "README.md", ROOT / "engine" / "cli.py",
+               ROOT / "engine" / "checkpoints" / "hub.py"]
+    named = {path.name: set(re.findall(r"`((?:huggingface-cli|hf)\b[^`]*login)`",
+                                       path.read_text())) for path in sources}
+    assert named == {path.name: {"hf auth login"} for path in sources}
+    hf = Path(sys.executable).parent / "hf"
+    run = subprocess.run([str(hf), "auth", "login", "--help"], capture_output=True, text=True,
+                         timeout=60)
+    assert run.returncode == 0, run.stderr
+    assert "Usage: hf auth login" in run.stdout
