@@ -54,7 +54,8 @@ def test_make_lint_passes_with_the_folders_make_demo_and_make_bench_create(
 
 def test_the_login_command_is_the_same_everywhere_and_exists() -> None:
     """README, `tramontane download --help` and the gated-repository error name one command,
-    and the installed huggingface_hub has it (`huggingface-cli` is gone from its 1.x)."""
+    and the installed huggingface_hub has it (it has shipped `hf` since 0.34; the 2.x installed
+    here has no `huggingface-cli` at all)."""
     sources = [ROOT / "README.md", ROOT / "engine" / "cli.py",
                ROOT / "engine" / "checkpoints" / "hub.py"]
     named = {path.name: set(re.findall(r"`((?:huggingface-cli|hf)\b[^`]*login)`",
