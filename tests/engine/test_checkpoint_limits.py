@@ -6,8 +6,6 @@ from __future__ import annotations
 import json
 import math
 import shutil
-import subprocess
-import sys
 import tracemalloc
 from collections.abc import Callable
 from pathlib import Path
@@ -15,6 +13,7 @@ from pathlib import Path
 import pytest
 
 import engine
+from engine import cli
 from engine.checkpoints import loading
 from engine.checkpoints.files import MAX_SAFETENSORS_HEADER, read_json, read_safetensors_header
 from engine.checkpoints.tiny import make_tiny
@@ -235,17 +234,18 @@ def test_a_header_larger_than_the_format_allows_is_refused_unread(tmp_path: Path
 ], ids=["params.json", "safetensors-header"])
 def test_the_cli_reports_deep_nesting_in_one_line(make_checkpoint: CheckpointFactory,
                                                   tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture[str],
                                                   break_folder: Callable[[Path], object]) -> None:
+    """`cli.main` itself: a RecursionError escaping it is the 30-line traceback users saw."""
     folder = tmp_path / "m"
     shutil.copytree(make_checkpoint("native"), folder)
     break_folder(folder)
-    run = subprocess.run([sys.executable, "-m", "engine", "complete", str(folder),
-                          "--prefix", "def f("], capture_output=True, text=True, timeout=120)
-    assert run.returncode == 1
-    assert run.stdout == ""
-    assert len(run.stderr.splitlines()) == 1
-    assert run.stderr.startswith(f"tramontane: error: {folder}/")
-    assert run.stderr.endswith("(nested too deeply)\n")
+    assert cli.main(["complete", str(folder), "--prefix", "def f("]) == 1
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert len(err.splitlines()) == 1
+    assert err.startswith(f"tramontane: error: {folder}/")
+    assert err.endswith("(nested too deeply)\n")
 
 
 # --- read_json's other cases ---------------------------------------------------------------------
