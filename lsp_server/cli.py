@@ -6,12 +6,13 @@ import argparse
 import logging
 import os
 import sys
+from collections.abc import Callable
 from typing import BinaryIO, NoReturn
 
 from . import __version__
 from .app import create_server
 from .server import TramontaneServer
-from .settings import DTYPES, Settings
+from .settings import DTYPES, TOP_CHECKS, Settings
 from .transport import DEFAULT_MAX_MESSAGE_MIB, MIB, serve_stdio, serve_tcp
 
 
@@ -25,6 +26,20 @@ def _mebibytes(value: str) -> int:
     return mib
 
 
+def _setting(key: str) -> Callable[[str], str]:
+    """An argparse type that checks a flag as the setting of the same name is checked, so the
+    command line accepts exactly what `initializationOptions` does."""
+    check = TOP_CHECKS[key]
+
+    def parse(text: str) -> str:
+        try:
+            return str(check(text))
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(f"{text!r}: expected {e}") from None
+
+    return parse
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="lsp_server", description=__doc__)
     transport = parser.add_mutually_exclusive_group()
@@ -35,7 +50,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--port", type=int, default=2087, help="TCP port (default 2087)")
     parser.add_argument("--model", help="checkpoint folder (initializationOptions.model "
                         "overrides it)")
-    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N (default cpu)")
+    parser.add_argument("--device", type=_setting("device"), default="cpu",
+                        help="where the model runs: cpu, cuda, cuda:N or mps (default cpu; "
+                        "initializationOptions.device overrides it)")
     parser.add_argument("--dtype", choices=DTYPES, help="default: the checkpoint's")
     parser.add_argument("--log-level", default="WARNING", help="stderr log level")
     parser.add_argument("--max-message-mib", type=_mebibytes, default=DEFAULT_MAX_MESSAGE_MIB,
