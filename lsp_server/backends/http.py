@@ -36,6 +36,7 @@ import logging
 import math
 import os
 import ssl
+import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
@@ -160,6 +161,12 @@ class _Clock:
         if remaining <= 0:
             raise RemoteError(self.overrun())
         try:
+            if sys.version_info >= (3, 11):
+                # In the caller's task: a cancellation can never be lost.
+                async with asyncio.timeout(min(timeout, remaining)):
+                    return await awaitable
+            # Python 3.10: wait_for loses a cancellation that races a result (bpo-42130);
+            # the next read then sees it.
             return await asyncio.wait_for(awaitable, min(timeout, remaining))
         except asyncio.TimeoutError:
             raise RemoteError(self.overrun() if timeout >= remaining else stalled) from None

@@ -12,7 +12,7 @@ free: tests put a unique id there and find their request in the log):
     /flaky         ?fails=N&code=C: the first N requests with this query get C, then /ok
     /stall-headers reads the request and never answers
     /stall-mid     headers and one event, then silence
-    /endless       a valid event every 50 ms, forever
+    /endless       a valid event every 50 ms (?interval=S), forever
     /keepalive     headers, then an SSE comment every 50 ms, forever (no event)
     /garbage       random bytes in 1 KiB lines, forever
     /huge-line     `data: ` and then 100 MB without a line break
@@ -138,7 +138,7 @@ class Server:
             while True:
                 write_event(writer, completion_chunk("x"))
                 await writer.drain()
-                await asyncio.sleep(0.05)
+                await asyncio.sleep(float(query.get("interval", "0.05")))
         if path == "/keepalive":
             start_stream(writer)
             while True:
