@@ -148,8 +148,9 @@ def parse_retry_after(value: str | None, now: float | None = None) -> float | No
 class _Clock:
     """The request's deadline, and waits bounded by both it and a per-step timeout."""
 
-    def __init__(self, deadline: float) -> None:
+    def __init__(self, deadline: float, label: str) -> None:
         self.budget = deadline
+        self.label = label
         self.end = time.monotonic() + deadline
 
     def remaining(self) -> float:
@@ -172,7 +173,7 @@ class _Clock:
             raise RemoteError(self.overrun() if timeout >= remaining else stalled) from None
 
     def overrun(self) -> str:
-        return f"no complete answer within the {self.budget:g} s deadline"
+        return f"{self.label}: no complete answer within the {self.budget:g} s deadline"
 
 
 class RemoteClient:
@@ -218,7 +219,7 @@ class RemoteClient:
         """POST `body` as JSON to `path` (relative to the base URL) and yield the events' JSON
         objects. `superseded()` is asked right before each send (after the rate limiter's wait):
         True drops the request with `Superseded`. `deadline` overrides `limits.deadline`."""
-        clock = _Clock(self.limits.deadline if deadline is None else deadline)
+        clock = _Clock(self.limits.deadline if deadline is None else deadline, self.label)
         response = await self._open(path.lstrip("/"), body, retries, superseded, clock)
         try:
             yield self._events(response, clock)
@@ -398,6 +399,8 @@ class RemoteClient:
                     data.append(value)
 
     def _decode(self, payload: bytes) -> dict[str, Any]:
+        if self._key and self._key.encode() in payload:  # a server that echoes the key
+            payload = payload.replace(self._key.encode(), b"***")
         try:
             value = json.loads(payload)
         except (UnicodeDecodeError, json.JSONDecodeError) as e:

@@ -50,9 +50,10 @@ def completion_request(model: str, prompt: Sequence[int], sampling: Sampling, *,
 
 
 def chat_request(model: str, messages: Sequence[Message], sampling: Sampling,
-                 tools: Sequence[Tool] = (), *, tool_choice: str | None = None
-                 ) -> dict[str, Any]:
-    """`tool_choice`: None leaves the server's default ("auto" when tools are given)."""
+                 tools: Sequence[Tool] = (), *,
+                 tool_choice: str | Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """`tool_choice`: "auto", "none", "required", or `{"type": "function", "function": {"name":
+    ...}}` to force one tool; None leaves the server's default ("auto" when tools are given)."""
     body: dict[str, Any] = {"model": model, "messages": [message_json(m) for m in messages],
                             "stream": True, "stream_options": {"include_usage": True},
                             **sampling_json(sampling)}
@@ -61,7 +62,7 @@ def chat_request(model: str, messages: Sequence[Message], sampling: Sampling,
     if tools:
         body["tools"] = [tool_json(t) for t in tools]
     if tool_choice is not None:
-        body["tool_choice"] = tool_choice
+        body["tool_choice"] = tool_choice if isinstance(tool_choice, str) else dict(tool_choice)
     return body
 
 

@@ -15,6 +15,11 @@ from typing import Any
 
 import pytest
 
+from .vllm import VllmServer, ensure_installed, start
+
+# ~18 M parameters: head_dim 64 (the CPU attention kernels' sizes), float32 weights.
+VLLM_TINY_SHAPE = {"dim": 256, "n_heads": 4, "n_kv_heads": 2, "hidden_dim": 512}
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -83,3 +88,22 @@ def faulty_tls(certificate: tuple[Path, Path]) -> Iterator[FaultyServer]:
     server = start_faulty(certificate)
     yield server
     stop(server)
+
+
+@pytest.fixture(scope="session")
+def vllm_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[VllmServer]:
+    """vLLM serving a tiny random float32 checkpoint (native Mistral layout, v3 tokenizer) as
+    "tiny". Structured outputs without free whitespace: a forced tool call on a random model is
+    then fully determined by the schema (with free whitespace it loops on blanks). Requests are
+logged, aborts included."""
+    from engine.tiny import make_tiny
+
+    python = ensure_installed()
+    folder = tmp_path_factory.mktemp("vllm")
+    model = make_tiny(folder / "tiny", **VLLM_TINY_SHAPE)
+    server = start(python, model, folder / "vllm.log", extra=[
+        "--structured-outputs-config",
+        '{"backend": "xgrammar", "disable_any_whitespace": true}',
+        "--enable-log-requests"])  # "Request ... aborted." lines, which the tests look for
+    yield server
+    server.stop()

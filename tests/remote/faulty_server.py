@@ -9,6 +9,7 @@ free: tests put a unique id there and find their request in the log):
     /ok            a valid completions stream: three text chunks, usage, [DONE]
     /status/<n>    HTTP <n> with an OpenAI-style JSON error; ?retry_after=S adds Retry-After
     /echo-key      401 whose error message quotes the Authorization header it received
+    /echo-key-stream  the same inside an event of a 200 stream
     /flaky         ?fails=N&code=C: the first N requests with this query get C, then /ok
     /stall-headers reads the request and never answers
     /stall-mid     headers and one event, then silence
@@ -109,6 +110,13 @@ class Server:
                          if r["target"] == target), None)
             return send(writer, 401, "application/json",
                         error_body(f"Invalid authorization header: {auth}"))
+        if path == "/echo-key-stream":
+            auth = next((r["authorization"] for r in reversed(self.requests)
+                         if r["target"] == target), None)
+            start_stream(writer)
+            write_event(writer, {"error": {"message": f"bad header {auth}"}})
+            write_event(writer, "[DONE]")
+            return end_stream(writer)
         if path == "/flaky":
             seen = self.flaky[target] = self.flaky.get(target, 0) + 1
             if seen <= int(query.get("fails", "1")):

@@ -273,6 +273,9 @@ async def test_the_key_is_redacted_when_the_server_echoes_it(faulty: FaultyServe
     error, _ = await fails(remote, unique("/echo-key"))
     assert str(error).endswith("Invalid authorization header: Bearer ***")
     assert KEY not in repr(remote)
+    # Inside a stream too: no event handed to the wire layer carries the key.
+    assert await collect(remote, unique("/echo-key-stream")) == [
+        {"error": {"message": "bad header Bearer ***"}}]
     await remote.aclose()
 
 
