@@ -53,7 +53,7 @@ def ensure_installed(venv: Path | None = None) -> Path:
     venv = venv or venv_path()
     python = venv / "bin" / "python"
     venv.parent.mkdir(parents=True, exist_ok=True)
-    with open(venv.parent / f".{venv.name}.lock", "w") as lock:
+    with open(venv.with_name(venv.name + ".lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if installed_version(python) == VERSION:
             return python
