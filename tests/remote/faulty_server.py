@@ -156,7 +156,9 @@ class Server:
         if path == "/garbage":
             start_stream(writer)
             while True:
-                write_chunk(writer, os.urandom(1023).replace(b"\n", b"?") + b"\n")
+                block = os.urandom(64 * 1024).replace(b"\n", b"?")
+                write_chunk(writer, b"\n".join(block[i:i + 1023]
+                                               for i in range(0, len(block), 1023)))
                 await writer.drain()
         if path == "/huge-line":
             start_stream(writer)
