@@ -80,9 +80,14 @@ class Model:
 
     def new_cache(self, batch_size: int, max_seq_len: int, rewind: int = 0) -> Cache:
         """An empty cache for `batch_size` sequences of up to `max_seq_len` positions, of the
-        kind the architecture keeps (`rewind`: spare slots for cutting back, see `KVCache`)."""
-        return self.module.new_cache(  # type: ignore[operator, no-any-return]
-            batch_size, max_seq_len, rewind=rewind, device=self.device, dtype=self.dtype)
+        kind the architecture keeps (`rewind`: spare slots for cutting back, see `KVCache`).
+
+        Always ordinary tensors, even when asked for inside `torch.inference_mode` (`generate`
+        does): the compiled decode step guards on the dispatch keys of the cache it writes, and
+        a cache of inference tensors would recompile it (seconds) for the other kind."""
+        with torch.inference_mode(False):
+            return self.module.new_cache(  # type: ignore[operator, no-any-return]
+                batch_size, max_seq_len, rewind=rewind, device=self.device, dtype=self.dtype)
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, cache: Cache,
                 output_index: torch.Tensor | None = None) -> torch.Tensor:

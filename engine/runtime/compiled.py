@@ -13,7 +13,10 @@ hundreds of small ops from Python, `KVCache.plan` building masks on the way. `Fa
   own forward, and nothing here special-cases them;
 - attends over the first `span` slots of the preallocated cache, a dimension the compiled graph
   takes as dynamic, so one graph serves every length up to `max_seq_len` and attention costs
-  what the tokens written so far cost;
+  what the tokens written so far cost (sliding-window layers attend over their whole rotating
+  buffer, a static size: see `step`); its inputs are copied to fresh contiguous tensors and
+  caches are always ordinary tensors (`Model.new_cache`), so no call fails a guard: one
+  compile per decoder, none after it (`tests/engine/test_compiled_step.py` counts them);
 - does the cache bookkeeping (slot map, mask, key/value writes) inside the graph;
 - compiles one decoder layer once and reuses it for every layer (`nested_compile_region`, the
   layer passed as an argument): a fraction of the compile time of the unrolled graph.
@@ -212,26 +215,39 @@ class FastDecoder:
             raise ValueError(f"expected tokens and positions of shape ({self.batch_size},), got "
                              f"{tuple(tokens.shape)} and {tuple(positions.shape)}")
         with torch.inference_mode():
-            # Tensors made outside inference mode carry another dispatch key, and the compiled
-            # graph guards on it: copies made here always match (a copy of B ids is free).
-            tokens, positions = tokens.clone(), positions.clone()
+            # The compiled graph guards on its inputs' dispatch keys and strides. Fresh copies
+            # in inference mode, with contiguous strides, always match (a copy of B ids is
+            # free): a tensor made outside inference mode carries another dispatch key, and a
+            # column of a padded prompt (`padded[:, i]`, shape (1,), stride (T,)) keeps its
+            # stride through a plain `clone()`: each recompiled the step (seconds) once per
+            # process.
+            tokens = tokens.clone(memory_format=torch.contiguous_format)
+            positions = positions.clone(memory_format=torch.contiguous_format)
             last = int(positions.max())
             if last >= self.max_seq_len:
                 raise ValueError(f"position {last} is beyond the cache ({self.max_seq_len})")
             # Every row's positions so far live in slots [0, last], or anywhere in a rotating
             # buffer that has wrapped (then the span is its whole capacity, sink excluded).
             span = max(1, -(-(last + 1) // self.SPAN_STEP)) * self.SPAN_STEP
-            spans = [min(span, g.capacity) for g in cache.groups]
+            # Sliding-window layers attend over their whole (small) rotating buffer: a static
+            # size. Only the full-attention group's span is dynamic: two dynamic spans would be
+            # guarded equal or unequal as they were when traced (duck sizing, and the reuse of
+            # the layer region), and recompile at the first step where that changes.
+            spans = [min(span, g.capacity) if g.window is None else g.capacity
+                     for g in cache.groups]
+            dynamic = [g.window is None for g in cache.groups]
             slot_pos = [spos[:, :n] for spos, n in zip(cache.slot_pos, spans, strict=True)]
             keys = [k[:, :, : spans[g]] for k, g in zip(cache.keys, cache.layer_group,
                                                          strict=True)]
             values = [v[:, :, : spans[g]] for v, g in zip(cache.values, cache.layer_group,
                                                            strict=True)]
             if self.compiled:
-                for t in slot_pos:
-                    torch._dynamo.mark_dynamic(t, 1)
-                for t in (*keys, *values):
-                    torch._dynamo.mark_dynamic(t, 2)
+                for t, d in zip(slot_pos, dynamic, strict=True):
+                    if d:
+                        torch._dynamo.mark_dynamic(t, 1)
+                for t, g in zip((*keys, *values), cache.layer_group * 2, strict=True):
+                    if dynamic[g]:
+                        torch._dynamo.mark_dynamic(t, 2)
             return self._fn(tokens, positions, slot_pos, keys, values)
 
 
