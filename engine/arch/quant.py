@@ -2,18 +2,17 @@
 and a zero point per group of `INT4_GROUP` input channels. Activations stay in the model dtype.
 
 Why weight-only: decoding one token reads every weight once, so its cost is bytes read; int8
-halves them (bfloat16 -> 1 byte per weight plus 2 per row), int4 quarters them (half a byte
-plus 4 bytes per 32 weights: 0.625 byte per weight). Prefill is arithmetic, and the kernels used
-here win there too on CPUs without native bfloat16 matmuls.
+halves them (bfloat16 -> 1 byte per weight plus 4 per row), int4 nearly quarters them (half a
+byte plus a bfloat16 scale and zero per 32 weights: 0.625 byte per weight).
 
-Kernels, measured on the 2-core AVX2 machine here (one 12288 x 1024 weight per call, thread CPU
-time; `benchmarks/quant_kernels.py` repeats it): PyTorch's own CPU kernels for weight-only
-matmuls, `aten._weight_int8pack_mm` and `aten._weight_int4pack_mm_for_cpu`, both for one row
-(decode) and for many (prefill: 4x faster than the bfloat16 `F.linear` at 256 rows on this CPU,
-which has no bfloat16 instructions). Inductor's own loops over int8 weights (a broadcast
-multiply-and-sum, as `layers.linear` does for bfloat16) ran 2.4-4x slower than the aten kernel:
-its AVX2 int8-to-float conversion is the bottleneck. Inside the compiled decode step the aten
-calls are extern kernels: the step needs no special case.
+Kernels (`Int8Linear` and `Int4Linear` say which runs where): one row (decode) by the C++
+kernels of `kernels.py`, which stream the codes at 60-75% of one thread's read bandwidth where
+PyTorch's own weight-only kernels (`aten._weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`,
+the fallback when the C++ library is not built) reach 26-42% and inductor's int8 loop 6-8%
+(its AVX2 int8-to-float conversion is the bottleneck); many rows (prefill) by a float32 matmul
+with the weight dequantized for the call, on CPUs that emulate bfloat16 matmuls (4-5x faster
+than the aten kernels at 256 rows on the AVX2 machine here; `benchmarks/kernels.py`). Inside
+the compiled decode step the kernels are extern calls: the step needs no special case.
 
 Layouts: what is saved (`quantize`'s portable form, in the sidecar file of
 `checkpoints/quantized.py`) is device-independent: int8 `[out, in]`; int4 two values per byte
@@ -45,7 +44,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import Linear
+from . import kernels
+from .layers import Linear, native_bf16_matmul
 
 QuantMode = Literal["int8", "int4"]
 QUANT_MODES: tuple[QuantMode, ...] = ("int8", "int4")
@@ -82,8 +82,18 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     return pairs.view(packed.shape[0], -1).to(torch.int32)
 
 
+def _cpu_upcast(x: torch.Tensor) -> bool:
+    """Many rows on a CPU whose bfloat16 matmuls are emulated: dequantize to float32."""
+    return x.dtype == torch.float32 or not native_bf16_matmul()
+
+
 class Int8Linear(nn.Module):
-    """`y = x W^T` with `W = q * scale[:, None]`; `q` int8, one scale per output row."""
+    """`y = x W^T` with `W = q * scale[:, None]`; `q` int8, one scale per output row.
+
+    CPU: one row by the C++ kernel (`kernels.py`; else PyTorch's `_weight_int8pack_mm`); many
+    rows by a float32 matmul with the dequantized weight where bfloat16 matmuls are emulated
+    (4-5x faster than `_weight_int8pack_mm` at 256 rows on the AVX2 machine here), else by
+    `_weight_int8pack_mm`. Other devices: the dequantized weight, at each call."""
 
     q: torch.Tensor
     scale: torch.Tensor
@@ -91,17 +101,22 @@ class Int8Linear(nn.Module):
     def __init__(self, q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> None:
         super().__init__()
         self.out_features, self.in_features = q.shape
+        self.dtype = dtype
         # Non-persistent: the state dict holds the checkpoint's other tensors; these come from
         # the quantizer or the sidecar file (`quantize`'s portable form, through `build`).
         self.register_buffer("q", q, persistent=False)
-        self.register_buffer("scale", scale.to(dtype), persistent=False)
+        self.register_buffer("scale", scale.float().contiguous(), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)
-        if x.device.type == "cpu":
+        if x.device.type != "cpu":
+            y = F.linear(rows, self.q.to(x.dtype) * self.scale.to(x.dtype)[:, None])
+        elif rows.shape[0] == 1 and kernels.available():
+            y = torch.ops.tramontane.gemv_int8(rows, self.q, self.scale)
+        elif rows.shape[0] == 1 or not _cpu_upcast(x):
             y = torch.ops.aten._weight_int8pack_mm(rows, self.q, self.scale.to(x.dtype))
         else:
-            y = F.linear(rows, self.q.to(x.dtype) * self.scale.to(x.dtype)[:, None])
+            y = F.linear(rows.float(), self.q.float() * self.scale[:, None]).to(x.dtype)
         return cast(torch.Tensor, y).view(*x.shape[:-1], self.out_features)
 
     def weight_bytes(self) -> int:
@@ -112,9 +127,16 @@ class Int8Linear(nn.Module):
 
 
 class Int4Linear(nn.Module):
-    """`y = x W^T` with `W = (q - 8) * scale + zero` per group of `group` inputs."""
+    """`y = x W^T` with `W = (q - 8) * scale + zero` per group of `group` inputs.
+
+    CPU with the C++ kernels: the portable codes, scales and zeros in the model dtype; one row
+    by `tramontane::gemv_int4`, many by a float32 matmul with the weight dequantized by
+    `tramontane::dequantize_int4`. CPU without them: PyTorch's `_weight_int4pack_mm_for_cpu` on
+    its own packed layout. Other devices: the portable form, dequantized at each call."""
 
     packed: torch.Tensor
+    scale: torch.Tensor
+    zero: torch.Tensor
     scales_zeros: torch.Tensor
 
     def __init__(self, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
@@ -123,33 +145,45 @@ class Int4Linear(nn.Module):
         self.out_features = packed.shape[0]
         self.in_features = packed.shape[1] * 2
         self.group = group
-        self.on_cpu = packed.device.type == "cpu"
-        # CPU: the kernel's packed weight and its [in / G, out, 2] scales-and-zeros. Else the
-        # portable form, dequantized at each call.
-        if self.on_cpu:
+        self.aten = packed.device.type == "cpu" and not kernels.available()
+        # bfloat16 scales and zeros where the model is bfloat16 (exact: they were rounded to
+        # it), float32 otherwise: the kernel reads them beside the codes.
+        kind = torch.bfloat16 if dtype == torch.bfloat16 else torch.float32
+        if self.aten:
             weight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(unpack_int4(packed), 1)
+            self.register_buffer("packed", weight, persistent=False)
+            self.register_buffer(
+                "scales_zeros", torch.stack((scale.t(), zero.t()), dim=-1).to(dtype).contiguous(),
+                persistent=False)
         else:
-            weight = packed
-        self.register_buffer("packed", weight, persistent=False)
-        self.register_buffer("scales_zeros",
-                             torch.stack((scale.t(), zero.t()), dim=-1).to(dtype).contiguous(),
-                             persistent=False)
+            self.register_buffer("packed", packed, persistent=False)
+            self.register_buffer("scale", scale.to(kind).contiguous(), persistent=False)
+            self.register_buffer("zero", zero.to(kind).contiguous(), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)
-        sz = self.scales_zeros.to(x.dtype)
-        if self.on_cpu:
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(rows, self.packed, self.group, sz)
+        if self.aten:
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(rows, self.packed, self.group,
+                                                           self.scales_zeros.to(x.dtype))
+        elif x.device.type == "cpu" and rows.shape[0] == 1:
+            y = torch.ops.tramontane.gemv_int4(rows, self.packed, self.scale, self.zero,
+                                               self.group)
+        elif x.device.type == "cpu":
+            w = torch.ops.tramontane.dequantize_int4(self.packed, self.scale, self.zero,
+                                                     self.group)
+            y = F.linear(rows.float(), w).to(x.dtype)
         else:
+            g = self.group
             q = unpack_int4(self.packed).to(x.dtype) - 8
-            scale = sz[..., 0].t().repeat_interleave(self.group, dim=1)
-            zero = sz[..., 1].t().repeat_interleave(self.group, dim=1)
-            y = F.linear(rows, q * scale + zero)
+            y = F.linear(rows, q * self.scale.to(x.dtype).repeat_interleave(g, dim=1)
+                         + self.zero.to(x.dtype).repeat_interleave(g, dim=1))
         return cast(torch.Tensor, y).view(*x.shape[:-1], self.out_features)
 
     def weight_bytes(self) -> int:
-        sz = self.scales_zeros
-        return int(self.out_features * self.in_features // 2 + sz.numel() * sz.element_size())
+        extra = (self.scales_zeros if self.aten else self.scale)
+        return int(self.out_features * self.in_features // 2
+                   + 2 * self.out_features * (self.in_features // self.group)
+                   * extra.element_size())
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, int4, "

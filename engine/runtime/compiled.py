@@ -49,6 +49,7 @@ from typing import Any, cast
 
 import torch
 
+from ..arch import kernels
 from ..arch.cache import KVCache
 from ..arch.layers import FeedForward, apply_rotary, rotary_cos_sin
 from ..arch.transformer import Transformer, TransformerBlock
@@ -168,6 +169,7 @@ class FastDecoder:
         if not isinstance(model.module, Transformer):
             raise EngineError(f"FastDecoder supports the dense transformer, not "
                               f"{type(model.module).__name__}")
+        kernels.available()  # load the C++ kernels now: not while dynamo traces the layers
         self.model = model
         self.batch_size = batch_size
         self.max_seq_len = max_seq_len

@@ -1,0 +1,408 @@
+// One-row matrix-vector products that stream a weight matrix once, at the memory limit:
+// bfloat16, int8 (one scale per row) and int4 (two codes per byte, low nibble first; a scale
+// and a zero per group of input channels), and the int4 dequantization for many-row products.
+// Registered as `torch.ops.tramontane.*` (kernels.py builds, loads and describes them; it
+// also holds the pure-PyTorch fallbacks and the shapes for torch.compile).
+//
+// Each row is one dot product over a contiguous stretch of the weight, so the whole matrix is
+// read as one sequential stream (the hardware prefetchers' best case); rows are shared among
+// torch's intra-op threads. The activation row is converted to float32 once per call and stays
+// in L1/L2. AVX2+FMA code is chosen at run time where the CPU has it; elsewhere the same loops
+// in plain C++ (the compiler vectorises what it can).
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#define TRAMONTANE_X86 1
+#endif
+
+namespace {
+
+constexpr int64_t kGrain = 16;  // rows per task, at least
+
+inline float bf16_to_float(uint16_t v) {
+  uint32_t bits = static_cast<uint32_t>(v) << 16;
+  float out;
+  std::memcpy(&out, &bits, sizeof(out));
+  return out;
+}
+
+// ------------------------------------------------------------------------------------------
+// Portable loops
+
+void bf16_rows(const uint16_t* w, const float* x, float* y, int64_t k, int64_t r0, int64_t r1) {
+  for (int64_t r = r0; r < r1; ++r) {
+    const uint16_t* row = w + r * k;
+    float acc = 0.f;
+    for (int64_t i = 0; i < k; ++i) acc += bf16_to_float(row[i]) * x[i];
+    y[r] = acc;
+  }
+}
+
+void int8_rows(const int8_t* w, const float* scale, const float* x, float* y, int64_t k,
+               int64_t r0, int64_t r1) {
+  for (int64_t r = r0; r < r1; ++r) {
+    const int8_t* row = w + r * k;
+    float acc = 0.f;
+    for (int64_t i = 0; i < k; ++i) acc += static_cast<float>(row[i]) * x[i];
+    y[r] = acc * scale[r];
+  }
+}
+
+inline float to_float(float v) { return v; }
+inline float to_float(uint16_t v) { return bf16_to_float(v); }
+
+// xe/xo: the even and odd inputs; gsum: the sum of the inputs of each group. Scales and zeros
+// are float32 or bfloat16 (S = uint16_t): a float32 pair per group of 32 would add 0.25 byte
+// per weight to the 0.5 of the codes.
+template <typename S>
+void int4_rows(const uint8_t* w, const S* scale, const S* zero, const float* xe,
+               const float* xo, const float* gsum, float* y, int64_t k, int64_t group,
+               int64_t r0, int64_t r1) {
+  const int64_t groups = k / group, half = group / 2;
+  for (int64_t r = r0; r < r1; ++r) {
+    const uint8_t* row = w + r * (k / 2);
+    float acc = 0.f;
+    for (int64_t g = 0; g < groups; ++g) {
+      float dot = 0.f;
+      for (int64_t j = g * half; j < (g + 1) * half; ++j) {
+        dot += static_cast<float>(row[j] & 15) * xe[j] + static_cast<float>(row[j] >> 4) * xo[j];
+      }
+      const float s = to_float(scale[r * groups + g]), z = to_float(zero[r * groups + g]);
+      acc += s * dot + (z - 8.f * s) * gsum[g];
+    }
+    y[r] = acc;
+  }
+}
+
+// ------------------------------------------------------------------------------------------
+// AVX2 + FMA
+
+#ifdef TRAMONTANE_X86
+
+__attribute__((target("avx2,fma"))) inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+__attribute__((target("avx2,fma"))) inline __m256 load_bf16(const uint16_t* p) {
+  __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(v), 16));
+}
+
+__attribute__((target("avx2,fma"))) void bf16_rows_avx2(const uint16_t* w, const float* x,
+                                                       float* y, int64_t k, int64_t r0,
+                                                       int64_t r1) {
+  for (int64_t r = r0; r < r1; ++r) {
+    const uint16_t* row = w + r * k;
+    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+    __m256 a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 32 <= k; i += 32) {
+      a0 = _mm256_fmadd_ps(load_bf16(row + i), _mm256_loadu_ps(x + i), a0);
+      a1 = _mm256_fmadd_ps(load_bf16(row + i + 8), _mm256_loadu_ps(x + i + 8), a1);
+      a2 = _mm256_fmadd_ps(load_bf16(row + i + 16), _mm256_loadu_ps(x + i + 16), a2);
+      a3 = _mm256_fmadd_ps(load_bf16(row + i + 24), _mm256_loadu_ps(x + i + 24), a3);
+    }
+    for (; i + 8 <= k; i += 8) a0 = _mm256_fmadd_ps(load_bf16(row + i), _mm256_loadu_ps(x + i), a0);
+    float acc = hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+    for (; i < k; ++i) acc += bf16_to_float(row[i]) * x[i];
+    y[r] = acc;
+  }
+}
+
+// int8 and int4 rows multiply integers: the activation row is quantized to int16 (one scale
+// for the row: a relative error of 2^-16 of its largest value, far below bfloat16's 2^-9), the
+// weights widened to int16, and pairs of products summed into int32 lanes (`madd`): half the
+// instructions of converting every weight to float. Lanes go back to float before they could
+// overflow (every 1024 inputs for int8: at most 128 products of |127 * 32767| per lane).
+__attribute__((target("avx2,fma"))) void int8_rows_avx2(const int8_t* w, const float* scale,
+                                                       const int16_t* x16, float xscale,
+                                                       float* y, int64_t k, int64_t r0,
+                                                       int64_t r1) {
+  for (int64_t r = r0; r < r1; ++r) {
+    const int8_t* row = w + r * k;
+    __m256 facc = _mm256_setzero_ps();
+    int64_t i = 0;
+    while (i + 32 <= k) {
+      __m256i a0 = _mm256_setzero_si256(), a1 = _mm256_setzero_si256();
+      const int64_t stop = std::min(k - 31, i + 1024);
+      for (; i < stop; i += 32) {
+        __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + i));
+        __m256i w0 = _mm256_cvtepi8_epi16(_mm256_castsi256_si128(b));
+        __m256i w1 = _mm256_cvtepi8_epi16(_mm256_extracti128_si256(b, 1));
+        a0 = _mm256_add_epi32(a0, _mm256_madd_epi16(
+            w0, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x16 + i))));
+        a1 = _mm256_add_epi32(a1, _mm256_madd_epi16(
+            w1, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x16 + i + 16))));
+      }
+      facc = _mm256_add_ps(facc, _mm256_cvtepi32_ps(_mm256_add_epi32(a0, a1)));
+    }
+    float acc = hsum(facc);
+    int64_t tail = 0;
+    for (; i < k; ++i) tail += static_cast<int64_t>(row[i]) * x16[i];
+    y[r] = (acc + static_cast<float>(tail)) * xscale * scale[r];
+  }
+}
+
+__attribute__((target("avx2,fma"))) inline __m256 group_dot(const uint8_t* bytes,
+                                                           const int16_t* xe,
+                                                           const int16_t* xo, __m128i low) {
+  __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(bytes));
+  __m256i lo = _mm256_cvtepu8_epi16(_mm_and_si128(b, low));
+  __m256i hi = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(b, 4), low));
+  __m256i dot = _mm256_add_epi32(
+      _mm256_madd_epi16(lo, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xe))),
+      _mm256_madd_epi16(hi, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xo))));
+  return _mm256_cvtepi32_ps(dot);
+}
+
+// Groups of 32 inputs: 16 bytes, their low nibbles the even inputs, their high ones the odd
+// (xe16/xo16: the even and odd inputs as int16). Per group: 8 int32 lanes of at most 4
+// products of |15 * 32767|, to float, times the group's scale.
+__attribute__((target("avx2,fma"))) inline __m256 load8(const float* p) {
+  return _mm256_loadu_ps(p);
+}
+__attribute__((target("avx2,fma"))) inline __m256 load8(const uint16_t* p) {
+  return load_bf16(p);
+}
+
+template <typename S>
+__attribute__((target("avx2,fma"))) void int4_rows_avx2(const uint8_t* w, const S* scale,
+                                                       const S* zero, const int16_t* xe16,
+                                                       const int16_t* xo16, float xscale,
+                                                       const float* gsum, float* y, int64_t k,
+                                                       int64_t r0, int64_t r1) {
+  const int64_t groups = k / 32;
+  const __m128i low = _mm_set1_epi8(15);
+  for (int64_t r = r0; r < r1; ++r) {
+    const uint8_t* row = w + r * (k / 2);
+    const S* s = scale + r * groups;
+    const S* z = zero + r * groups;
+    // Two groups per iteration into two accumulators: one chain of dependent FMAs per group
+    // would cap the stream at a group per FMA latency.
+    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+    int64_t g = 0;
+    for (; g + 2 <= groups; g += 2) {
+      const int64_t at = g * 16;
+      acc0 = _mm256_fmadd_ps(group_dot(row + at, xe16 + at, xo16 + at, low),
+                             _mm256_set1_ps(to_float(s[g])), acc0);
+      acc1 = _mm256_fmadd_ps(group_dot(row + at + 16, xe16 + at + 16, xo16 + at + 16, low),
+                             _mm256_set1_ps(to_float(s[g + 1])), acc1);
+    }
+    for (; g < groups; ++g) {
+      acc0 = _mm256_fmadd_ps(group_dot(row + g * 16, xe16 + g * 16, xo16 + g * 16, low),
+                             _mm256_set1_ps(to_float(s[g])), acc0);
+    }
+    // The zero points' share: sum over groups of (z - 8 s) * (the group's input sum).
+    __m256 off = _mm256_setzero_ps();
+    const __m256 eight = _mm256_set1_ps(8.f);
+    g = 0;
+    for (; g + 8 <= groups; g += 8) {
+      __m256 zs = _mm256_fnmadd_ps(eight, load8(s + g), load8(z + g));
+      off = _mm256_fmadd_ps(zs, _mm256_loadu_ps(gsum + g), off);
+    }
+    float offset = hsum(off);
+    for (; g < groups; ++g) offset += (to_float(z[g]) - 8.f * to_float(s[g])) * gsum[g];
+    y[r] = hsum(_mm256_add_ps(acc0, acc1)) * xscale + offset;
+  }
+}
+
+bool has_avx2() {
+  static const bool yes = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return yes;
+}
+
+#else
+
+bool has_avx2() { return false; }
+
+#endif
+
+// ------------------------------------------------------------------------------------------
+// Ops
+
+std::vector<float> float_row(const at::Tensor& x, int64_t k) {
+  TORCH_CHECK(x.numel() == k, "expected one row of ", k, " values, got ", x.sizes());
+  at::Tensor row = x.reshape({k}).to(at::kFloat).contiguous();
+  const float* p = row.data_ptr<float>();
+  return std::vector<float>(p, p + k);
+}
+
+// The row as int16 codes of one scale: x ~ code * scale.
+std::vector<int16_t> quantize_row(const std::vector<float>& x, float* scale) {
+  float amax = 0.f;
+  for (float v : x) amax = std::max(amax, std::fabs(v));
+  *scale = amax > 0.f ? amax / 32767.f : 1.f;
+  std::vector<int16_t> out(x.size());
+  for (size_t i = 0; i < x.size(); ++i) {
+    out[i] = static_cast<int16_t>(std::nearbyint(x[i] / *scale));
+  }
+  return out;
+}
+
+void check_weight(const at::Tensor& w, at::ScalarType dtype, const char* what) {
+  TORCH_CHECK(w.device().is_cpu() && w.dim() == 2 && w.is_contiguous() &&
+                  w.scalar_type() == dtype,
+              what, ": expected a contiguous 2-D CPU tensor of ", dtype, ", got ",
+              w.scalar_type(), " ", w.sizes());
+}
+
+at::Tensor gemv_bf16(const at::Tensor& x, const at::Tensor& w) {
+  check_weight(w, at::kBFloat16, "gemv_bf16");
+  const int64_t n = w.size(0), k = w.size(1);
+  std::vector<float> xf = float_row(x, k);
+  at::Tensor y = at::empty({n}, x.options().dtype(at::kFloat));
+  const uint16_t* wp = reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>());
+  float* yp = y.data_ptr<float>();
+  const bool avx2 = has_avx2();
+  at::parallel_for(0, n, kGrain, [&](int64_t r0, int64_t r1) {
+#ifdef TRAMONTANE_X86
+    if (avx2) return bf16_rows_avx2(wp, xf.data(), yp, k, r0, r1);
+#endif
+    bf16_rows(wp, xf.data(), yp, k, r0, r1);
+  });
+  return y.to(x.scalar_type());
+}
+
+at::Tensor gemv_int8(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scale) {
+  check_weight(q, at::kChar, "gemv_int8");
+  const int64_t n = q.size(0), k = q.size(1);
+  TORCH_CHECK(scale.numel() == n && scale.scalar_type() == at::kFloat && scale.is_contiguous(),
+              "gemv_int8: expected ", n, " float32 scales");
+  std::vector<float> xf = float_row(x, k);
+  at::Tensor y = at::empty({n}, x.options().dtype(at::kFloat));
+  const int8_t* qp = q.data_ptr<int8_t>();
+  const float* sp = scale.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  const bool avx2 = has_avx2();
+  float xscale = 0.f;
+  std::vector<int16_t> x16 = avx2 ? quantize_row(xf, &xscale) : std::vector<int16_t>();
+  at::parallel_for(0, n, kGrain, [&](int64_t r0, int64_t r1) {
+#ifdef TRAMONTANE_X86
+    if (avx2) return int8_rows_avx2(qp, sp, x16.data(), xscale, yp, k, r0, r1);
+#endif
+    int8_rows(qp, sp, xf.data(), yp, k, r0, r1);
+  });
+  return y.to(x.scalar_type());
+}
+
+void check_int4(const at::Tensor& q, const at::Tensor& scale, const at::Tensor& zero,
+                int64_t group) {
+  check_weight(q, at::kByte, "int4");
+  const int64_t n = q.size(0), k = q.size(1) * 2;
+  TORCH_CHECK(group > 0 && group % 2 == 0 && k % group == 0, "int4: group ", group,
+              " does not divide ", k, " inputs");
+  for (const at::Tensor* t : {&scale, &zero}) {
+    TORCH_CHECK((t->scalar_type() == at::kFloat || t->scalar_type() == at::kBFloat16) &&
+                    t->scalar_type() == scale.scalar_type() && t->is_contiguous() &&
+                    t->numel() == n * (k / group),
+                "int4: expected float32 or bfloat16 scales and zeros of ", n, " x ", k / group);
+  }
+}
+
+at::Tensor gemv_int4(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scale,
+                     const at::Tensor& zero, int64_t group) {
+  check_int4(q, scale, zero, group);
+  const int64_t n = q.size(0), k = q.size(1) * 2;
+  std::vector<float> xf = float_row(x, k);
+  std::vector<float> xe(k / 2), xo(k / 2), gsum(k / group, 0.f);
+  for (int64_t j = 0; j < k / 2; ++j) {
+    xe[j] = xf[2 * j];
+    xo[j] = xf[2 * j + 1];
+  }
+  for (int64_t i = 0; i < k; ++i) gsum[i / group] += xf[i];
+  at::Tensor y = at::empty({n}, x.options().dtype(at::kFloat));
+  const uint8_t* qp = q.data_ptr<uint8_t>();
+  float* yp = y.data_ptr<float>();
+  const bool avx2 = has_avx2() && group == 32;
+  float xscale = 0.f;
+  std::vector<int16_t> xe16, xo16;
+  if (avx2) {
+    std::vector<int16_t> x16 = quantize_row(xf, &xscale);
+    xe16.resize(k / 2);
+    xo16.resize(k / 2);
+    for (int64_t j = 0; j < k / 2; ++j) {
+      xe16[j] = x16[2 * j];
+      xo16[j] = x16[2 * j + 1];
+    }
+  }
+  auto run = [&](const auto* sp, const auto* zp) {
+    at::parallel_for(0, n, kGrain, [&](int64_t r0, int64_t r1) {
+#ifdef TRAMONTANE_X86
+      if (avx2) {
+        return int4_rows_avx2(qp, sp, zp, xe16.data(), xo16.data(), xscale, gsum.data(), yp, k,
+                              r0, r1);
+      }
+#endif
+      int4_rows(qp, sp, zp, xe.data(), xo.data(), gsum.data(), yp, k, group, r0, r1);
+    });
+  };
+  if (scale.scalar_type() == at::kFloat) {
+    run(scale.data_ptr<float>(), zero.data_ptr<float>());
+  } else {
+    run(reinterpret_cast<const uint16_t*>(scale.data_ptr<at::BFloat16>()),
+        reinterpret_cast<const uint16_t*>(zero.data_ptr<at::BFloat16>()));
+  }
+  return y.to(x.scalar_type());
+}
+
+at::Tensor dequantize_int4(const at::Tensor& q, const at::Tensor& scale, const at::Tensor& zero,
+                           int64_t group) {
+  check_int4(q, scale, zero, group);
+  const int64_t n = q.size(0), k = q.size(1) * 2, groups = k / group;
+  at::Tensor w = at::empty({n, k}, q.options().dtype(at::kFloat));
+  const uint8_t* qp = q.data_ptr<uint8_t>();
+  float* wp = w.data_ptr<float>();
+  auto run = [&](const auto* sp, const auto* zp) {
+    at::parallel_for(0, n, kGrain, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        for (int64_t g = 0; g < groups; ++g) {
+          const float s = to_float(sp[r * groups + g]);
+          const float z = to_float(zp[r * groups + g]) - 8.f * s;
+          const uint8_t* src = qp + r * (k / 2) + g * (group / 2);
+          float* dst = wp + r * k + g * group;
+          for (int64_t j = 0; j < group / 2; ++j) {
+            dst[2 * j] = static_cast<float>(src[j] & 15) * s + z;
+            dst[2 * j + 1] = static_cast<float>(src[j] >> 4) * s + z;
+          }
+        }
+      }
+    });
+  };
+  if (scale.scalar_type() == at::kFloat) {
+    run(scale.data_ptr<float>(), zero.data_ptr<float>());
+  } else {
+    run(reinterpret_cast<const uint16_t*>(scale.data_ptr<at::BFloat16>()),
+        reinterpret_cast<const uint16_t*>(zero.data_ptr<at::BFloat16>()));
+  }
+  return w;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(tramontane, m) {
+  m.def("gemv_bf16(Tensor x, Tensor w) -> Tensor");
+  m.def("gemv_int8(Tensor x, Tensor q, Tensor scale) -> Tensor");
+  m.def("gemv_int4(Tensor x, Tensor q, Tensor scale, Tensor zero, int group) -> Tensor");
+  m.def("dequantize_int4(Tensor q, Tensor scale, Tensor zero, int group) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(tramontane, CPU, m) {
+  m.impl("gemv_bf16", &gemv_bf16);
+  m.impl("gemv_int8", &gemv_int8);
+  m.impl("gemv_int4", &gemv_int4);
+  m.impl("dequantize_int4", &dequantize_int4);
+}

@@ -1,0 +1,108 @@
+"""The C++ one-row kernels of `kernels.cpp` (`torch.ops.tramontane.*`): building, loading, and
+the pure-PyTorch path used where they are not built.
+
+Why a C++ extension: decoding one token streams every weight once, and on the AVX2 CPUs here
+neither inductor's loops nor PyTorch's kernels stream at the memory limit. Measured with one
+thread (thread CPU time, so that other processes on the shared machine do not count; a
+12288 x 1024 weight per call, `benchmarks/kernels.py` repeats it), as a share of that thread's
+read bandwidth (a float32 sum): inductor's broadcast-multiply-and-sum over bfloat16 ~50%;
+`aten._weight_int8pack_mm` ~35% of it in int8 bytes; `aten._weight_int4pack_mm_for_cpu` ~20%
+in int4 bytes; inductor's own int8 loop ~8% (its AVX2 int8-to-float conversion is the
+bottleneck). These kernels: see the benchmark and README's Performance section.
+
+Built once at install (`make` runs `python -m engine.arch.kernels`; ~1 minute, needs a C++
+compiler and the `ninja` package), into torch's extension cache (`~/.cache/torch_extensions`).
+At run time the built library is loaded if it is there (torch rebuilds it if this source
+changed); if it is not, nothing is compiled behind the user's back: the fallbacks run, and one
+log line says how to build. `TRAMONTANE_KERNELS=0` forces the fallbacks (tests compare both).
+
+The ops have shapes registered for torch.compile (`register_fake`): the compiled decode step
+calls them as extern kernels, one call per linear layer.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+NAME = "tramontane_kernels"
+SOURCE = Path(__file__).with_name("kernels.cpp")
+_state: dict[str, bool] = {}
+
+
+def _build_dir() -> Path:
+    from torch.utils.cpp_extension import _get_build_directory
+
+    return Path(_get_build_directory(NAME, verbose=False))
+
+
+def build(verbose: bool = False) -> None:
+    """Compile (or load, when up to date) the library and register its ops."""
+    from torch.utils.cpp_extension import load
+
+    load(name=NAME, sources=[str(SOURCE)], extra_cflags=["-O3"], is_python_module=False,
+         verbose=verbose)
+    _register_fakes()
+
+
+def _register_fakes() -> None:
+    @torch.library.register_fake("tramontane::gemv_bf16")  # type: ignore[misc]
+    def _(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return x.new_empty(w.shape[0])
+
+    @torch.library.register_fake("tramontane::gemv_int8")  # type: ignore[misc]
+    def _(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        return x.new_empty(q.shape[0])
+
+    @torch.library.register_fake("tramontane::gemv_int4")  # type: ignore[misc]
+    def _(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
+          group: int) -> torch.Tensor:
+        return x.new_empty(q.shape[0])
+
+    @torch.library.register_fake("tramontane::dequantize_int4")  # type: ignore[misc]
+    def _(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
+          group: int) -> torch.Tensor:
+        return q.new_empty(q.shape[0], q.shape[1] * 2, dtype=torch.float32)
+
+
+def available() -> bool:
+    """Whether the C++ ops are loaded (loading them the first time this is asked)."""
+    if "ok" in _state:
+        return _state["ok"]
+    ok = False
+    if os.environ.get("TRAMONTANE_KERNELS", "1") == "0":
+        log.info("TRAMONTANE_KERNELS=0: the pure-PyTorch kernels run")
+    elif not (_build_dir() / f"{NAME}.so").exists():
+        log.info("the C++ decode kernels are not built (`python -m engine.arch.kernels` builds "
+                 "them): the pure-PyTorch ones run")
+    else:
+        try:
+            build()
+            ok = True
+        except (RuntimeError, OSError, ImportError) as e:  # compiler, ninja or loader trouble
+            log.warning("the C++ decode kernels could not be loaded (%s): the pure-PyTorch "
+                        "ones run", e)
+    _state["ok"] = ok
+    return ok
+
+
+def main() -> int:
+    """`python -m engine.arch.kernels`: build the library now (the Makefile runs this)."""
+    try:
+        build(verbose="-v" in sys.argv)
+    except (RuntimeError, OSError, ImportError) as e:
+        print(f"engine.arch.kernels: not built ({e}); the pure-PyTorch kernels will run",
+              file=sys.stderr)
+        return 1
+    print(f"engine.arch.kernels: built in {_build_dir()}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
