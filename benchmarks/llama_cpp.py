@@ -155,9 +155,11 @@ def convert(venv: Path, hf: Path, out_dir: Path) -> dict[str, Path]:
     for outtype in ("bf16", "q8_0"):
         path = out_dir / f"model-{outtype}.gguf"
         if not path.exists():
-            subprocess.run([str(python), str(src / "convert_hf_to_gguf.py"), str(hf),
-                            "--outtype", outtype, "--outfile", str(path)], check=True,
-                           stdout=subprocess.DEVNULL, timeout=1800)
+            done = subprocess.run([str(python), str(src / "convert_hf_to_gguf.py"), str(hf),
+                                   "--outtype", outtype, "--outfile", str(path)],
+                                  capture_output=True, text=True, timeout=1800)
+            if done.returncode != 0:
+                raise RuntimeError(f"convert_hf_to_gguf.py failed:\n{done.stderr[-3000:]}")
         files[outtype] = path
     q4 = out_dir / "model-q4_0.gguf"
     if not q4.exists():
