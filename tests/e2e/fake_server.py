@@ -8,6 +8,7 @@ Environment:
                "<n> <document> steps=<k> <finish reason>"
   FAKE_RAISE   if set, the backend raises RuntimeError(FAKE_RAISE) (an unexpected failure)
   FAKE_PRINT   if set, the backend prints to stdout, from Python and through fd 1 directly
+  FAKE_LOADING if set, the backend stays `loading` (no tokenizer): completions come back empty
   FAKE_BLOCK   seconds the first step blocks a worker thread, deaf to cancellation (a compile
                or a long prefill on the engine thread); "scripted backend: blocking" goes to
                stderr when it starts
@@ -47,11 +48,14 @@ log = logging.getLogger("tests.e2e.fake_server")
 
 class ScriptedBackend:
     name = "scripted"
-    status = BackendStatus("ready", "scripted ready")
 
     def __init__(self) -> None:
-        self.tokenizer = PromptTokenizer(
+        self.tokenizer: PromptTokenizer | None = PromptTokenizer(
             MistralTokenizer.from_file(str(tokenizer_source("v3"))))
+        self.status = BackendStatus("ready", "scripted ready")
+        if "FAKE_LOADING" in os.environ:
+            self.tokenizer = None
+            self.status = BackendStatus("loading", "Loading the scripted model")
         self.texts: list[str] = json.loads(os.environ.get("FAKE_TOKENS", '["x"]'))
         self.delay = float(os.environ.get("FAKE_DELAY", "0"))
         self.log = Path(os.environ["FAKE_LOG"]) if "FAKE_LOG" in os.environ else None
