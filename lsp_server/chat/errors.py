@@ -18,4 +18,9 @@ class ToolCallError(ChatError):
 
 
 class DeadlineExceeded(ChatError):
-    """A tool's own time budget ran out (walks and searches stop with partial results)."""
+    """A tool's own time budget ran out (walks and searches stop with partial results);
+    `where` names the line a regular expression was stuck on, if that was it."""
+
+    def __init__(self, where: str | None = None) -> None:
+        super().__init__(f"ran out of time on {where}" if where else "ran out of time")
+        self.where = where

@@ -234,7 +234,7 @@ class Workspace:
             return
         for entry in entries:
             if deadline is not None and time.monotonic() > deadline:
-                raise DeadlineExceeded("the walk ran out of time")
+                raise DeadlineExceeded()
             path = Path(entry.path)
             try:
                 if entry.is_symlink():

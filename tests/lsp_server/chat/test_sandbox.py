@@ -80,7 +80,8 @@ def test_several_folders_relative_paths_start_at_the_first(tmp_path: Path, tree:
 
 def test_absolute_paths_outside_are_refused(tmp_path: Path, tree: Path) -> None:
     workspace = Workspace([tree])
-    assert refusal(workspace, "/etc/passwd") == 'path "/etc/passwd" is outside the workspace folders'
+    assert refusal(workspace, "/etc/passwd") == (
+        'path "/etc/passwd" is outside the workspace folders')
     sneaky = f"{tree}/../outside/secret.txt"
     assert refusal(workspace, sneaky) == f'path "{sneaky}" is outside the workspace folders'
 
