@@ -43,6 +43,7 @@ open fail instead of reading through the link.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import stat
@@ -170,13 +171,16 @@ class Workspace:
             raise ToolError(f"path {shown}: '..' leads outside the workspace folder")
         try:
             real = joined.resolve()
-        except (OSError, RuntimeError):  # a symlink loop: RuntimeError before Python 3.13
+            folder = self._folder_of(real)
+            is_dir = folder is not None and real.is_dir()
+        except RuntimeError:  # a symlink loop, before Python 3.13
             raise ToolError(f"path {shown} cannot be resolved (a symbolic link loop)") from None
-        folder = self._folder_of(real)
+        except OSError as e:  # a loop (3.13+), a name too long, ...: strerror names no path
+            reason = "a symbolic link loop" if e.errno == errno.ELOOP else e.strerror
+            raise ToolError(f"path {shown} cannot be resolved ({reason})") from None
         if folder is None:
             raise ToolError(f"path {shown} is a symbolic link, or goes through one, that "
                             "points outside the workspace")
-        is_dir = real.is_dir()
         for candidate, holder in ((lexical, self._folder_of(lexical)), (real, folder)):
             if holder is None:
                 continue

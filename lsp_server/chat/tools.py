@@ -22,14 +22,17 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
+import regex
 from jsonschema import Draft202012Validator
 from jsonschema.exceptions import SchemaError, ValidationError, relevance
-from jsonschema.validators import validator_for
+from jsonschema.validators import extend, validator_for
+from referencing.exceptions import Unresolvable
 
 from ..backends.base import ToolSpec
 from . import filetools
@@ -41,6 +44,7 @@ from .sandbox import Workspace
 BUDGET_SHARE = 0.5
 WORKER_THREADS = 4
 MAX_REPORTED_PROBLEMS = 3
+PATTERN_TIMEOUT_S = 0.1
 _PROBLEM_CHARS = 200
 
 _PATH = {"type": "string", "maxLength": 4096}
@@ -131,12 +135,31 @@ def select_tools(tools: bool | list[str] | None) -> list[ToolSpec]:
     return [spec for name, spec in BUILTIN_TOOLS.items() if name in tools]
 
 
+def _pattern(validator: Any, pattern: str, instance: Any, schema: Any) -> Iterator[ValidationError]:
+    """JSON Schema's "pattern" with the `regex` package and a time limit: jsonschema's own uses
+    `re`, and a client tool's schema pattern against the model's string must not hang the
+    event loop."""
+    if not validator.is_type(instance, "string"):
+        return
+    try:
+        matched = regex.search(pattern, instance, timeout=PATTERN_TIMEOUT_S)
+    except regex.error as e:
+        yield ValidationError(f"the schema's pattern {pattern!r} is invalid ({e})")
+    except TimeoutError:
+        yield ValidationError(f"matching the schema's pattern {pattern!r} took too long")
+    else:
+        if matched is None:
+            yield ValidationError(f"{instance!r} does not match {pattern!r}")
+
+
 @lru_cache(maxsize=256)
 def _validator(schema_json: str) -> Any:
+    """A validator for the schema (cached by its JSON text). References are never fetched:
+    jsonschema >= 4.18 retrieves no remote `$ref`, and one it cannot resolve is reported."""
     schema = json.loads(schema_json)
     cls = validator_for(schema, default=Draft202012Validator)
     cls.check_schema(schema)
-    return cls(schema)
+    return extend(cls, {"pattern": _pattern})(schema)
 
 
 def _signature(schema: dict[str, Any]) -> str:
@@ -173,6 +196,9 @@ def check_arguments(spec: ToolSpec, arguments: Any) -> ToolError | None:
         errors = sorted(validator.iter_errors(arguments), key=relevance)
     except RecursionError:
         return ToolError(f"{spec.name}: the arguments are nested too deeply")
+    except Unresolvable as e:
+        return ToolError(f"{spec.name}: the tool's parameter schema refers to "
+                         f"{json.dumps(e.ref)}, which cannot be resolved")
     if not errors:
         return None
     problems = []

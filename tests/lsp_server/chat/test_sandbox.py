@@ -130,6 +130,13 @@ def test_symlink_loops_are_refused(tree: Path) -> None:
         'path "loop/x" cannot be resolved (a symbolic link loop)')
 
 
+def test_names_too_long_for_the_os_are_refused_without_the_absolute_path(tree: Path) -> None:
+    workspace = Workspace([tree])
+    message = refusal(workspace, "a" * 300)
+    assert message == f'path "{"a" * 200}…" cannot be resolved (File name too long)'
+    assert workspace.is_denied(Path("b" * 300))
+
+
 @pytest.mark.parametrize(("path", "pattern"), [
     (".env", ".env*"),
     (".env.local", ".env*"),

@@ -195,6 +195,29 @@ def test_an_invalid_schema_from_a_client_tool_is_reported() -> None:
         "given schemas")
 
 
+def test_client_schema_patterns_are_matched_with_a_time_limit() -> None:
+    spec = ToolSpec("client_tool", "", {"type": "object",
+                                        "properties": {"name": {"type": "string",
+                                                                "pattern": "^(a+)+$"}}})
+    assert validate_arguments(spec, '{"name": "aaa"}') == {"name": "aaa"}
+    assert invalid(spec, '{"name": "abc"}') == (
+        "client_tool: invalid arguments: name: 'abc' does not match '^(a+)+$'. Expected "
+        "{name?: string}")
+    began = time.monotonic()
+    assert invalid(spec, json.dumps({"name": "a" * 50_000 + "!"})) == (
+        "client_tool: invalid arguments: name: matching the schema's pattern '^(a+)+$' took too "
+        "long. Expected {name?: string}")
+    assert time.monotonic() - began < 5  # jsonschema's own `re` would never return
+
+
+def test_a_schema_reference_is_never_fetched() -> None:
+    spec = ToolSpec("client_tool", "", {"type": "object", "properties": {
+        "a": {"$ref": "http://127.0.0.1:9/schema.json"}}})
+    assert invalid(spec, '{"a": 1}') == (
+        'client_tool: the tool\'s parameter schema refers to "http://127.0.0.1:9/schema.json", '
+        "which cannot be resolved")
+
+
 # --- The output cap --------------------------------------------------------------------------
 
 
