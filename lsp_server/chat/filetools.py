@@ -76,7 +76,7 @@ def size_text(n: int) -> str:
     return f"{n / (1 << 20):.1f} MiB" if n >= 1 << 20 else f"{n} bytes"
 
 
-def _read_text(workspace: Workspace, real: Path, given: str) -> str:
+def _read_text(real: Path, given: str) -> str:
     """The text of file `real` (named `given` by the model), or a ToolError saying why not."""
     shown = show_path(given)
     try:
@@ -107,7 +107,7 @@ def read_file(args: dict[str, Any], workspace: Workspace,
     given = args["path"]
     real = workspace.resolve(given)
     document = open_document(real) if open_document is not None else None
-    text = document.text if document is not None else _read_text(workspace, real, given)
+    text = document.text if document is not None else _read_text(real, given)
     lines = split_lines(text)
     name = workspace.display(real)
     if not lines:
