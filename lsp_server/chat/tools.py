@@ -48,10 +48,10 @@ PATTERN_TIMEOUT_S = 0.1
 _PROBLEM_CHARS = 200
 
 _PATH = {"type": "string", "maxLength": 4096}
+_UINTEGER = {"type": "integer", "minimum": 0, "maximum": 2**31 - 1}  # LSP's uinteger
 _POSITION = {
     "type": "object",
-    "properties": {"line": {"type": "integer", "minimum": 0},
-                   "character": {"type": "integer", "minimum": 0}},
+    "properties": {"line": _UINTEGER, "character": _UINTEGER},
     "required": ["line", "character"],
     "additionalProperties": False,
 }

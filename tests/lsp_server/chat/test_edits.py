@@ -126,6 +126,16 @@ def test_files_that_cannot_be_edited_are_refused(project: Path) -> None:
         'path ".git/config" is inside a .git directory: git internals are not open to tools')
 
 
+def test_positions_beyond_lsp_integers_are_schema_errors(project: Path) -> None:
+    result = asyncio.run(run_tool(
+        "propose_edit", {"path": "a.py", "edits": [edit((2**40, 0), (2**40, 0), "x")]},
+        Workspace([project]), timeout_s=5.0, output_chars=1000))
+    assert (result.content, result.is_error) == (
+        "propose_edit: invalid arguments: edits[0].range.end.line: 1099511627776 is greater "
+        "than the maximum of 2147483647; edits[0].range.start.line: 1099511627776 is greater "
+        "than the maximum of 2147483647. Expected {path: string, edits: array}", True)
+
+
 def test_run_tool_returns_the_proposed_edit_with_its_summary(project: Path) -> None:
     result = asyncio.run(run_tool(
         "propose_edit", {"path": "a.py", "edits": [edit((1, 0), (1, 6), "2nd")]},
