@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import threading
@@ -32,13 +33,18 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
+
 import engine
 
+from ..chat.errors import ToolCallError
 from ..chat.prompt import encode_chat
+from ..chat.toolcalls import ToolCallDecoder, new_call_id
 from ..scheduler import Priority, Scheduler
 from ..settings import CacheSettings, CompletionSettings, Settings, default_cache_budget_mib
 from ..tokenizer import PromptTokenizer
 from .base import (
+    INVALID_CALL,
     BackendError,
     BackendStatus,
     ChatRequest,
@@ -47,6 +53,8 @@ from .base import (
     Event,
     StatusListener,
     TextDelta,
+    ToolCall,
+    ToolCalls,
 )
 
 log = logging.getLogger(__name__)
@@ -109,6 +117,26 @@ class PlainText:
 
     def finish(self, rest: str) -> tuple[str, list[Event]]:
         return rest, []
+
+
+class ChatTokens:
+    """Chat answers: visible text until the model's `[TOOL_CALLS]` token, then its tool calls
+    (`chat.toolcalls` parses every tokenizer version's format, in bounded time and memory). A
+    call that cannot be parsed becomes an `INVALID_CALL` whose error the model reads."""
+
+    def __init__(self, tokenizer: MistralTokenizer) -> None:
+        self._decoder = ToolCallDecoder(tokenizer)
+
+    def feed(self, event: engine.TokenEvent) -> str:
+        return self._decoder.feed(event.token)
+
+    def finish(self, rest: str) -> tuple[str, list[Event]]:
+        text = self._decoder.flush()  # the decoder decodes the tokens itself: `rest` is ours
+        calls = self._decoder.finish()
+        if isinstance(calls, ToolCallError):
+            invalid = ToolCall(new_call_id(), INVALID_CALL, json.dumps({"problem": str(calls)}))
+            return text, [ToolCalls((invalid,))]
+        return text, [ToolCalls(tuple(calls))] if calls else []
 
 
 class StreamJob:
@@ -273,7 +301,7 @@ class LocalBackend:
                                  cache_key=request.key, adapter=request.adapter)
 
         async for event in self._events(make, None, request.on_end, Priority.BACKGROUND,
-                                        request.key):
+                                        request.key, ChatTokens(model.tokenizer)):
             yield event
 
     def forget(self, key: str) -> None:
@@ -292,7 +320,8 @@ class LocalBackend:
 
     async def _events(self, make: Callable[[engine.CancellationToken], engine.Stream],
                       stop: Callable[[str], bool] | None, on_end: Callable[[End], None] | None,
-                      priority: Priority, key: str) -> AsyncIterator[Event]:
+                      priority: Priority, key: str,
+                      decoder: TokenDecoder | None = None) -> AsyncIterator[Event]:
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[object] = asyncio.Queue()
         cancel = engine.CancellationToken()
@@ -308,7 +337,7 @@ class LocalBackend:
             with contextlib.suppress(RuntimeError):  # the loop is closed: the server is exiting
                 loop.call_soon_threadsafe(receive, item)
 
-        job = StreamJob(lambda: make(cancel), deliver, cancel, stop)
+        job = StreamJob(lambda: make(cancel), deliver, cancel, stop, decoder)
         self._scheduler.submit(job, priority, key)
         try:
             while True:
@@ -317,7 +346,7 @@ class LocalBackend:
                     raise BackendError(str(item)) from None
                 if isinstance(item, BaseException):
                     raise item
-                assert isinstance(item, (TextDelta, End))
+                assert isinstance(item, (TextDelta, ToolCalls, End))
                 yield item
                 if isinstance(item, End):
                     return
