@@ -21,7 +21,7 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from ..errors import ModelLoadError
-from . import dense, mamba2
+from . import dense, mamba2, pixtral
 from .family import Family
 from .files import (
     check_not_pickle,
@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 
 # The architecture registry, in the order families are asked: the first that claims a folder's
 # config loads it.
-FAMILIES: tuple[Family, ...] = (mamba2.FAMILY, dense.FAMILY)
+FAMILIES: tuple[Family, ...] = (mamba2.FAMILY, pixtral.FAMILY, dense.FAMILY)
 
 
 @dataclass(frozen=True)
@@ -60,8 +60,6 @@ def _family(path: Path, data: dict[str, Any], hf: bool) -> Family:
     if hf:
         raise ModelLoadError(path, f"unsupported architecture {data.get('architectures')}; "
                              f"supported: {', '.join(f.name for f in FAMILIES)}")
-    if data.get("vision_encoder"):
-        raise ModelLoadError(path, "'vision_encoder' checkpoints are not supported yet")
     raise ModelLoadError(path, f"model_type {data.get('model_type')!r} is not supported yet")
 
 
@@ -93,7 +91,9 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu",
     family = _family(config_path, read_json(config_path), hf)
     config = family.parse_config(config_path, hf)
     files = hf_files(folder) if hf else native_files(folder)
-    tokenizer = load_tokenizer(find_tokenizer_file(folder))
+    tokenizer_file = find_tokenizer_file(folder)
+    tokenizer = load_tokenizer(tokenizer_file)
+    family.check_tokenizer(config, tokenizer, tokenizer_file)
     index = index_tensors(files, lambda stored: family.rename(stored, hf), kind=family.name)
 
     with torch.device("meta"):
