@@ -249,6 +249,12 @@ def cmd_make_tiny(args: argparse.Namespace) -> int:
         raise CliError(f"{folder}: exists and is not an empty folder; choose a new one")
     shape = {kw: getattr(args, dest) for dest, kw in SHAPE_OPTIONS.items()
              if getattr(args, dest) is not None}
+    if args.patch_merge and args.arch != "pixtral":
+        raise CliError("--patch-merge needs --arch pixtral", EXIT_USAGE)
+    tokenizer = args.tokenizer or ("tekken" if args.arch == "pixtral" else "v3")
+    if args.arch == "pixtral" and tokenizer != "tekken":
+        raise CliError("--arch pixtral needs the tekken tokenizer (its [IMG] tokens)",
+                       EXIT_USAGE)
     if args.arch == "mamba":  # a Mamba2 has no attention: only its width and depth apply
         wrong = [f"--{dest.replace('_', '-')}" for dest, kw in SHAPE_OPTIONS.items()
                  if kw in shape and kw not in ("dim", "n_layers")]
@@ -256,12 +262,13 @@ def cmd_make_tiny(args: argparse.Namespace) -> int:
             raise CliError(f"--arch mamba takes only --dim and --layers, not {', '.join(wrong)}",
                            EXIT_USAGE)
     try:
-        path = tiny.make_tiny(folder, layout=args.layout, tokenizer=args.tokenizer,
+        path = tiny.make_tiny(folder, layout=args.layout, tokenizer=tokenizer,
                               seed=args.seed, dtype=DTYPE_NAMES[args.dtype], arch=args.arch,
-                              **shape)
+                              patch_merge=args.patch_merge, **shape)
     except ValueError as e:  # TransformerConfig's checks of the shape options
         raise CliError(f"invalid shape: {e}", EXIT_USAGE) from None
-    print(f"wrote a tiny {args.layout} checkpoint with the {args.tokenizer} tokenizer to {path}",
+    kind = {"mamba": "Mamba2 ", "pixtral": "Pixtral (vision) "}.get(args.arch, "")
+    print(f"wrote a tiny {kind}{args.layout} checkpoint with the {tokenizer} tokenizer to {path}",
           file=sys.stderr)
     print("warning: its weights are random: everything it generates is noise (it is for "
           "trying the tools and for tests)", file=sys.stderr)
@@ -416,10 +423,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layout", choices=("native", "hf"), default="native",
                    help="native Mistral (params.json + consolidated.safetensors) or Hugging Face "
                         "(config.json + model.safetensors) (default: native)")
-    p.add_argument("--tokenizer", choices=list(tiny.TOKENIZERS), default="v3",
-                   help="which mistral-common tokenizer to ship (default: v3; FIM needs v3+)")
-    p.add_argument("--arch", choices=("transformer", "mamba"), default="transformer",
-                   help="dense transformer, or Mamba2 as Codestral Mamba (default: transformer)")
+    p.add_argument("--tokenizer", choices=list(tiny.TOKENIZERS),
+                   help="which mistral-common tokenizer to ship (default: v3, tekken for "
+                        "pixtral; FIM needs v3+)")
+    p.add_argument("--arch", choices=tiny.ARCHS, default="transformer",
+                   help="dense transformer, Mamba2 as Codestral Mamba, or Pixtral (a dense "
+                        "decoder with a vision encoder: `chat --image` works on it) "
+                        "(default: transformer)")
+    p.add_argument("--patch-merge", action="store_true",
+                   help="with --arch pixtral: a patch merger, as Mistral Small 3.1 (14-pixel "
+                        "patches merged 2x2) instead of Pixtral 12B (16-pixel patches)")
     p.add_argument("--seed", type=int, default=0, help="weight seed (default: 0)")
     p.add_argument("--dtype", choices=sorted(DTYPE_NAMES), default="float32", metavar="DTYPE",
                    help=f"weight dtype: {', '.join(sorted(DTYPE_NAMES))} (default: float32)")

@@ -1,0 +1,238 @@
+"""Pixtral: the vision tower against transformers, block-diagonal attention across images,
+both checkpoint layouts (with and without the patch merger), and the loader's checks."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import engine
+from engine.arch import attention
+from engine.arch.vision import rotary_cos_sin_2d
+from tests.conftest import CheckpointFactory
+from tests.engine.vision_util import hf_model, hf_pixels, image_prompt, noise_image
+
+ATOL = 1e-4
+MERGES = [pytest.param(False, id="pixtral12b"), pytest.param(True, id="patch-merger")]
+
+
+def copy(src: Path, tmp_path: Path) -> Path:
+    dst = tmp_path / "model"
+    shutil.copytree(src, dst)
+    return dst
+
+
+def pixels_of(model: engine.Model, sizes: list[tuple[int, int]]) -> list[torch.Tensor]:
+    _, pixels = image_prompt(model, [noise_image(w, h, seed=i) for i, (w, h) in enumerate(sizes)])
+    return [torch.from_numpy(p) for p in pixels]
+
+
+# ---------------------------------------------------------------------------------------------
+# Layouts
+
+
+@pytest.mark.parametrize("merge", MERGES)
+def test_native_and_hf_layouts_load_to_the_same_weights_and_config(
+        make_pixtral: CheckpointFactory, merge: bool) -> None:
+    native = engine.load(make_pixtral("native", merge))
+    hf = engine.load(make_pixtral("hf", merge))
+    assert native.has_vision and hf.has_vision
+    assert native.config.vision == hf.config.vision
+    vision = native.config.vision
+    assert vision is not None
+    assert (vision.patch_size, vision.spatial_merge_size, vision.pre_norm,
+            vision.adapter_bias) == ((14, 2, True, False) if merge else (16, 1, False, True))
+    sa, sb = native.module.state_dict(), hf.module.state_dict()
+    assert sa.keys() == sb.keys()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+@pytest.mark.parametrize("merge", MERGES)
+def test_folders_saved_by_transformers_load_to_the_same_weights(
+        make_pixtral: CheckpointFactory, tmp_path: Path, merge: bool) -> None:
+    """What transformers saves loads back to the same weights; so do the names that
+    transformers 4.52-4.57 saved (`model.language_model.*`, `model.vision_tower.*`,
+    `model.multi_modal_projector.*`, `lm_head`) rather than the Hub's."""
+    folder = make_pixtral("hf", merge)
+    ours = engine.load(folder).module.state_dict()
+    saved = tmp_path / "saved"
+    hf_model(folder).save_pretrained(saved)
+    shutil.copy(folder / "tekken.json", saved)
+    renamed = copy(folder, tmp_path)
+    tensors = load_file(renamed / "model.safetensors")
+    moves = (("language_model.model.", "model.language_model."),
+             ("language_model.lm_head.", "lm_head."), ("vision_tower.", "model.vision_tower."),
+             ("multi_modal_projector.", "model.multi_modal_projector."))
+    new_names = {}
+    for name, tensor in tensors.items():
+        for old, new in moves:
+            if name.startswith(old):
+                name = new + name[len(old):]
+                break
+        new_names[name] = tensor
+    assert "model.vision_tower.ln_pre.weight" in new_names
+    save_file(new_names, renamed / "model.safetensors")
+    for other in (saved, renamed):
+        theirs = engine.load(other).module.state_dict()
+        assert ours.keys() == theirs.keys()
+        assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+
+# ---------------------------------------------------------------------------------------------
+# The tower against transformers
+
+
+@pytest.mark.parametrize("merge", MERGES)
+def test_image_features_match_transformers_for_two_images_of_different_sizes(
+        make_pixtral: CheckpointFactory, merge: bool) -> None:
+    model = engine.load(make_pixtral("native", merge))
+    reference = hf_model(make_pixtral("hf", merge))
+    pixels = pixels_of(model, [(90, 60), (33, 47)])
+    got = model.encode_images(pixels)
+    with torch.no_grad():
+        inputs = hf_pixels([p.numpy() for p in pixels])
+        want = reference.model.get_image_features(**inputs, vision_feature_layer=-1,
+                                                  **({} if merge else {
+                                                      "vision_feature_select_strategy": "full"}))
+    for g, w in zip(got, want.pooler_output, strict=True):
+        assert g.shape == w.shape
+        torch.testing.assert_close(g, w, atol=ATOL, rtol=0)
+    side = 28 if merge else 16  # pixels per [IMG] token
+    assert [g.shape[0] for g in got] == [
+        (p.shape[1] // side) * (p.shape[2] // side) for p in pixels]
+
+
+def test_2d_rotary_turns_even_frequencies_with_the_row_and_odd_ones_with_the_column() -> None:
+    cos, sin = rotary_cos_sin_2d([(2, 3)], head_dim=8, theta=100.0, dtype=torch.float64,
+                                 device=torch.device("cpu"))
+    f = [100.0 ** (-i / 8) for i in (0, 2, 4, 6)]  # the 1-D frequencies
+    # patch (row 1, column 2) is the sixth, row-major; pairs: (row f0, row f2, col f1, col f3)
+    want = torch.tensor([1 * f[0], 1 * f[2], 2 * f[1], 2 * f[3]], dtype=torch.float64)
+    assert cos.shape == (6, 1, 8)
+    torch.testing.assert_close(cos[5, 0], want.cos().repeat_interleave(2))
+    torch.testing.assert_close(sin[5, 0, 1::2], want.sin())
+    torch.testing.assert_close(sin[5, 0, 0::2], -want.sin())
+
+
+# ---------------------------------------------------------------------------------------------
+# Block-diagonal attention
+
+
+@pytest.mark.parametrize("merge", MERGES)
+def test_two_images_encoded_together_equal_each_encoded_alone(
+        make_pixtral: CheckpointFactory, merge: bool) -> None:
+    model = engine.load(make_pixtral("native", merge))
+    pixels = pixels_of(model, [(120, 80), (40, 64), (64, 40)])
+    together = model.encode_images(pixels)
+    for p, t in zip(pixels, together, strict=True):
+        torch.testing.assert_close(model.encode_images([p])[0], t, atol=1e-5, rtol=0)
+
+
+def test_without_the_block_diagonal_mask_patches_would_see_the_other_image(
+        make_pixtral: CheckpointFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Guards the test above: attention across images (mistral-inference's bug) changes the
+    features, so the equality there is the mask's doing."""
+    model = engine.load(make_pixtral("native"))
+    pixels = pixels_of(model, [(120, 80), (40, 64)])
+    masked = model.encode_images(pixels)
+    real = attention.block_diagonal_attention
+    monkeypatch.setattr("engine.arch.vision.block_diagonal_attention",
+                        lambda q, k, v, seqlens: real(q, k, v, [sum(seqlens)]))
+    leaky = model.encode_images(pixels)
+    assert (leaky[0] - masked[0]).abs().max() > 1e-2
+
+
+def test_block_diagonal_attention_equals_one_attention_per_sequence() -> None:
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(10, 2, 8) for _ in range(3))
+    out = attention.block_diagonal_attention(q, k, v, [3, 7])
+    scale = 8 ** -0.5
+    for lo, hi in ((0, 3), (3, 10)):
+        scores = torch.einsum("qhd,khd->hqk", q[lo:hi], k[lo:hi]) * scale
+        want = torch.einsum("hqk,khd->qhd", scores.softmax(-1), v[lo:hi])
+        torch.testing.assert_close(out[lo:hi], want, atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match=r"sequence lengths \[3, 6\] do not add up to 10"):
+        attention.block_diagonal_attention(q, k, v, [3, 6])
+    assert not attention.uses_xformers(torch.device("cpu"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Loader checks
+
+
+def _edit_params(folder: Path, **changes: object) -> None:
+    params = json.loads((folder / "params.json").read_text())
+    params["vision_encoder"].update(changes)
+    (folder / "params.json").write_text(json.dumps(params))
+
+
+def test_a_tokenizer_that_cuts_images_otherwise_is_refused_at_load(
+        make_pixtral: CheckpointFactory, tmp_path: Path) -> None:
+    folder = copy(make_pixtral("native"), tmp_path)
+    tekken = json.loads((folder / "tekken.json").read_text())
+    tekken["image"]["image_patch_size"] = 14
+    (folder / "tekken.json").write_text(json.dumps(tekken))
+    with pytest.raises(engine.ModelLoadError, match=(
+            r"tekken.json: the tokenizer cuts images into patches of 14 pixels, merged 1x1, "
+            r"with \[IMG\] id 10; the vision encoder expects 16, 1x1 and id 10")):
+        engine.load(folder)
+
+
+def test_a_tokenizer_without_image_settings_is_refused_for_a_vision_model(
+        make_pixtral: CheckpointFactory, tmp_path: Path) -> None:
+    folder = copy(make_pixtral("native"), tmp_path)
+    tekken = json.loads((folder / "tekken.json").read_text())
+    del tekken["image"]
+    (folder / "tekken.json").write_text(json.dumps(tekken))
+    with pytest.raises(engine.ModelLoadError, match="the tokenizer has no image settings"):
+        engine.load(folder)
+
+
+def test_an_unknown_projector_and_a_missing_vision_field_are_named(
+        make_pixtral: CheckpointFactory, tmp_path: Path) -> None:
+    folder = copy(make_pixtral("native"), tmp_path)
+    _edit_params(folder, mm_projector_id="mlp_fancy")
+    with pytest.raises(engine.ModelLoadError,
+                       match="vision_encoder.mm_projector_id 'mlp_fancy' is not supported"):
+        engine.load(folder)
+    params = json.loads((folder / "params.json").read_text())
+    del params["vision_encoder"]["mm_projector_id"]
+    del params["vision_encoder"]["patch_size"]
+    (folder / "params.json").write_text(json.dumps(params))
+    with pytest.raises(engine.ModelLoadError,
+                       match="missing required field 'vision_encoder.patch_size'"):
+        engine.load(folder)
+
+
+def test_hf_options_we_do_not_implement_are_refused_by_name(
+        make_pixtral: CheckpointFactory, tmp_path: Path) -> None:
+    folder = copy(make_pixtral("hf"), tmp_path)
+    config = json.loads((folder / "config.json").read_text())
+    config["vision_feature_layer"] = -2
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(engine.ModelLoadError, match=r"vision_feature_layer=-2 is not supported"):
+        engine.load(folder)
+    config["vision_feature_layer"] = -1
+    config["vision_config"]["model_type"] = "clip_vision_model"
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(engine.ModelLoadError,
+                       match="vision tower 'clip_vision_model' is not supported"):
+        engine.load(folder)
+
+
+def test_a_missing_vision_tensor_is_named_as_stored(make_pixtral: CheckpointFactory,
+                                                    tmp_path: Path) -> None:
+    for layout, file, name in (
+            ("native", "consolidated.safetensors", "vision_encoder.ln_pre.weight"),
+            ("hf", "model.safetensors", "vision_tower.ln_pre.weight")):
+        folder = copy(make_pixtral(layout), tmp_path / layout)
+        tensors = load_file(folder / file)
+        del tensors[name]
+        save_file(tensors, folder / file)
+        with pytest.raises(engine.ModelLoadError, match=f"missing tensor '{name}'"):
+            engine.load(folder)
