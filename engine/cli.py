@@ -22,17 +22,20 @@ from typing import TextIO
 
 import torch
 from mistral_common.exceptions import MistralCommonException
+from mistral_common.protocol.instruct.chunk import ImageChunk, TextChunk
 from mistral_common.protocol.instruct.messages import (
     AssistantMessage,
     SystemMessage,
     UserMessage,
 )
 from mistral_common.protocol.instruct.request import ChatCompletionRequest
+from PIL import Image
 
 from .checkpoints import hub, tiny
 from .checkpoints.files import DTYPE_NAMES
 from .checkpoints.tokenizer import encode_fim
 from .errors import EngineError, GenerationError
+from .images import check_image_counts, read_image_file
 from .model import Model, load
 from .runtime.generation import EndEvent, TokenEvent, stream
 from .runtime.sampling import SamplingParams
@@ -199,14 +202,32 @@ def _read_line(prompt: str) -> str | None:
     return line.rstrip("\r\n") if line else None
 
 
+def read_images(paths: Sequence[str]) -> list[Image.Image]:
+    """The `--image` files, each checked against the engine's limits before it is decoded."""
+    check_image_counts([len(paths)])
+    return [read_image_file(path) for path in paths]
+
+
+def user_message(text: str, images: Sequence[Image.Image]) -> UserMessage:
+    if not images:
+        return UserMessage(content=text)
+    return UserMessage(content=[*(ImageChunk(image=image) for image in images),
+                                TextChunk(text=text)])
+
+
 def cmd_chat(args: argparse.Namespace) -> int:
     params = sampling_params(args)
+    images = read_images(args.image or [])
     model = load_model(args)
+    if images and not model.has_vision:
+        raise CliError(f"{model.path}: this model has no vision encoder; --image needs a vision "
+                       "model (Pixtral 12B, Mistral Small 3.1)")
     system: list[Message] = [SystemMessage(content=args.system)] if args.system else []
     history: list[Message] = list(system)
     if sys.stdin.isatty():
-        print(f"chatting with {model.path.name}: /reset starts over, /exit or Ctrl-D quits",
-              file=sys.stderr)
+        attached = f" ({len(images)} image(s) go with your first message)" if images else ""
+        print(f"chatting with {model.path.name}{attached}: /reset starts over, /exit or Ctrl-D "
+              "quits", file=sys.stderr)
     while (line := _read_line(">>> ")) is not None:
         command = line.strip()
         if command in ("/exit", "/quit"):
@@ -216,10 +237,11 @@ def cmd_chat(args: argparse.Namespace) -> int:
             continue
         if not command:
             continue
-        history.append(UserMessage(content=line))
+        first = len(history) == len(system)
+        history.append(user_message(line, images if first else ()))
         try:
-            tokens, end = write_stream(stream(chat_prompt(model, history), model, params),
-                                       sys.stdout)
+            tokens, end = write_stream(stream(chat_prompt(model, history), model, params,
+                                              images=images), sys.stdout)
         except KeyboardInterrupt:
             history.pop()
             print("\n(interrupted: reply dropped)", file=sys.stderr)
@@ -397,6 +419,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "Ends at end of input or /exit; /reset forgets the conversation. The whole "
                     "conversation is encoded by mistral-common at each turn.")
     p.add_argument("--system", metavar="TEXT", help="a system prompt")
+    p.add_argument("--image", action="append", metavar="PATH",
+                   help="attach an image (PNG, JPEG, WEBP, GIF) to the first message; repeat for "
+                        "several (at most 8); needs a vision model (Pixtral)")
     p.set_defaults(func=cmd_chat)
 
     p = commands.add_parser(

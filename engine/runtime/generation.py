@@ -19,10 +19,14 @@ import torch
 from ..cancel import CancellationToken
 from ..checkpoints.tokenizer import TextStream
 from ..errors import GenerationError
+from ..images import DEFAULT_LIMITS, ImageLimits
+from .image_inputs import RequestImages
 from .prefix_cache import PrefixCache
 from .sampling import SamplingParams, make_generator, sample, token_logprobs
 
 if TYPE_CHECKING:
+    from PIL import Image
+
     from ..model import Model
 
 FinishReason = Literal["stop", "length", "cancelled"]
@@ -71,6 +75,7 @@ class _Stats:
     # How many tokens of each row the cache holds at the end (prompt then generated tokens fed
     # back): what a prefix cache may reuse next time.
     cached: list[int] = field(default_factory=list)
+    images_encoded: int = 0
 
 
 def _check_prompts(prompts: Sequence[Sequence[int]], vocab_size: int) -> None:
@@ -98,6 +103,7 @@ def _steps(
     start: int = 0,
     on_prefilled: Callable[[], None] | None = None,
     split_at: int | None = None,
+    images: RequestImages | None = None,
 ) -> Iterator[tuple[list[int], list[float], list[bool]]]:
     """Yield, per decode step, each row's token, its log-prob, and whether the row emits it.
 
@@ -105,6 +111,8 @@ def _steps(
     reuse): only the rest is prefilled. With `split_at`, a prefill chunk ends there and
     `on_prefilled` is called then (a recurrent state is snapshotted at that point); without it,
     `on_prefilled` is called after the whole prefill. Sets `stats.reasons` and `stats.cached`.
+    `images`: the request's images; the vision tower runs once, before the prefill, and their
+    features replace the embeddings of the `[IMG]` positions chunk by chunk.
     """
     _check_prompts(prompts, model.config.vocab_size)
     if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size <= 0):
@@ -145,6 +153,10 @@ def _steps(
     # A prefix cache often leaves a token or two to prefill: one compiled step per token is
     # cheaper than an eager forward for so few.
     stepwise = fast and longest - start <= FAST_PREFILL_TOKENS
+    if images:
+        stats.images_encoded = images.encode([start] * bsz)
+        # the compiled step takes token ids only: image positions go through the eager forward
+        stepwise = stepwise and not images.has_images_in(start, longest)
     if stepwise:
         chunk = 1
     generator = make_generator(params, device)
@@ -177,7 +189,8 @@ def _steps(
             logits = decoder.step(padded[:, begin], positions[:, 0], cache)
         else:
             logits = model.forward(padded[:, begin:end], positions, cache,
-                                   output_index=out_index)
+                                   output_index=out_index,
+                                   embeddings=images.override(begin, end) if images else None)
         last_logits = torch.where(ends_here[:, None], logits, last_logits)
         stats.cached = [min(n, end) for n in lengths]
         if on_prefilled is not None and split_at is not None and end == split_at:
@@ -236,17 +249,20 @@ def generate(
     eos_id: int | None = None,
     chunk_size: int | None = None,
     seed: int | None = None,
-    images: Any = None,
+    images: Sequence[Sequence[Image.Image]] | None = None,
     cancel: CancellationToken | None = None,
+    image_limits: ImageLimits = DEFAULT_LIMITS,
 ) -> tuple[list[list[int]], list[list[float]]]:
     """Generate for a batch of prompts (token ids; unequal lengths allowed).
 
     Returns per prompt the generated ids (EOS not included; nothing after it) and the
     log-probability of each under the model. `eos_id=None` uses the tokenizer's EOS; pass -1 to
     never stop early. `chunk_size` bounds how many prompt tokens one prefill step takes.
+    `images`: per prompt, the PIL images of its `[IMG]` tokens in their order (a vision model;
+    the prompt as mistral-common encodes them), checked against `image_limits`.
     """
-    if images is not None and any(images):
-        raise GenerationError("this model has no vision encoder: images are not supported")
+    _check_prompts(prompts, model.config.vocab_size)
+    request_images = RequestImages(model, prompts, images, image_limits)
     params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p,
                             top_k=top_k, seed=seed)
     out_tokens: list[list[int]] = [[] for _ in prompts]
@@ -254,7 +270,7 @@ def generate(
     stats = _Stats()
     with torch.inference_mode():
         for tokens, logprobs, emit in _steps(model, prompts, params, _resolve_eos(model, eos_id),
-                                             chunk_size, cancel, stats):
+                                             chunk_size, cancel, stats, images=request_images):
             for i, keep in enumerate(emit):
                 if keep:
                     out_tokens[i].append(tokens[i])
@@ -272,6 +288,8 @@ def stream(
     chunk_size: int | None = None,
     prefix_cache: PrefixCache | None = None,
     cache_key: Hashable | None = None,
+    images: Sequence[Image.Image] | None = None,
+    image_limits: ImageLimits = DEFAULT_LIMITS,
 ) -> Generator[TokenEvent | EndEvent, None, None]:
     """Yield a `TokenEvent` per generated token as soon as it exists, then one `EndEvent`.
 
@@ -279,7 +297,12 @@ def stream(
     and a `cache_key` (e.g. the document), the longest prefix that `cache_key`'s last request
     shares with `prompt` is reused instead of prefilled (`EndEvent.cached_tokens`); whatever
     this request computes, even if it is cancelled half-way, is kept for the next one.
+    `images`: the PIL images of the prompt's `[IMG]` tokens, in order (see `generate`); the
+    prefix cache tells images apart by content, not only by their tokens.
     """
+    _check_prompts([prompt], model.config.vocab_size)
+    request_images = RequestImages(model, [prompt], [images] if images else None, image_limits)
+    cache_tokens = request_images.cache_tokens(0, prompt)
     params = sampling or SamplingParams()
     text = TextStream(model.tokenizer)
     stats = _Stats()
@@ -287,7 +310,8 @@ def stream(
     emitted = 0
     lease = None
     if prefix_cache is not None and cache_key is not None:
-        lease = prefix_cache.checkout(cache_key, prompt, needed=len(prompt) + params.max_tokens)
+        lease = prefix_cache.checkout(cache_key, cache_tokens,
+                                      needed=len(prompt) + params.max_tokens)
     on_prefilled, split_at = None, None
     if lease is not None:
         # Where the cache wants its state saved for the next prompt (recurrent states, which
@@ -300,7 +324,7 @@ def stream(
                     model, [prompt], params, _resolve_eos(model, eos_id), chunk_size, cancel,
                     stats, cache=lease.cache if lease else None,
                     start=lease.reused if lease else 0, on_prefilled=on_prefilled,
-                    split_at=split_at):
+                    split_at=split_at, images=request_images):
                 generated.append(tokens[0])
                 if emit[0]:
                     emitted += 1
@@ -308,7 +332,7 @@ def stream(
     finally:
         if lease is not None and prefix_cache is not None:
             held = stats.cached[0] if stats.cached else lease.reused
-            prefix_cache.checkin(lease, [*prompt, *generated][:held])
+            prefix_cache.checkin(lease, [*cache_tokens, *generated][:held])
     yield EndEvent(
         reason=stats.reasons[0] if stats.reasons else "length",
         prompt_tokens=stats.prompt_tokens,

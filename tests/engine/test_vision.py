@@ -9,13 +9,15 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers
+from PIL import Image
 from safetensors.torch import load_file, save_file
 
 import engine
 from engine.arch import attention
 from engine.arch.vision import rotary_cos_sin_2d
 from tests.conftest import CheckpointFactory
-from tests.engine.vision_util import hf_model, hf_pixels, image_prompt, noise_image
+from tests.engine.vision_util import hf_greedy, hf_model, hf_pixels, image_prompt, noise_image
 
 ATOL = 1e-4
 MERGES = [pytest.param(False, id="pixtral12b"), pytest.param(True, id="patch-merger")]
@@ -236,3 +238,180 @@ def test_a_missing_vision_tensor_is_named_as_stored(make_pixtral: CheckpointFact
         save_file(tensors, folder / file)
         with pytest.raises(engine.ModelLoadError, match=f"missing tensor '{name}'"):
             engine.load(folder)
+
+
+# ---------------------------------------------------------------------------------------------
+# Generation with images against transformers
+
+
+_loaded: dict[Path, engine.Model] = {}
+_references: dict[Path, object] = {}
+
+
+def ours(folder: Path) -> engine.Model:
+    if folder not in _loaded:
+        _loaded[folder] = engine.load(folder)
+    return _loaded[folder]
+
+
+def theirs(folder: Path) -> transformers.PreTrainedModel:
+    if folder not in _references:
+        _references[folder] = hf_model(folder)
+    return _references[folder]  # type: ignore[return-value]
+
+
+ONE = [(90, 60)]
+TWO = [(120, 80), (33, 47)]  # different sizes, neither a multiple of the patch size
+
+
+@pytest.mark.parametrize("layout", ["native", "hf"])
+@pytest.mark.parametrize("merge", MERGES)
+@pytest.mark.parametrize("sizes", [ONE, TWO], ids=["one-image", "two-images"])
+def test_greedy_tokens_and_logprobs_match_transformers(
+        make_pixtral: CheckpointFactory, layout: str, merge: bool,
+        sizes: list[tuple[int, int]]) -> None:
+    model = ours(make_pixtral(layout, merge))
+    images = [noise_image(w, h, seed=i) for i, (w, h) in enumerate(sizes)]
+    prompt, pixels = image_prompt(model, images)
+    want_tokens, want_logprobs = hf_greedy(theirs(make_pixtral("hf", merge)), prompt, pixels, 8)
+    tokens, logprobs = engine.generate([prompt], model, max_tokens=8, eos_id=-1,
+                                       images=[images])
+    assert tokens[0] == want_tokens
+    assert logprobs[0] == pytest.approx(want_logprobs, abs=ATOL)
+
+
+@pytest.mark.parametrize("merge", MERGES)
+def test_a_batch_of_prompts_with_different_images_matches_transformers_per_prompt(
+        make_pixtral: CheckpointFactory, merge: bool) -> None:
+    """Two images, one image, none: unequal lengths, prefilled in chunks of 7 that cut through
+    the image tokens."""
+    model = ours(make_pixtral("native", merge))
+    reference = theirs(make_pixtral("hf", merge))
+    batch = [[noise_image(w, h, seed=10 + i) for i, (w, h) in enumerate(TWO)],
+             [noise_image(64, 64, seed=20)], []]
+    prompts, pixels = zip(*(image_prompt(model, images, text="Describe.") for images in batch),
+                          strict=True)
+    tokens, logprobs = engine.generate(list(prompts), model, max_tokens=6, eos_id=-1,
+                                       chunk_size=7, images=batch)
+    for i, (prompt, p) in enumerate(zip(prompts, pixels, strict=True)):
+        want_tokens, want_logprobs = hf_greedy(reference, prompt, p, 6)
+        assert tokens[i] == want_tokens, i
+        assert logprobs[i] == pytest.approx(want_logprobs, abs=ATOL)
+
+
+def test_stream_gives_the_tokens_of_generate(make_pixtral: CheckpointFactory) -> None:
+    model = ours(make_pixtral("native"))
+    images = [noise_image(w, h, seed=i) for i, (w, h) in enumerate(TWO)]
+    prompt, _ = image_prompt(model, images)
+    want, _ = engine.generate([prompt], model, max_tokens=6, eos_id=-1, images=[images])
+    events = list(engine.stream(prompt, model, engine.SamplingParams(max_tokens=6),
+                                eos_id=-1, images=images))
+    assert [e.token for e in events if isinstance(e, engine.TokenEvent)] == want[0]
+
+
+def test_the_image_changes_the_answer(make_pixtral: CheckpointFactory) -> None:
+    """Guards the parity tests: features really replace the [IMG] embeddings."""
+    model = ours(make_pixtral("native"))
+    a, b = noise_image(64, 64, seed=1), noise_image(64, 64, seed=2)
+    prompt, _ = image_prompt(model, [a])
+    _, with_a = engine.generate([prompt], model, max_tokens=1, eos_id=-1, images=[[a]])
+    _, with_b = engine.generate([prompt], model, max_tokens=1, eos_id=-1, images=[[b]])
+    assert abs(with_a[0][0] - with_b[0][0]) > 1e-3
+
+
+# ---------------------------------------------------------------------------------------------
+# Prompts and images that disagree
+
+
+def test_an_image_count_that_does_not_match_the_img_tokens_says_both_numbers(
+        make_pixtral: CheckpointFactory) -> None:
+    model = ours(make_pixtral("native"))
+    small, large = noise_image(32, 32), noise_image(64, 48)
+    prompt, _ = image_prompt(model, [small])  # 2x2 patches
+    with pytest.raises(engine.GenerationError) as e:
+        engine.generate([prompt], model, max_tokens=1, images=[[large]])
+    assert str(e.value).startswith(
+        "prompt 0 has 4 [IMG] tokens but its 1 image(s) make 12 patches")
+    with pytest.raises(engine.GenerationError, match=(
+            r"prompt 0 has 4 \[IMG\] tokens but its 0 image\(s\) make 0 patches")):
+        engine.generate([prompt], model, max_tokens=1)
+
+
+def test_images_in_the_wrong_order_are_refused(make_pixtral: CheckpointFactory) -> None:
+    model = ours(make_pixtral("native"))
+    wide, tall = noise_image(64, 32), noise_image(32, 64)  # 4x2 and 2x4 patches: 8 each
+    prompt, _ = image_prompt(model, [wide, tall])
+    with pytest.raises(engine.GenerationError) as e:
+        engine.generate([prompt], model, max_tokens=1, images=[[tall, wide]])
+    assert str(e.value) == ("image 0 of prompt 0 is 2x4 patches, but its place in the prompt "
+                            "holds tokens for 4x2 patches: pass the images in the order of their "
+                            "tokens")
+
+
+def test_images_for_a_model_without_vision_are_refused(
+        make_checkpoint: CheckpointFactory) -> None:
+    model = engine.load(make_checkpoint("native", tokenizer="tekken"))
+    with pytest.raises(engine.GenerationError,
+                       match="this model has no vision encoder: images are not supported"):
+        engine.generate([[1, 10, 13, 5]], model, max_tokens=1, images=[[noise_image(32, 32)]])
+    # without images, [IMG] is just a token of a text model
+    assert len(engine.generate([[1, 10, 13, 5]], model, max_tokens=1, eos_id=-1)[0][0]) == 1
+
+
+def test_image_limits_apply_and_the_caller_can_change_them(
+        make_pixtral: CheckpointFactory) -> None:
+    model = ours(make_pixtral("native"))
+    image = noise_image(64, 48)
+    prompt, _ = image_prompt(model, [image])
+    with pytest.raises(engine.ImageError, match=(
+            r"image 0 of prompt 0: the image is 64x48 pixels \(3,072 pixels\), over the limit "
+            r"of 3,000 pixels")):
+        engine.generate([prompt], model, max_tokens=1, images=[[image]],
+                        image_limits=engine.ImageLimits(max_pixels=3000))
+    many = [noise_image(32, 32, seed=i) for i in range(3)]
+    prompt, _ = image_prompt(model, many)
+    with pytest.raises(engine.ImageError,
+                       match="prompt 0 has 3 images; at most 2 per conversation"):
+        engine.generate([prompt], model, max_tokens=1, images=[many],
+                        image_limits=engine.ImageLimits(max_images_per_conversation=2))
+    assert len(engine.generate([prompt], model, max_tokens=1, eos_id=-1, images=[many])[0][0]) == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# The prefix cache and images
+
+
+def test_the_prefix_cache_never_reuses_another_images_keys_and_values(
+        make_pixtral: CheckpointFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two screenshots of the same size: same token ids, different pixels. The second request
+    reuses the text before the image, not the image; the same image again is reused whole
+    (and not encoded again)."""
+    model = ours(make_pixtral("native"))
+    first, second = noise_image(64, 48, seed=1), noise_image(64, 48, seed=2)
+    prompt, _ = image_prompt(model, [first])
+    assert image_prompt(model, [second])[0] == prompt
+    encoded: list[int] = []
+    real = engine.Model.encode_images
+    monkeypatch.setattr(engine.Model, "encode_images",
+                        lambda self, pixels: encoded.append(len(pixels)) or real(self, pixels))
+    cache = engine.PrefixCache(model, max_seq_len=256, budget_bytes=64 << 20)
+    sampling = engine.SamplingParams(max_tokens=4)
+
+    def run(image: Image.Image) -> tuple[list[float], engine.EndEvent]:
+        events = list(engine.stream(prompt, model, sampling, eos_id=-1, prefix_cache=cache,
+                                    cache_key="chat", images=[image]))
+        end = events[-1]
+        assert isinstance(end, engine.EndEvent)
+        return [e.logprob for e in events if isinstance(e, engine.TokenEvent)], end
+
+    run(first)
+    logprobs, end = run(second)
+    first_img = prompt.index(10)
+    assert end.cached_tokens == first_img  # the text before the image, nothing of it
+    _, fresh = engine.generate([prompt], model, max_tokens=4, eos_id=-1, images=[[second]])
+    assert logprobs == pytest.approx(fresh[0], abs=ATOL)
+    assert encoded == [1, 1, 1]
+    again, end = run(second)
+    assert end.cached_tokens == len(prompt) - 1
+    assert again == pytest.approx(fresh[0], abs=ATOL)
+    assert encoded == [1, 1, 1]  # the third request needed no image features
