@@ -21,7 +21,7 @@ from .images import (
 )
 from .model import Model, load
 from .runtime.compiled import compile_decode_step, enable_fast_decode
-from .runtime.generation import EndEvent, FinishReason, TokenEvent, generate, stream
+from .runtime.generation import EndEvent, FinishReason, Stream, TokenEvent, generate, stream
 from .runtime.prefix_cache import PrefixCache
 from .runtime.sampling import SamplingParams
 
@@ -37,6 +37,7 @@ __all__ = [
     "ModelLoadError",
     "PrefixCache",
     "SamplingParams",
+    "Stream",
     "TextStream",
     "TokenEvent",
     "TransformerConfig",

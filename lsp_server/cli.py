@@ -9,7 +9,8 @@ import sys
 from typing import BinaryIO
 
 from . import __version__
-from .server import TramontaneServer, create_server
+from .app import create_server
+from .server import TramontaneServer
 from .settings import DTYPES, Settings
 
 

@@ -1,40 +1,44 @@
-"""One completion, from a document position to the text to show; and who runs when.
+"""One completion, from a document position to the text to show.
 
-`CompletionService.complete` is called by the LSP handlers on the event loop. It:
+`CompletionService.complete` runs on the event loop for each completion request. It:
 
 - cancels the request still running for the same document (Neovim never cancels superseded
   requests; VS Code does, but a new keystroke may arrive first), so at most one completion per
-  document computes and stale ones stop within one decode step;
+  document computes and stale ones stop within one engine step;
+- answers from the completion last shown when the user typed its beginning (typing through the
+  ghost text), without running the model;
 - waits the debounce delay, if any, and gives up if superseded meanwhile;
-- runs the blocking part (`run_completion`: prompt, generation, post-processing) on the single
-  engine thread, never on the event loop;
-- turns an LSP `$/cancelRequest` (pygls cancels the handler's task) into a cancelled token, so
-  the engine thread stops too instead of computing for nobody;
-- answers from the completion last shown when the user typed its beginning (typing through
-  the ghost text), without running the model.
+- builds the prompt windows on a worker thread (never on the event loop: a 50 MB minified line
+  must not stall the other messages), then streams the backend's text through the
+  post-processing filter, which the backend calls where the text is produced so that generation
+  stops the moment the completion is known to be finished;
+- turns an LSP `$/cancelRequest` (pygls cancels the handler's task) into closing the backend's
+  stream, which stops the engine before its next step, and answers with what it has when the
+  time budget runs out.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Executor
 from dataclasses import dataclass
 
-import engine
-
-from .backend import Backend, GenerationRequest
+from .backends.base import Backend, CompletionRequest, End, Sampling, TextDelta
 from .documents import Document
 from .postprocess import CompletionContext, CompletionFilter, detect_indentation
-from .prompt import PromptBuilder
+from .prompt import PromptBuilder, PromptCancelled
 from .settings import CompletionSettings
+from .tokenizer import PromptTokenizer, prompt_text
 
 log = logging.getLogger(__name__)
 
 # Why a completion came back empty, as `tramontane/status` reports it.
 NO_MODEL = "no model"
+LOADING = "loading"
 CANCELLED = "cancelled"
 BUDGET = "budget exhausted"
 NOTHING = "nothing useful"
@@ -59,6 +63,11 @@ class Outcome:
     def prefilled_tokens(self) -> int:
         return self.prompt_tokens - self.reused_tokens
 
+    @classmethod
+    def of(cls, end: End, text: str = "", reason: str | None = None) -> Outcome:
+        return cls(text, reason, end.prompt_tokens, end.generated_tokens, end.seconds,
+                   end.reused_tokens, end.computed_tokens, stopped_ms=end.stopped_ms)
+
 
 @dataclass(frozen=True)
 class _Shown:
@@ -81,70 +90,62 @@ class _Shown:
         return self.text[typed_len:]
 
 
-def run_completion(backend: Backend, document: Document, cursor: int,
-                   settings: CompletionSettings, cancel: engine.CancellationToken) -> Outcome:
-    """Blocking: prompt -> generation -> post-processing. Runs on the engine thread."""
-    start = time.perf_counter()
-    if cancel.cancelled:
-        return Outcome("", CANCELLED)
-    builder = PromptBuilder(backend.tokenizer, prefix_tokens=settings.prefix_tokens,
+class _SharedFilter:
+    """The post-processing filter, fed by the backend (on the engine thread for the local one)
+    and finished by the request on the event loop: a lock keeps the two apart, and once
+    finished, further text is refused (the backend stops)."""
+
+    def __init__(self, context: CompletionContext) -> None:
+        self._filter = CompletionFilter(context)
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def feed(self, text: str) -> bool:
+        with self._lock:
+            return self._closed or self._filter.feed(text)
+
+    def finish(self) -> str:
+        with self._lock:
+            self._closed = True
+            return self._filter.finalize()
+
+
+@dataclass(frozen=True)
+class _Prompt:
+    prefix: str
+    suffix: str
+    tokens: tuple[int, ...]
+
+
+def build_prompt(tokenizer: PromptTokenizer, document: Document, cursor: int,
+                 settings: CompletionSettings, cancelled: Callable[[], bool]) -> _Prompt:
+    """Blocking (a worker thread): the FIM windows and their token prompt."""
+    builder = PromptBuilder(tokenizer.count, prefix_tokens=settings.prefix_tokens,
                             suffix_tokens=settings.suffix_tokens)
-    prompt = builder.build(document, cursor)
-    context = CompletionContext.from_prefix_suffix(
-        prompt.prefix, prompt.suffix, indentation=detect_indentation(prompt.prefix + prompt.suffix))
-    text_filter = CompletionFilter(context)
-    sampling = engine.SamplingParams(max_tokens=settings.max_tokens,
-                                     temperature=settings.temperature)
-    deadline = start + settings.time_budget_ms / 1000
-    events = backend.stream(GenerationRequest(prompt.tokens, sampling, document.uri,
-                                              settings.adapter), cancel)
-    generated, reason, reused, computed = 0, None, 0, 0
-    try:
-        for event in events:
-            if isinstance(event, engine.EndEvent):
-                reused, computed = event.cached_tokens, event.computed_tokens
-                text_filter.feed(event.text)
-                reason = CANCELLED if event.reason == "cancelled" else None
-                break
-            generated += 1
-            if text_filter.feed(event.text):
-                break  # the completion is known to be finished: stop generating now
-            if time.perf_counter() > deadline:
-                reason = BUDGET
-                break
-    finally:
-        events.close()  # stops the engine at once if we left the loop early
-    text = text_filter.finalize() if reason != CANCELLED else ""
-    seconds = time.perf_counter() - start
-    if not text and reason is None:
-        reason = NOTHING
-    stopped_ms = None
-    if cancel.cancelled_at is not None:
-        stopped_ms = (time.monotonic() - cancel.cancelled_at) * 1000
-    return Outcome(text, reason if not text else None, len(prompt.tokens), generated, seconds,
-                   reused, computed, stopped_ms=stopped_ms)
+    windows = builder.build(document, cursor, cancelled)
+    tokens = tokenizer.encode_fim(windows.prefix, windows.suffix)
+    return _Prompt(windows.prefix, windows.suffix, tuple(tokens))
 
 
 class CompletionService:
     """`on_finished(uri, outcome)` is called on the event loop for every request that ran the
-    model, when the engine thread is done with it: also for a request whose caller was
-    cancelled and got its reply long before."""
+    model, when the backend is done with it: also for a request whose caller was cancelled and
+    got its reply long before."""
 
-    def __init__(self, executor: Executor, backend: Callable[[], Backend | None],
+    def __init__(self, backend: Callable[[], Backend | None],
                  on_finished: Callable[[str, Outcome], None] | None = None) -> None:
-        self._executor = executor
         self._backend = backend
         self._on_finished = on_finished
-        self._running: dict[str, engine.CancellationToken] = {}
+        self._running: dict[str, asyncio.Event] = {}
         self._shown: dict[str, _Shown] = {}
 
     def cancel_all(self) -> None:
-        for token in self._running.values():
-            token.cancel()
+        for cancel in self._running.values():
+            cancel.set()
 
     def cancel(self, uri: str) -> None:
-        if (token := self._running.get(uri)) is not None:
-            token.cancel()
+        if (cancel := self._running.get(uri)) is not None:
+            cancel.set()
 
     def forget(self, uri: str) -> None:
         """The document was closed."""
@@ -162,37 +163,93 @@ class CompletionService:
         backend = self._backend()
         if backend is None:
             return Outcome("", NO_MODEL)
+        tokenizer = backend.tokenizer
+        if tokenizer is None:
+            return Outcome("", LOADING if backend.status.state == "loading" else NO_MODEL)
         uri = document.uri
         if (previous := self._running.get(uri)) is not None:
-            previous.cancel()
+            previous.set()
         shown = self._shown.get(uri)
         if shown is not None and (rest := shown.typed_through(document, cursor)) is not None:
             return Outcome(rest, typed_through=True)
-        token = engine.CancellationToken()
-        self._running[uri] = token
+        cancel = asyncio.Event()
+        self._running[uri] = cancel
         try:
             if settings.debounce_ms:
                 await asyncio.sleep(settings.debounce_ms / 1000)
-                if token.cancelled:
-                    return Outcome("", CANCELLED)
-            loop = asyncio.get_running_loop()
-            future = loop.run_in_executor(
-                self._executor, run_completion, backend, document, cursor, settings, token)
-            future.add_done_callback(lambda f: self._finished(uri, f))
-            # Shielded: cancelling this request must not cancel the future (the engine thread
-            # cannot be interrupted; `token` stops it), so its outcome is still reported.
-            outcome = await asyncio.shield(future)
+            if cancel.is_set():
+                return Outcome("", CANCELLED)
+            outcome = await self._run(backend, tokenizer, document, cursor, settings, cancel)
             if outcome.text:
                 self._shown[uri] = _Shown(document, cursor, outcome.text)
             return outcome
-        except asyncio.CancelledError:
-            token.cancel()  # $/cancelRequest: stop the engine thread too
-            raise
         finally:
-            if self._running.get(uri) is token:
+            if self._running.get(uri) is cancel:
                 del self._running[uri]
 
-    def _finished(self, uri: str, future: asyncio.Future[Outcome]) -> None:
-        if self._on_finished is None or future.cancelled() or future.exception() is not None:
-            return
-        self._on_finished(uri, future.result())
+    async def _run(self, backend: Backend, tokenizer: PromptTokenizer, document: Document,
+                   cursor: int, settings: CompletionSettings,
+                   cancel: asyncio.Event) -> Outcome:
+        start = time.perf_counter()
+        loop = asyncio.get_running_loop()
+        try:
+            prompt = await loop.run_in_executor(None, build_prompt, tokenizer, document, cursor,
+                                                settings, cancel.is_set)
+        except PromptCancelled:
+            return Outcome("", CANCELLED)
+        windows_text = prompt_text(prompt.prefix + prompt.suffix)
+        context = CompletionContext.from_prefix_suffix(
+            prompt_text(prompt.prefix), prompt_text(prompt.suffix),
+            indentation=detect_indentation(windows_text))
+        text_filter = _SharedFilter(context)
+        uri = document.uri
+
+        def on_end(end: End) -> None:
+            if self._on_finished is not None:
+                self._on_finished(uri, Outcome.of(end))
+
+        request = CompletionRequest(
+            key=uri, prefix=prompt.prefix, suffix=prompt.suffix, tokens=prompt.tokens,
+            sampling=Sampling(settings.max_tokens, settings.temperature),
+            adapter=settings.adapter, stop=text_filter.feed, on_end=on_end)
+        events = backend.complete(request)
+
+        async def consume() -> End | None:
+            async with contextlib.aclosing(events):  # type: ignore[type-var]
+                async for event in events:
+                    if isinstance(event, End):
+                        return event
+                    assert isinstance(event, TextDelta)  # the filter has it already
+            return None
+
+        reading = asyncio.ensure_future(consume())
+        waiter = asyncio.ensure_future(cancel.wait())
+        end: End | None = None
+        reason: str | None = None
+        try:
+            done, _ = await asyncio.wait(
+                {reading, waiter}, timeout=max(0.0, start + settings.time_budget_ms / 1000 -
+                                              time.perf_counter()),
+                return_when=asyncio.FIRST_COMPLETED)
+            if reading in done:
+                end = reading.result()
+                if end is not None and end.reason == "cancelled":
+                    reason = CANCELLED
+            else:
+                reason = CANCELLED if waiter in done else BUDGET
+        finally:
+            waiter.cancel()
+            if not reading.done():
+                # Closing the backend's stream stops the engine before its next step.
+                reading.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await reading
+        text = text_filter.finish() if reason != CANCELLED else ""
+        if not text and reason is None:
+            reason = NOTHING
+        if end is not None:
+            outcome = Outcome.of(end, text, reason if not text else None)
+        else:
+            outcome = Outcome(text, reason if not text else None, len(prompt.tokens),
+                              seconds=time.perf_counter() - start)
+        return outcome

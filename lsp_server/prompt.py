@@ -1,8 +1,8 @@
 """Document + cursor -> fill-in-the-middle prompt. Pure: no I/O, no server state.
 
-The prompt is mistral-common's `encode_fim(FIMRequest(prompt=prefix, suffix=suffix))` (through
-`engine.encode_fim`, which refuses tokenizers without FIM), i.e.
-`[BOS] [SUFFIX] suffix [PREFIX] prefix`, built from two windows of the document:
+The prompt is mistral-common's `encode_fim(FIMRequest(prompt=prefix, suffix=suffix))`, i.e.
+`[BOS] [SUFFIX] suffix [PREFIX] prefix`, built from two windows of the document that this
+module cuts (it needs only a token counter; the caller encodes):
 
 - the suffix window runs from the cursor to the end of the last whole line that fits the suffix
   budget;
@@ -20,12 +20,8 @@ prefix) leaves all but the last few tokens of the prompt unchanged.
 from __future__ import annotations
 
 import bisect
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-
-from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
-
-from engine import encode_fim
 
 from .documents import Document
 
@@ -34,9 +30,12 @@ from .documents import Document
 _MAX_CHARS_PER_TOKEN = 8
 
 
+class PromptCancelled(Exception):
+    """The request was cancelled while its prompt was being built."""
+
+
 @dataclass(frozen=True)
-class FimPrompt:
-    tokens: list[int]
+class FimWindows:
     prefix: str  # the window before the cursor
     suffix: str  # the window after the cursor
     prefix_start: int  # document offsets of the windows
@@ -44,30 +43,34 @@ class FimPrompt:
 
 
 class PromptBuilder:
-    def __init__(self, tokenizer: MistralTokenizer, *, prefix_tokens: int, suffix_tokens: int,
-                 anchor_lines: int = 64) -> None:
+    def __init__(self, count_tokens: Callable[[str], int], *, prefix_tokens: int,
+                 suffix_tokens: int, anchor_lines: int = 64) -> None:
         if prefix_tokens < 1 or suffix_tokens < 0 or anchor_lines < 1:
             raise ValueError("prefix_tokens >= 1, suffix_tokens >= 0 and anchor_lines >= 1")
-        self._tokenizer = tokenizer
-        self._raw = tokenizer.instruct_tokenizer.tokenizer
+        self._count_tokens = count_tokens
+        self._cancelled: Callable[[], bool] | None = None
         self.prefix_tokens = prefix_tokens
         self.suffix_tokens = suffix_tokens
         self.anchor_lines = anchor_lines
 
     def _count(self, text: str) -> int:
-        return len(self._raw.encode(text, bos=False, eos=False)) if text else 0
+        if self._cancelled is not None and self._cancelled():
+            raise PromptCancelled
+        return self._count_tokens(text)
 
-    def build(self, document: Document, cursor: int) -> FimPrompt:
-        """The FIM prompt for `cursor`, an offset into the document's text."""
+    def build(self, document: Document, cursor: int,
+              cancelled: Callable[[], bool] | None = None) -> FimWindows:
+        """The FIM windows for `cursor`, an offset into the document's text; `cancelled` is
+        checked while building (`PromptCancelled`)."""
         text, starts = document.text, document.line_starts
         if not 0 <= cursor <= len(text):
             raise ValueError(f"cursor {cursor} outside the document (0..{len(text)})")
+        self._cancelled = cancelled
         line = bisect.bisect_right(starts, cursor) - 1
         prefix_start = self._prefix_start(text, cursor, starts, line)
         suffix_end = self._suffix_end(text, cursor, starts, line)
         prefix, suffix = text[prefix_start:cursor], text[cursor:suffix_end]
-        tokens = encode_fim(self._tokenizer, prefix, suffix)
-        return FimPrompt(tokens, prefix, suffix, prefix_start, suffix_end)
+        return FimWindows(prefix, suffix, prefix_start, suffix_end)
 
     def _prefix_start(self, text: str, cursor: int, starts: Sequence[int], line: int) -> int:
         """The earliest line start on the coarsest grid whose window fits the budget.

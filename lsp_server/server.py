@@ -1,10 +1,10 @@
-"""create_server(): the pygls server, its state (settings, documents, model), its features.
+"""TramontaneServer: the pygls server's state (settings, documents, the backend) and what it
+tells the client about them (`tramontane/status`, `$/progress`, messages).
 
-Model loading happens in the background: `initialize` is answered at once, the model loads on
-a thread with `$/progress` (when the client supports it) and `tramontane/status` updates, and
-until it is ready completions come back empty with the reason "no model". A model that cannot
-be loaded is reported with window/showMessage; the server keeps running and a settings change
-can fix it.
+The server does not look inside its backend: it configures it with the settings, reports the
+status the backend gives, tells it when a document is closed, and closes it. `initialize` is
+answered at once; the local backend loads its model on the engine thread meanwhile, and
+completions come back empty, with the reason in the status, until it is ready.
 """
 
 from __future__ import annotations
@@ -12,29 +12,28 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from collections.abc import Mapping
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-import torch
 from lsprotocol import types
 from pygls.exceptions import FeatureRequestError, JsonRpcException
 from pygls.lsp.server import LanguageServer
 
-import engine
-
 from . import __version__
-from .backend import Backend, LocalBackend, context_tokens
-from .completions import CompletionService, Outcome
+from .backends.base import Backend, BackendError, BackendStatus
+from .backends.local import LocalBackend
+from .completions import NO_MODEL, CompletionService, Outcome
 from .documents import DocumentStore
-from .features import register_all
 from .protocol import TramontaneProtocol, is_parse_error
+from .scheduler import Scheduler
 from .settings import Settings
 
 log = logging.getLogger(__name__)
 
 STATUS = "tramontane/status"
 METRICS = "tramontane/metrics"
+
+LOAD_HELP = ("Set `model` to a Mistral checkpoint folder (params.json or config.json, "
+             "safetensors and the tokenizer file); `tramontane download` fetches one.")
 
 
 class TramontaneServer(LanguageServer):
@@ -46,20 +45,16 @@ class TramontaneServer(LanguageServer):
         super().__init__("tramontane", __version__, protocol_cls=TramontaneProtocol)
         self.settings = defaults or Settings()
         self.documents = DocumentStore()
-        # One engine thread: completions run one at a time, in arrival order; a superseded one
-        # stops within a decode step, so the next starts promptly.
-        self.engine_thread = ThreadPoolExecutor(1, thread_name_prefix="tramontane-engine")
         self.backend: Backend | None = backend
         self._fixed_backend = backend is not None
-        self.completions = CompletionService(self.engine_thread, lambda: self.backend,
-                                             self.report_metrics)
+        self._scheduler: Scheduler | None = None
+        self.completions = CompletionService(lambda: self.backend, self.report_metrics)
         self.pending_warnings: list[str] = []
-        self._loaded: tuple[str | None, str, str | None, bool] | None = None
-        self._cache_shape: tuple[int, object] | None = None
-        self._adapters: Mapping[str, str] = {}  # what the backend has loaded
-        self._adapter_task: asyncio.Future[None] | None = None
-        self._cache_task: asyncio.Future[None] | None = None
-        self._load_task: asyncio.Task[None] | None = None
+        self._configuring: asyncio.Task[None] | None = None
+        self._configure_again = False
+        self._progress: str | None = None
+        self._progress_task: asyncio.Future[None] | None = None
+        self._last_status: BackendStatus | None = None
 
     # --- talking to the client -------------------------------------------------------------
 
@@ -75,6 +70,14 @@ class TramontaneServer(LanguageServer):
             payload["reason"] = reason
         payload.update(counters)
         self.protocol.notify(STATUS, payload)
+
+    def backend_status(self, reason: str | None = None) -> None:
+        """The backend's state again (after an empty completion: with why it was empty)."""
+        backend = self.backend
+        status = backend.status if backend is not None else BackendStatus(
+            "idle", "No model configured: set `model` to a Mistral checkpoint folder")
+        state = "error" if status.state == "idle" else status.state
+        self.status(state, status.message, reason=reason, **status.details)
 
     def report_metrics(self, uri: str, outcome: Outcome) -> None:
         """`tramontane/metrics`: what one request cost, sent when the engine is done with it
@@ -109,123 +112,76 @@ class TramontaneServer(LanguageServer):
         log.error("internal error (%s): %s", getattr(source, "__name__", source), error)
         self.log_to_client(types.MessageType.Error, f"Tramontane internal error: {error}")
 
-    # --- the model -------------------------------------------------------------------------
+    # --- the backend -----------------------------------------------------------------------
 
-    def model_wanted(self) -> tuple[str | None, str, str | None, bool]:
-        s = self.settings
-        return (s.model, s.device, s.dtype, s.compile)
+    @property
+    def scheduler(self) -> Scheduler:
+        """The engine thread (started on first use: a remote or scripted backend needs none)."""
+        if self._scheduler is None:
+            self._scheduler = Scheduler()
+        return self._scheduler
 
-    def ensure_adapters(self) -> None:
-        """Load or unload LoRA adapters to match the settings (on the engine thread, between
-        completions: adapters change the model's layers)."""
-        wanted = self.settings.adapters
-        backend = self.backend
-        if not isinstance(backend, LocalBackend) or wanted == self._adapters:
-            return
-        self._adapters = wanted
-        self._adapter_task = asyncio.ensure_future(self._sync_adapters(backend, wanted))
-
-    async def _sync_adapters(self, backend: LocalBackend, wanted: Mapping[str, str]) -> None:
-        problems = await asyncio.get_running_loop().run_in_executor(
-            self.engine_thread, backend.sync_adapters, dict(wanted))
-        for problem in problems:
-            log.error("%s", problem)
-            self.show(types.MessageType.Error, f"Tramontane: {problem}")
-        if wanted:
-            log.info("LoRA adapters loaded: %s", ", ".join(backend.model.loras) or "none")
-
-    def ensure_cache(self) -> None:
-        """Resize the prefix cache if its settings or the prompt budgets changed."""
-        shape = (context_tokens(self.settings.completion), self.settings.cache)
-        if isinstance(self.backend, LocalBackend) and shape != self._cache_shape:
-            self._cache_shape = shape
-            # On the engine thread, after the completion running there (it may recompile).
-            self._cache_task = asyncio.get_running_loop().run_in_executor(
-                self.engine_thread, self.backend.configure_cache, self.settings.completion,
-                self.settings.cache)
-
-    def ensure_model(self) -> None:
-        """Load (or unload) the model the settings name, if it is not the one loaded."""
-        wanted = self.model_wanted()
+    def configure_backend(self) -> None:
+        """Bring the backend in line with the settings, in the background (one configuration
+        at a time; a change that arrives meanwhile is applied right after)."""
         if self._fixed_backend:
-            if self._loaded is None and self.backend is not None:
-                self._loaded = wanted
-                self.status("ready", f"{self.backend.name} ready")
+            if self._last_status is None and self.backend is not None:
+                self._on_backend_status(BackendStatus("ready", f"{self.backend.name} ready"))
             return
-        if wanted == self._loaded:
+        if self.backend is None:
+            self.backend = LocalBackend(self.scheduler, self._on_backend_status)
+        if self._configuring is not None and not self._configuring.done():
+            self._configure_again = True
             return
-        self._loaded = wanted
-        if self._load_task is not None:
-            self._load_task.cancel()
-        if wanted[0] is None:
-            self.backend = None
-            self.status("error", "No model configured: set `model` to a Mistral checkpoint "
-                        "folder", reason="no model")
-            return
-        self._load_task = asyncio.ensure_future(self._load(*wanted))
+        self._configuring = asyncio.ensure_future(self._configure())
 
-    async def _load(self, path: str | None, device: str, dtype: str | None,
-                    compile: bool) -> None:
-        assert path is not None
-        self.completions.cancel_all()
-        self.backend = None
-        self.status("loading", f"Loading {path}")
-        progress = await self._progress_begin(f"Loading {path}")
-        try:
-            # On the engine thread, where the model will run: torch's OpenMP thread team
-            # belongs to the thread that starts it, and a model loaded and compiled on another
-            # thread decoded 20-30% slower here.
-            backend = await asyncio.get_running_loop().run_in_executor(
-                self.engine_thread, _load_backend, path, device, dtype, compile, self.settings)
-        except (engine.EngineError, ValueError, OSError, RuntimeError) as e:
-            # RuntimeError: torch's own (out of memory, a device it cannot use).
-            message = (f"Tramontane could not load the model: {e}. Set `model` to a Mistral "
-                       "checkpoint folder (params.json or config.json, safetensors and the "
-                       "tokenizer file); `tramontane download` fetches one.")
+    async def _configure(self) -> None:
+        while True:
+            self._configure_again = False
+            backend = self.backend
+            assert backend is not None
+            try:
+                await backend.configure(self.settings)
+            except BackendError as e:
+                log.error("%s", e)
+                self.show(types.MessageType.Error, f"Tramontane: {e}")
+            if not self._configure_again:
+                return
+
+    def _on_backend_status(self, status: BackendStatus) -> None:
+        previous, self._last_status = self._last_status, status
+        if status.state == "loading":
+            self.completions.cancel_all()
+            self._progress_task = asyncio.ensure_future(self._progress_begin(status.message))
+        elif previous is not None and previous.state == "loading":
+            self._progress_end("ready" if status.state == "ready" else "failed")
+        if status.state == "error":
+            message = f"Tramontane {status.message}. {LOAD_HELP}"
             log.error("%s", message)
             self.show(types.MessageType.Error, message)
-            self.status("error", message, reason="no model")
-            self._progress_end(progress, "failed")
-            return
-        self._adapters = dict(self.settings.adapters)
-        await self._sync_adapters(backend, self._adapters)
-        self.backend = backend
-        self.ensure_adapters()  # in case the settings changed while this one loaded
-        self._cache_shape = (context_tokens(self.settings.completion), self.settings.cache)
-        model = backend.model
-        log.info("model ready: %r%s", model,
-                 ", decode step compiled" if model.decoder is not None else "")
-        self.status("ready", f"{model.path.name} ready ({model.dtype}, {model.device})")
-        self._progress_end(progress, "ready")
+            self.status("error", message, reason=NO_MODEL)
+        elif status.state == "idle":
+            self.status("error", status.message, reason=NO_MODEL)
+        else:
+            log.info("backend %s: %s", status.state, status.message)
+            self.status(status.state, status.message, **status.details)
 
-    async def _progress_begin(self, title: str) -> str | None:
+    async def _progress_begin(self, title: str) -> None:
         window = self.client_capabilities.window
         if not (window and window.work_done_progress):
-            return None
+            return
         token = f"tramontane-load-{uuid.uuid4()}"
         try:
             await self.work_done_progress.create_async(token)
         except JsonRpcException as e:  # the client refused: no progress bar, nothing more
             log.info("client refused a progress token: %s", e)
-            return None
+            return
+        self._progress = token
         self.work_done_progress.begin(token, types.WorkDoneProgressBegin(title=title))
-        return token
+        if self._last_status is not None and self._last_status.state != "loading":
+            self._progress_end("ready")  # it finished while the client answered
 
-    def _progress_end(self, token: str | None, message: str) -> None:
+    def _progress_end(self, message: str) -> None:
+        token, self._progress = self._progress, None
         if token is not None:
             self.work_done_progress.end(token, types.WorkDoneProgressEnd(message=message))
-
-
-def _load_backend(path: str, device: str, dtype: str | None, compile: bool,
-                  settings: Settings) -> LocalBackend:
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} is not available (no CUDA GPU or a CPU-only torch)")
-    model = engine.load(path, device=device, dtype=dtype)
-    return LocalBackend.create(model, settings.completion, settings.cache, compile)
-
-
-def create_server(defaults: Settings | None = None,
-                  backend: Backend | None = None) -> TramontaneServer:
-    server = TramontaneServer(defaults, backend)
-    register_all(server)
-    return server

@@ -1,27 +1,40 @@
-"""Prefill, decode loop, streaming iterator and stop rules.
+"""The generation loop: `Generation` advances a batch one unit of work at a time (a prefill chunk
+or a decode step); `generate` runs it to the end, `stream` yields one prompt's tokens and text as
+they come.
 
-One loop serves both entry points: `generate` runs a batch to the end, `stream` yields one
-prompt's tokens and text as they come. Prefill is ragged: each chunk takes the next `chunk_size`
-tokens of every row (shorter rows are padded with position -1, which the cache ignores), and each
-row's logits are taken at its own last prompt token. Decoding then runs all rows in lock-step,
-each at its own position; a row that reached EOS stops writing to the cache (position -1).
+Prefill is ragged: each chunk takes the next `chunk_size` tokens of every row (shorter rows are
+padded with position -1, which the cache ignores), and each row's logits are taken at its own
+last prompt token. Decoding then runs all rows in lock-step, each at its own position; a row that
+reached EOS stops writing to the cache (position -1). The phases themselves are `phases.py`'s.
+
+Why units of work: a caller that serves several requests on one thread (the language server's
+scheduler) can run another request between two prefill chunks or two decode steps of this one,
+and resume it later with its cache intact (`Stream.step`).
+
+Images (a vision model): the first unit of work runs the vision tower, once, on every image of
+the request whose `[IMG]` positions are still to be prefilled; each prefill chunk then replaces
+the embeddings of its `[IMG]` positions with their features (`image_inputs.RequestImages`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Callable, Generator, Hashable, Iterator, Sequence
+from collections import deque
+from collections.abc import Hashable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 
+from ..arch.cache import Cache
 from ..cancel import CancellationToken
 from ..checkpoints.tokenizer import TextStream
 from ..errors import GenerationError
 from ..images import DEFAULT_LIMITS, ImageLimits
 from .image_inputs import RequestImages
-from .prefix_cache import PrefixCache
+from .phases import decode_one, prefill, uses_fast_step
+from .prefix_cache import Lease, PrefixCache
 from .sampling import SamplingParams, make_generator, sample, token_logprobs
 
 if TYPE_CHECKING:
@@ -66,16 +79,26 @@ class EndEvent:
     computed_tokens: int = 0
 
 
+@dataclass(frozen=True)
+class Decoded:
+    """One decode step of a batch: each row's token, its log-prob, and whether the row emits it
+    (False for EOS and for rows that had already stopped)."""
+
+    tokens: list[int]
+    logprobs: list[float]
+    emit: list[bool]
+
+
 @dataclass
-class _Stats:
+class Stats:
     prompt_tokens: int = 0
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
     reasons: list[FinishReason] = field(default_factory=list)
-    # How many tokens of each row the cache holds at the end (prompt then generated tokens fed
-    # back): what a prefix cache may reuse next time.
+    # How many tokens of each row the cache holds (prompt then generated tokens fed back): what
+    # a prefix cache may reuse next time.
     cached: list[int] = field(default_factory=list)
-    images_encoded: int = 0
+    images_encoded: int = 0  # images the vision tower ran on (not those a prefix cache held)
 
 
 def _check_prompts(prompts: Sequence[Sequence[int]], vocab_size: int) -> None:
@@ -91,151 +114,173 @@ def _check_prompts(prompts: Sequence[Sequence[int]], vocab_size: int) -> None:
             )
 
 
-def _steps(
-    model: Model,
-    prompts: Sequence[Sequence[int]],
-    params: SamplingParams,
-    eos_id: int | None,
-    chunk_size: int | None,
-    cancel: CancellationToken | None,
-    stats: _Stats,
-    cache: Any = None,
-    start: int = 0,
-    on_prefilled: Callable[[], None] | None = None,
-    split_at: int | None = None,
-    images: RequestImages | None = None,
-) -> Iterator[tuple[list[int], list[float], list[bool]]]:
-    """Yield, per decode step, each row's token, its log-prob, and whether the row emits it.
+class Generation:
+    """A batch of prompts being generated, one `advance()` at a time.
 
     `cache`, when given, already holds positions [0, start) of every prompt (a prefix cache's
-    reuse): only the rest is prefilled. With `split_at`, a prefill chunk ends there and
-    `on_prefilled` is called then (a recurrent state is snapshotted at that point); without it,
-    `on_prefilled` is called after the whole prefill. Sets `stats.reasons` and `stats.cached`.
-    `images`: the request's images; the vision tower runs once, before the prefill, and their
-    features replace the embeddings of the `[IMG]` positions chunk by chunk.
+    reuse): only the rest is prefilled. With `save`, the cache's `save_point` splits the prefill
+    and `cache.save()` runs there (a recurrent state is copied for the next prompt). `images`:
+    the prompts' images, checked against them (`RequestImages`); encoding them is the first
+    unit of work.
     """
-    _check_prompts(prompts, model.config.vocab_size)
-    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size <= 0):
-        raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size!r}")
-    bsz = len(prompts)
-    lengths = [len(p) for p in prompts]
-    longest = max(lengths)
-    stats.prompt_tokens = sum(lengths)
-    max_tokens = params.max_tokens
-    context = model.config.max_position_embeddings
-    if context:
-        if longest >= context:
-            raise GenerationError(
-                f"a prompt of {longest} tokens leaves no room in the model's context of "
-                f"{context} tokens")
-        max_tokens = min(max_tokens, context - longest)
-    if not 0 <= start < min(lengths):
-        raise GenerationError(f"start {start} must leave at least one prompt token to prefill")
-    stats.cached = [start] * bsz
-    if max_tokens == 0:
-        stats.reasons = ["length"] * bsz
-        return
-    chunk = chunk_size or min(longest - start, DEFAULT_MAX_CHUNK)
-    device = model.device
-    decoder = model.decoder
-    if cache is None:
-        needed = longest + max_tokens
-        if decoder is not None and decoder.batch_size == bsz and needed <= decoder.max_seq_len:
-            cache = decoder.new_cache()
-        else:
-            cache = model.new_cache(bsz, needed)
-    elif longest + max_tokens > cache.max_seq_len:
-        max_tokens = cache.max_seq_len - longest
-        if max_tokens <= 0:
-            raise GenerationError(f"a prompt of {longest} tokens does not fit the cache of "
-                                  f"{cache.max_seq_len} positions")
-    fast = decoder is not None and decoder.accepts(cache)
-    # A prefix cache often leaves a token or two to prefill: one compiled step per token is
-    # cheaper than an eager forward for so few.
-    stepwise = fast and longest - start <= FAST_PREFILL_TOKENS
-    if images:
-        stats.images_encoded = images.encode([start] * bsz)
-        # the compiled step takes token ids only: image positions go through the eager forward
-        stepwise = stepwise and not images.has_images_in(start, longest)
-    if stepwise:
-        chunk = 1
-    generator = make_generator(params, device)
-    lengths_t = torch.tensor(lengths, device=device)
-    padded = torch.zeros(bsz, longest, dtype=torch.long)
-    for i, p in enumerate(prompts):
-        padded[i, : len(p)] = torch.tensor(p, dtype=torch.long)
-    padded = padded.to(device)
 
-    def cancelled() -> bool:
-        return cancel is not None and cancel.cancelled
+    def __init__(self, model: Model, prompts: Sequence[Sequence[int]], params: SamplingParams,
+                 *, eos_id: int | None = None, chunk_size: int | None = None,
+                 cancel: CancellationToken | None = None, cache: Cache | None = None,
+                 start: int = 0, save: bool = False,
+                 images: RequestImages | None = None) -> None:
+        _check_prompts(prompts, model.config.vocab_size)
+        if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size <= 0):
+            raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size!r}")
+        self.model = model
+        self.params = params
+        self.eos_id = model.eos_id if eos_id is None else eos_id
+        self.cancel = cancel
+        bsz = len(prompts)
+        self.lengths = [len(p) for p in prompts]
+        longest = max(self.lengths)
+        self.stats = Stats(prompt_tokens=sum(self.lengths), cached=[start] * bsz)
+        max_tokens = params.max_tokens
+        context = model.config.max_position_embeddings
+        if context:
+            if longest >= context:
+                raise GenerationError(
+                    f"a prompt of {longest} tokens leaves no room in the model's context of "
+                    f"{context} tokens")
+            max_tokens = min(max_tokens, context - longest)
+        if not 0 <= start < min(self.lengths):
+            raise GenerationError(f"start {start} must leave at least one prompt token to "
+                                  "prefill")
+        if cache is None:
+            needed = longest + max_tokens
+            step = model.decoder
+            if step is not None and step.batch_size == bsz and needed <= step.max_seq_len:
+                cache = step.new_cache()
+            else:
+                cache = model.new_cache(bsz, needed)
+        elif longest + max_tokens > cache.max_seq_len:
+            max_tokens = cache.max_seq_len - longest
+            if max_tokens <= 0:
+                raise GenerationError(f"a prompt of {longest} tokens does not fit the cache of "
+                                      f"{cache.max_seq_len} positions")
+        assert cache is not None
+        self.cache: Cache = cache
+        self.max_tokens = max_tokens
+        self.done = max_tokens == 0
+        if self.done:
+            self.stats.reasons = ["length"] * bsz
+        self.chunk = chunk_size or min(longest - start, DEFAULT_MAX_CHUNK)
+        # A prefix cache often leaves a token or two to prefill: one compiled step per token is
+        # cheaper than an eager forward for so few.
+        self.stepwise = uses_fast_step(model, cache) and longest - start <= FAST_PREFILL_TOKENS
+        self.images = images if images else None
+        self.images_pending = self.images is not None and not self.done
+        if self.images is not None:  # the compiled step takes token ids, not embeddings
+            self.stepwise = self.stepwise and not self.images.has_images_in(start, longest)
+        if self.stepwise:
+            self.chunk = 1
+        self.save_at = cache.save_point(longest) if save else None
+        device = model.device
+        self.generator = make_generator(params, device)
+        self.lengths_t = torch.tensor(self.lengths, device=device)
+        padded = torch.zeros(bsz, longest, dtype=torch.long)
+        for i, p in enumerate(prompts):
+            padded[i, : len(p)] = torch.tensor(p, dtype=torch.long)
+        self.padded = padded.to(device)
+        self.longest = longest
+        self.begin = start  # the next prompt position to prefill
+        self.logits = torch.empty(bsz, model.config.vocab_size, device=device)
+        self.active = [True] * bsz
+        self.reasons: list[FinishReason] = ["length"] * bsz
+        self.steps = 0  # tokens sampled per row so far
+        self.last: torch.Tensor | None = None  # the tokens sampled last, to feed back
 
-    t0 = time.perf_counter()
-    last_logits = torch.empty(bsz, model.config.vocab_size, device=device)
-    begin = start
-    while begin < longest:
-        if cancelled():
-            stats.reasons = ["cancelled"] * bsz
-            stats.prefill_seconds = time.perf_counter() - t0
-            return
-        end = min(begin + chunk, longest)
-        if split_at is not None and begin < split_at < end:
-            end = split_at
-        positions = torch.arange(begin, end, device=device).expand(bsz, -1)
-        positions = torch.where(positions < lengths_t[:, None], positions, -1)
-        ends_here = (lengths_t > begin) & (lengths_t <= end)
-        out_index = (lengths_t - 1 - begin).clamp(0, end - begin - 1)
-        if stepwise:
-            assert decoder is not None
-            logits = decoder.step(padded[:, begin], positions[:, 0], cache)
-        else:
-            logits = model.forward(padded[:, begin:end], positions, cache,
-                                   output_index=out_index,
-                                   embeddings=images.override(begin, end) if images else None)
-        last_logits = torch.where(ends_here[:, None], logits, last_logits)
-        stats.cached = [min(n, end) for n in lengths]
-        if on_prefilled is not None and split_at is not None and end == split_at:
-            on_prefilled()
-        begin = end
-    stats.prefill_seconds = time.perf_counter() - t0
-    if on_prefilled is not None and split_at is None:
-        on_prefilled()
+    @property
+    def batch_size(self) -> int:
+        return len(self.lengths)
 
-    t0 = time.perf_counter()
-    active = [True] * bsz
-    reasons: list[FinishReason] = ["length"] * bsz
-    logits = last_logits
-    for step in range(max_tokens):
-        next_tokens = sample(logits, params, generator)
-        logprobs = token_logprobs(logits, next_tokens)
-        tokens = next_tokens.tolist()
-        emit = list(active)
-        for i, tok in enumerate(tokens):
-            if active[i] and eos_id is not None and tok == eos_id:
-                active[i] = False
-                emit[i] = False
-                reasons[i] = "stop"
-        yield tokens, logprobs.tolist(), emit
-        if not any(active) or step == max_tokens - 1:
-            break
-        if cancelled():
-            reasons = [r if not a else "cancelled" for r, a in zip(reasons, active, strict=True)]
-            break
+    def _cancelled(self) -> bool:
+        return self.cancel is not None and self.cancel.cancelled
+
+    def advance(self) -> Decoded | None:
+        """Run the next unit of work: a prefill chunk (None, unless it was the last one: then
+        the first tokens are sampled from it) or a decode step (the tokens it sampled). Checks
+        the cancellation token first. Returns None once `done`."""
+        if self.done:
+            return None
+        if self._cancelled():
+            if self.begin < self.longest:
+                self.stats.reasons = ["cancelled"] * self.batch_size
+            else:
+                self.stats.reasons = [r if not a else "cancelled"
+                                      for r, a in zip(self.reasons, self.active, strict=True)]
+            self.done = True
+            return None
+        t0 = time.perf_counter()
+        if self.images_pending:
+            assert self.images is not None
+            self.images_pending = False
+            self.stats.images_encoded = self.images.encode([self.begin] * self.batch_size)
+            self.stats.prefill_seconds += time.perf_counter() - t0
+            return None
+        if self.begin < self.longest:
+            self._prefill_chunk()
+            self.stats.prefill_seconds += time.perf_counter() - t0
+            if self.begin < self.longest:
+                return None
+            t0 = time.perf_counter()  # the first tokens' sampling counts as decoding
+            decoded = self._sample()
+            self.stats.decode_seconds += time.perf_counter() - t0
+            return decoded
+        assert self.last is not None
         positions = torch.tensor(
-            [[lengths[i] + step] if active[i] else [-1] for i in range(bsz)], device=device
-        )
-        if fast:
-            assert decoder is not None
-            logits = decoder.step(next_tokens, positions[:, 0], cache)
+            [self.lengths[i] + self.steps - 1 if self.active[i] else -1
+             for i in range(self.batch_size)], device=self.padded.device)
+        self.logits = decode_one(self.model, self.last, positions, self.cache)
+        self.stats.cached = [n + 1 if a else n
+                             for n, a in zip(self.stats.cached, self.active, strict=True)]
+        decoded = self._sample()
+        self.stats.decode_seconds += time.perf_counter() - t0
+        return decoded
+
+    def _prefill_chunk(self) -> None:
+        begin = self.begin
+        end = min(begin + self.chunk, self.longest)
+        if self.save_at is not None and begin < self.save_at < end:
+            end = self.save_at
+        bsz = self.batch_size
+        positions = torch.arange(begin, end, device=self.padded.device).expand(bsz, -1)
+        positions = torch.where(positions < self.lengths_t[:, None], positions, -1)
+        ends_here = (self.lengths_t > begin) & (self.lengths_t <= end)
+        if self.stepwise:
+            logits = decode_one(self.model, self.padded[:, begin], positions[:, 0], self.cache)
         else:
-            logits = model.forward(next_tokens[:, None], positions, cache,
-                                   output_index=torch.zeros(bsz, dtype=torch.long, device=device))
-        stats.cached = [n + 1 if a else n for n, a in zip(stats.cached, active, strict=True)]
-    stats.decode_seconds = time.perf_counter() - t0
-    stats.reasons = reasons
+            out_index = (self.lengths_t - 1 - begin).clamp(0, end - begin - 1)
+            logits = prefill(self.model, self.padded[:, begin:end], positions, self.cache,
+                             out_index,
+                             self.images.override(begin, end) if self.images else None)
+        self.logits = torch.where(ends_here[:, None], logits, self.logits)
+        self.stats.cached = [min(n, end) for n in self.lengths]
+        if self.save_at is not None and end == self.save_at:
+            self.cache.save()
+        self.begin = end
 
-
-def _resolve_eos(model: Model, eos_id: int | None) -> int | None:
-    return model.eos_id if eos_id is None else eos_id
+    def _sample(self) -> Decoded:
+        next_tokens = sample(self.logits, self.params, self.generator)
+        logprobs = token_logprobs(self.logits, next_tokens)
+        tokens = next_tokens.tolist()
+        emit = list(self.active)
+        for i, tok in enumerate(tokens):
+            if self.active[i] and tok == self.eos_id:
+                self.active[i] = False
+                emit[i] = False
+                self.reasons[i] = "stop"
+        self.steps += 1
+        self.last = next_tokens
+        if not any(self.active) or self.steps == self.max_tokens:
+            self.done = True
+            self.stats.reasons = list(self.reasons)
+        return Decoded(tokens, logprobs.tolist(), emit)
 
 
 def generate(
@@ -267,79 +312,145 @@ def generate(
                             top_k=top_k, seed=seed)
     out_tokens: list[list[int]] = [[] for _ in prompts]
     out_logprobs: list[list[float]] = [[] for _ in prompts]
-    stats = _Stats()
     with torch.inference_mode():
-        for tokens, logprobs, emit in _steps(model, prompts, params, _resolve_eos(model, eos_id),
-                                             chunk_size, cancel, stats, images=request_images):
-            for i, keep in enumerate(emit):
+        run = Generation(model, prompts, params, eos_id=eos_id, chunk_size=chunk_size,
+                         cancel=cancel, images=request_images)
+        while not run.done:
+            decoded = run.advance()
+            if decoded is None:
+                continue
+            for i, keep in enumerate(decoded.emit):
                 if keep:
-                    out_tokens[i].append(tokens[i])
-                    out_logprobs[i].append(logprobs[i])
+                    out_tokens[i].append(decoded.tokens[i])
+                    out_logprobs[i].append(decoded.logprobs[i])
     return out_tokens, out_logprobs
 
 
-def stream(
-    prompt: Sequence[int],
-    model: Model,
-    sampling: SamplingParams | None = None,
-    *,
-    cancel: CancellationToken | None = None,
-    eos_id: int | None = None,
-    chunk_size: int | None = None,
-    prefix_cache: PrefixCache | None = None,
-    cache_key: Hashable | None = None,
-    images: Sequence[Image.Image] | None = None,
-    image_limits: ImageLimits = DEFAULT_LIMITS,
-) -> Generator[TokenEvent | EndEvent, None, None]:
-    """Yield a `TokenEvent` per generated token as soon as it exists, then one `EndEvent`.
+class Stream:
+    """One prompt's generation as events: a `TokenEvent` per generated token as soon as it
+    exists, then one `EndEvent`. Iterate it, or advance it one unit of work at a time with
+    `step()` (a scheduler interleaving requests on one thread does); `close()` stops it where it
+    is and gives its prefix cache back.
 
-    `cancel` is checked between prefill chunks and between decode steps. With a `prefix_cache`
-    and a `cache_key` (e.g. the document), the longest prefix that `cache_key`'s last request
-    shares with `prompt` is reused instead of prefilled (`EndEvent.cached_tokens`); whatever
-    this request computes, even if it is cancelled half-way, is kept for the next one.
-    `images`: the PIL images of the prompt's `[IMG]` tokens, in order (see `generate`); the
-    prefix cache tells images apart by content, not only by their tokens.
+    `cancel` is checked before each unit of work. With a `prefix_cache` and a `cache_key`
+    (e.g. the document), the longest prefix that `cache_key`'s last request shares with
+    `prompt` is reused instead of prefilled (`EndEvent.cached_tokens`); whatever this request
+    computes, even if it is cancelled half-way, is kept for the next one. `adapter` names a LoRA
+    adapter of the model that runs during this stream's steps only (None: the thread's choice,
+    the base model unless `model.with_lora` or `model.use_lora` chose one). `images`: the PIL
+    images of the prompt's `[IMG]` tokens, in order (see `generate`); the prefix cache tells
+    images apart by their content, not only by their tokens.
     """
-    _check_prompts([prompt], model.config.vocab_size)
-    request_images = RequestImages(model, [prompt], [images] if images else None, image_limits)
-    cache_tokens = request_images.cache_tokens(0, prompt)
-    params = sampling or SamplingParams()
-    text = TextStream(model.tokenizer)
-    stats = _Stats()
-    generated: list[int] = []  # every sampled token (EOS included)
-    emitted = 0
-    lease = None
-    if prefix_cache is not None and cache_key is not None:
-        lease = prefix_cache.checkout(cache_key, cache_tokens,
-                                      needed=len(prompt) + params.max_tokens)
-    on_prefilled, split_at = None, None
-    if lease is not None:
-        # Where the cache wants its state saved for the next prompt (recurrent states, which
-        # cannot be cut back), if anywhere.
-        split_at = lease.cache.save_point(len(prompt))
-        on_prefilled = lease.cache.save if split_at is not None else None
-    try:
-        with torch.inference_mode():
-            for tokens, logprobs, emit in _steps(
-                    model, [prompt], params, _resolve_eos(model, eos_id), chunk_size, cancel,
-                    stats, cache=lease.cache if lease else None,
-                    start=lease.reused if lease else 0, on_prefilled=on_prefilled,
-                    split_at=split_at, images=request_images):
-                generated.append(tokens[0])
-                if emit[0]:
-                    emitted += 1
-                    yield TokenEvent(tokens[0], logprobs[0], text.push(tokens[0]))
-    finally:
-        if lease is not None and prefix_cache is not None:
-            held = stats.cached[0] if stats.cached else lease.reused
-            prefix_cache.checkin(lease, [*cache_tokens, *generated][:held])
-    yield EndEvent(
-        reason=stats.reasons[0] if stats.reasons else "length",
-        prompt_tokens=stats.prompt_tokens,
-        generated_tokens=emitted,
-        prefill_seconds=stats.prefill_seconds,
-        decode_seconds=stats.decode_seconds,
-        text=text.flush(),
-        cached_tokens=lease.reused if lease else 0,
-        computed_tokens=(stats.cached[0] if stats.cached else 0) - (lease.reused if lease else 0),
-    )
+
+    def __init__(self, prompt: Sequence[int], model: Model,
+                 sampling: SamplingParams | None = None, *,
+                 cancel: CancellationToken | None = None, eos_id: int | None = None,
+                 chunk_size: int | None = None, prefix_cache: PrefixCache | None = None,
+                 cache_key: Hashable | None = None, adapter: str | None = None,
+                 images: Sequence[Image.Image] | None = None,
+                 image_limits: ImageLimits = DEFAULT_LIMITS) -> None:
+        params = sampling or SamplingParams()
+        self.model = model
+        self.prompt = list(prompt)
+        _check_prompts([self.prompt], model.config.vocab_size)
+        request_images = RequestImages(model, [self.prompt], [images] if images else None,
+                                       image_limits)
+        # What the prefix cache compares: token ids, and image patches by content.
+        self._cache_tokens = request_images.cache_tokens(0, self.prompt)
+        self.adapter = adapter
+        self._text = TextStream(model.tokenizer)
+        self._generated: list[int] = []  # every sampled token (EOS included)
+        self._emitted = 0
+        self._pending: deque[TokenEvent | EndEvent] = deque()
+        self._prefix_cache = prefix_cache
+        self._lease: Lease | None = None
+        self.finished = False
+        if prefix_cache is not None and cache_key is not None:
+            self._lease = prefix_cache.checkout(cache_key, self._cache_tokens,
+                                                needed=len(self.prompt) + params.max_tokens)
+        lease = self._lease
+        try:
+            with self._adapter():  # checks the name too
+                self._run = Generation(model, [self.prompt], params, eos_id=eos_id,
+                                       chunk_size=chunk_size, cancel=cancel,
+                                       cache=lease.cache if lease else None,
+                                       start=lease.reused if lease else 0,
+                                       save=lease is not None, images=request_images)
+        except BaseException:
+            self.close()
+            raise
+
+    def step(self) -> list[TokenEvent | EndEvent]:
+        """Run one unit of work; the events it produced (none for a prefill chunk; the
+        `EndEvent` last, once the stream is over)."""
+        if self.finished:
+            return []
+        run = self._run
+        with torch.inference_mode(), self._adapter():
+            decoded = run.advance()
+        events: list[TokenEvent | EndEvent] = []
+        if decoded is not None:
+            token = decoded.tokens[0]
+            self._generated.append(token)
+            if decoded.emit[0]:
+                self._emitted += 1
+                events.append(TokenEvent(token, decoded.logprobs[0], self._text.push(token)))
+        if run.done:
+            self.close()
+            stats = run.stats
+            events.append(self._end(stats.reasons[0] if stats.reasons else "length"))
+        return events
+
+    def _adapter(self) -> contextlib.AbstractContextManager[None]:
+        """The adapter this stream names, for one step; none named: whatever the thread uses
+        (`model.with_lora(name, stream)` then chooses)."""
+        if self.adapter is None:
+            return contextlib.nullcontext()
+        return self.model.use_lora(self.adapter)
+
+    def stop(self) -> EndEvent:
+        """End the stream now, as if it had stopped (the caller knows the answer is complete):
+        the prefix cache keeps what was computed; the `EndEvent` says what it cost."""
+        self.close()
+        return self._end("stop")
+
+    def _end(self, reason: FinishReason) -> EndEvent:
+        stats = self._run.stats
+        reused = self._lease.reused if self._lease else 0
+        return EndEvent(reason=reason, prompt_tokens=stats.prompt_tokens,
+                        generated_tokens=self._emitted, prefill_seconds=stats.prefill_seconds,
+                        decode_seconds=stats.decode_seconds, text=self._text.flush(),
+                        cached_tokens=reused, computed_tokens=stats.cached[0] - reused)
+
+    def close(self) -> None:
+        """Stop here; the prefix cache keeps what was computed. Idempotent."""
+        if self.finished:
+            return
+        self.finished = True
+        if self._lease is not None and self._prefix_cache is not None:
+            run = getattr(self, "_run", None)
+            held = run.stats.cached[0] if run is not None else self._lease.reused
+            self._prefix_cache.checkin(self._lease,
+                                       [*self._cache_tokens, *self._generated][:held])
+
+    def __iter__(self) -> Iterator[TokenEvent | EndEvent]:
+        return self
+
+    def __next__(self) -> TokenEvent | EndEvent:
+        while not self._pending:
+            if self.finished:
+                raise StopIteration
+            self._pending.extend(self.step())
+        return self._pending.popleft()
+
+
+def stream(prompt: Sequence[int], model: Model, sampling: SamplingParams | None = None, *,
+           cancel: CancellationToken | None = None, eos_id: int | None = None,
+           chunk_size: int | None = None, prefix_cache: PrefixCache | None = None,
+           cache_key: Hashable | None = None, adapter: str | None = None,
+           images: Sequence[Image.Image] | None = None,
+           image_limits: ImageLimits = DEFAULT_LIMITS) -> Stream:
+    """Stream one prompt's generation (see `Stream`)."""
+    return Stream(prompt, model, sampling, cancel=cancel, eos_id=eos_id, chunk_size=chunk_size,
+                  prefix_cache=prefix_cache, cache_key=cache_key, adapter=adapter,
+                  images=images, image_limits=image_limits)

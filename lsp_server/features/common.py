@@ -11,6 +11,7 @@ from pygls.exceptions import JsonRpcInvalidParams
 
 import engine
 
+from ..backends.base import BackendError
 from ..completions import CANCELLED, ERROR, Outcome
 from ..documents import DocumentError
 
@@ -26,28 +27,31 @@ async def complete_at(ls: TramontaneServer, uri: str, position: types.Position) 
         cursor = document.offset_at(position, ls.position_encoding)
     except DocumentError as e:
         raise JsonRpcInvalidParams(str(e)) from None
-    if ls.backend is not None:
+    ready = ls.backend is not None and ls.backend.status.state == "ready"
+    if ready:
         ls.status("busy", f"Completing in {uri.rsplit('/', 1)[-1]}")
     try:
         outcome = await ls.completions.complete(document, cursor, ls.settings.completion)
     except asyncio.CancelledError:
         ls.status("ready", "Completion cancelled", reason=CANCELLED)
         raise
-    except engine.EngineError as e:
+    except (BackendError, engine.EngineError) as e:
         # e.g. a tokenizer without FIM: say so once per request in the client's log
         log.error("completion failed: %s", e)
         ls.log_to_client(types.MessageType.Error, f"Tramontane: {e}")
         outcome = Outcome("", ERROR)
-    if ls.backend is not None:
-        if outcome.typed_through:
-            ls.status("ready", "Typed through the completion shown", typedThrough=True)
-        else:
-            message = (f"{outcome.generated_tokens} tokens in {outcome.seconds * 1000:.0f} ms "
-                       f"({outcome.prompt_tokens} prompt tokens, {outcome.reused_tokens} "
-                       f"reused, {outcome.prefilled_tokens} prefilled)")
-            log.info("completion: %s", message)
-            ls.status("ready", message, reason=outcome.reason,
-                      promptTokens=outcome.prompt_tokens, reusedTokens=outcome.reused_tokens,
-                      prefilledTokens=outcome.prefilled_tokens,
-                      generatedTokens=outcome.generated_tokens)
+    if not ready:
+        # Loading, or no model: the reply is empty, and the status says why.
+        ls.backend_status(reason=outcome.reason)
+    elif outcome.typed_through:
+        ls.status("ready", "Typed through the completion shown", typedThrough=True)
+    else:
+        message = (f"{outcome.generated_tokens} tokens in {outcome.seconds * 1000:.0f} ms "
+                   f"({outcome.prompt_tokens} prompt tokens, {outcome.reused_tokens} "
+                   f"reused, {outcome.prefilled_tokens} prefilled)")
+        log.info("completion: %s", message)
+        ls.status("ready", message, reason=outcome.reason,
+                  promptTokens=outcome.prompt_tokens, reusedTokens=outcome.reused_tokens,
+                  prefilledTokens=outcome.prefilled_tokens,
+                  generatedTokens=outcome.generated_tokens)
     return outcome

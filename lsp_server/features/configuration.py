@@ -20,6 +20,4 @@ def register(server: TramontaneServer) -> None:
         for warning in warnings:
             ls.show(types.MessageType.Warning, f"Tramontane: {warning}")
         ls.completions.forget_shown()
-        ls.ensure_model()
-        ls.ensure_cache()
-        ls.ensure_adapters()
+        ls.configure_backend()

@@ -24,7 +24,7 @@ def register(server: TramontaneServer) -> None:
         for warning in ls.pending_warnings:
             ls.show(types.MessageType.Warning, f"Tramontane: {warning}")
         ls.pending_warnings = []
-        ls.ensure_model()
+        ls.configure_backend()
 
     @server.feature(types.SHUTDOWN)
     def shutdown(ls: TramontaneServer, params: None) -> None:

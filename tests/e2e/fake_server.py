@@ -12,56 +12,90 @@ Environment:
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import sys
-import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 
-import engine
 from engine.checkpoints.tiny import tokenizer_source
-from lsp_server.backend import Events, GenerationRequest
+from lsp_server.app import create_server
+from lsp_server.backends.base import (
+    BackendError,
+    BackendStatus,
+    ChatRequest,
+    CompletionRequest,
+    End,
+    EndReason,
+    Event,
+    TextDelta,
+)
 from lsp_server.cli import serve
-from lsp_server.server import create_server
+from lsp_server.settings import Settings
+from lsp_server.tokenizer import PromptTokenizer
 
 
 class ScriptedBackend:
     name = "scripted"
+    status = BackendStatus("ready", "scripted ready")
 
     def __init__(self) -> None:
-        self.tokenizer = MistralTokenizer.from_file(str(tokenizer_source("v3")))
+        self.tokenizer = PromptTokenizer(
+            MistralTokenizer.from_file(str(tokenizer_source("v3"))))
         self.texts: list[str] = json.loads(os.environ.get("FAKE_TOKENS", '["x"]'))
         self.delay = float(os.environ.get("FAKE_DELAY", "0"))
         self.log = Path(os.environ["FAKE_LOG"]) if "FAKE_LOG" in os.environ else None
         self.requests = 0
 
-    def forget(self, document: str) -> None:
+    async def configure(self, settings: Settings) -> None:
         pass
 
-    def stream(self, request: GenerationRequest, cancel: engine.CancellationToken) -> Events:
+    def forget(self, key: str) -> None:
+        pass
+
+    async def close(self) -> None:
+        pass
+
+    def chat(self, request: ChatRequest) -> AsyncIterator[Event]:
+        raise BackendError("the scripted backend does not chat")
+
+    async def complete(self, request: CompletionRequest) -> AsyncIterator[Event]:
         self.requests += 1
         if "FAKE_PRINT" in os.environ:
             print("stray print from a library")
             os.write(1, b"stray native write\n")
         if "FAKE_RAISE" in os.environ:
             raise RuntimeError(os.environ["FAKE_RAISE"])
-        steps, reason = 0, "length"
+        steps, reason = 0, "cancelled"
         try:
             for text in self.texts[: request.sampling.max_tokens]:
-                if cancel.cancelled:
-                    reason = "cancelled"
-                    break
-                time.sleep(self.delay)  # one "decode step"
+                await asyncio.sleep(self.delay)  # one "decode step"
                 steps += 1
-                yield engine.TokenEvent(0, 0.0, text)
-            yield engine.EndEvent(reason, len(request.prompt), steps, 0.0, 0.0)  # type: ignore[arg-type]
+                yield TextDelta(text)
+                if request.stop is not None and request.stop(text):
+                    reason = "stop"
+                    break
+            else:
+                reason = "length"
+            yield self._end(request, reason, steps)
         finally:
+            if reason == "cancelled":
+                self._end(request, reason, steps)
             if self.log is not None:
                 with self.log.open("a") as f:
-                    f.write(f"{self.requests} {request.document} steps={steps} {reason}\n")
+                    f.write(f"{self.requests} {request.key} steps={steps} {reason}\n")
+
+    @staticmethod
+    def _end(request: CompletionRequest, reason: EndReason, steps: int) -> End:
+        end = End(reason, len(request.tokens), generated_tokens=steps,
+                  stopped_ms=0.0 if reason == "cancelled" else None)
+        if request.on_end is not None:
+            request.on_end(end)
+        return end
 
 
 if __name__ == "__main__":
-    sys.exit(serve(create_server(backend=ScriptedBackend())))  # type: ignore[arg-type]
+    sys.exit(serve(create_server(backend=ScriptedBackend())))

@@ -7,14 +7,13 @@ from pathlib import Path
 from typing import Any
 
 import engine
-from lsp_server.backend import LocalBackend
-from lsp_server.completions import run_completion
 from lsp_server.documents import Document
 from lsp_server.settings import CompletionSettings
 from tests.e2e.conftest import MODEL_SHAPE
 from tests.e2e.rpc import RawServer
 from tests.e2e.test_protocol import inline, open_doc
 from tests.engine.test_lora import adapter_weights, write_adapter
+from tests.pipeline import complete_in_process
 
 DOC = "file:///w/a.py"
 TEXT = "def add(a, b):\n    return foo()\n\nprint(add(1, 2))\n"
@@ -27,8 +26,7 @@ def pipeline(model_dir: Path, adapter_dir: Path, adapter: str | None) -> str:
     model.load_lora(adapter_dir, name="py")
     settings = CompletionSettings(max_tokens=12, time_budget_ms=60000, adapter=adapter)
     doc = Document(DOC, "python", 1, TEXT)
-    return run_completion(LocalBackend(model), doc, TEXT.index("\n\nprint") + 1, settings,
-                          engine.CancellationToken()).text
+    return complete_in_process(model, doc, TEXT.index("\n\nprint") + 1, settings).text
 
 
 def messages(server: RawServer) -> list[dict[str, Any]]:

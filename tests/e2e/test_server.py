@@ -11,11 +11,10 @@ from lsprotocol import types
 from pytest_lsp import LanguageClient
 
 import engine
-from lsp_server.backend import LocalBackend
-from lsp_server.completions import run_completion
 from lsp_server.documents import Document
 from lsp_server.settings import CompletionSettings
 from tests.e2e.conftest import start
+from tests.pipeline import complete_in_process
 
 URI = "file:///work/demo.py"
 # A multi-line completion point (an empty line in a function body) after astral and CJK
@@ -30,8 +29,7 @@ def expected(model_dir: Path, text: str, cursor: int) -> str:
     model = engine.load(model_dir)
     doc = Document(URI, "python", 1, text)
     settings = CompletionSettings(max_tokens=24, time_budget_ms=60000)
-    return run_completion(LocalBackend(model), doc, cursor, settings,
-                          engine.CancellationToken()).text
+    return complete_in_process(model, doc, cursor, settings).text
 
 
 def open_doc(client: LanguageClient, text: str = TEXT, language: str = "python") -> None:

@@ -1,0 +1,58 @@
+"""The phases of running a model, as separate functions over one `Cache` (as gpt-fast separates
+its prefill and decode): the generation loop composes them, and a faster implementation of a
+phase plugs in here without the loop knowing.
+
+- `prefill`: a chunk of prompt tokens per row (rows of unequal lengths padded with position
+  -1), the logits of one chosen position per row;
+- `decode_one`: one token per row, through the model's compiled step (`model.decoder`) when it
+  accepts the cache's geometry, else the eager forward;
+- `verify`: k tokens per row in one pass, the logits at every position: what speculative
+  decoding checks drafted tokens with (then `cache.keep(n)` cuts back to the accepted ones).
+
+Every function writes the new tokens' keys/values (or state) into the cache. Positions are
+absolute; -1 marks padding, which changes nothing any other row sees.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from ..arch.cache import Cache
+from ..arch.transformer import EmbeddingOverride
+
+if TYPE_CHECKING:
+    from ..model import Model
+
+
+def prefill(model: Model, tokens: torch.Tensor, positions: torch.Tensor, cache: Cache,
+            output_index: torch.Tensor,
+            embeddings: EmbeddingOverride | None = None) -> torch.Tensor:
+    """Run `tokens: (B, T)` at `positions: (B, T)`; float32 logits `(B, V)` at
+    `output_index: (B,)` (each row's last prompt token in the chunk, typically). `embeddings`
+    replaces some positions' token embeddings (image features at `[IMG]` positions)."""
+    return model.forward(tokens, positions, cache, output_index=output_index,
+                         embeddings=embeddings)
+
+
+def decode_one(model: Model, tokens: torch.Tensor, positions: torch.Tensor,
+               cache: Cache) -> torch.Tensor:
+    """One token per row, `tokens: (B,)` at `positions: (B,)`; float32 logits `(B, V)`."""
+    step = model.decoder
+    if step is not None and step.accepts(cache):
+        return step.step(tokens, positions, cache)
+    zeros = torch.zeros(tokens.shape[0], dtype=torch.long, device=tokens.device)
+    return model.forward(tokens[:, None], positions[:, None], cache, output_index=zeros)
+
+
+def verify(model: Model, tokens: torch.Tensor, positions: torch.Tensor,
+           cache: Cache) -> torch.Tensor:
+    """`tokens: (B, k)` at `positions: (B, k)` in one pass; float32 logits `(B, k, V)`, those at
+    position i predicting the token after `tokens[:, i]`."""
+    return model.forward(tokens, positions, cache)
+
+
+def uses_fast_step(model: Model, cache: Cache) -> bool:
+    """Whether `decode_one` takes the compiled step for this cache."""
+    return model.decoder is not None and model.decoder.accepts(cache)
