@@ -415,3 +415,24 @@ def test_the_prefix_cache_never_reuses_another_images_keys_and_values(
     assert end.cached_tokens == len(prompt) - 1
     assert again == pytest.approx(fresh[0], abs=ATOL)
     assert encoded == [1, 1, 1]  # the third request needed no image features
+
+
+def test_encoding_the_images_is_a_streams_first_unit_of_work(
+        make_pixtral: CheckpointFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A scheduler stepping streams can run other work between the encoder and the prefill."""
+    model = ours(make_pixtral("native"))
+    image = noise_image(64, 48)
+    prompt, _ = image_prompt(model, [image])
+    calls: list[str] = []
+    encode, forward = engine.Model.encode_images, engine.Model.forward
+    monkeypatch.setattr(engine.Model, "encode_images",
+                        lambda self, pixels: calls.append("encode") or encode(self, pixels))
+    monkeypatch.setattr(engine.Model, "forward",
+                        lambda self, *a, **k: calls.append("forward") or forward(self, *a, **k))
+    run = engine.stream(prompt, model, engine.SamplingParams(max_tokens=2), images=[image],
+                        chunk_size=16)
+    assert calls == []  # the images are checked, not encoded, when the stream is made
+    assert run.step() == [] and calls == ["encode"]
+    assert run.step() == [] and calls == ["encode", "forward"]
+    events = list(run)
+    assert isinstance(events[-1], engine.EndEvent) and calls.count("encode") == 1
