@@ -47,7 +47,8 @@ pytest: $(VENV)/.test
 	$(BIN)/python -m pytest
 
 # The VS Code extension (editors/vscode): strict tsc + eslint, its Node tests against the real
-# server (tiny checkpoint, about a minute), and the .vsix.
+# server (tiny checkpoint, about a minute), the chat page's tests in headless Chromium (Debian's
+# `chromium`, which .ci/run installs), and the .vsix.
 test-vscode: $(VENV)/.test
 	cd editors/vscode && npm ci --no-audit --no-fund && npm run check && \
 		TRAMONTANE_LSP_SERVER=$(abspath $(BIN))/lsp_server \

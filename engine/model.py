@@ -56,7 +56,10 @@ class Model:
         # A compiled one-token step that the generation loop uses for caches of its geometry
         # (`engine.enable_fast_decode`); None = the eager forward for every step.
         self.decoder: DecodeStep | None = None
-        self._suspended_decoder: DecodeStep | None = None  # set aside while LoRA is loaded
+        # Compiled steps set aside, by the set of adapters loaded when they were built: loading
+        # or unloading an adapter changes which layers are wrapped, which a compiled graph was
+        # traced through (it would recompile on the spot, for tens of seconds).
+        self._set_aside: dict[frozenset[str], DecodeStep] = {}
 
     @property
     def device(self) -> torch.device:
@@ -114,19 +117,23 @@ class Model:
         The adapter runs only inside `use_lora(name)`; the base weights are never changed.
         """
         adapter = read_adapter(path, self.module, scaling, name, loaded=self._loras.names)
+        before = frozenset(self._loras.names)
         self._loras.attach(adapter.name, adapter.tensors, adapter.scaling)
-        name = adapter.name
-        # The compiled decode step reads the base weights only: set it aside while adapters
-        # are loaded (its weights are the same tensors, so it comes back as it was).
-        if self.decoder is not None:
-            self._suspended_decoder, self.decoder = self.decoder, None
-        return name
+        self._adapters_changed(before)
+        return adapter.name
 
     def unload_lora(self, name: str) -> None:
         """Remove an adapter: the layers it touched compute exactly what they did before."""
+        before = frozenset(self._loras.names)
         self._loras.unload(name)
-        if not self._loras.names and self._suspended_decoder is not None:
-            self.decoder, self._suspended_decoder = self._suspended_decoder, None
+        self._adapters_changed(before)
+
+    def _adapters_changed(self, before: frozenset[str]) -> None:
+        """Set the compiled step aside; bring back the one built for the adapters now loaded,
+        if any (`engine.enable_fast_decode` builds one for them)."""
+        if self.decoder is not None:
+            self._set_aside[before] = self.decoder
+        self.decoder = self._set_aside.pop(frozenset(self._loras.names), None)
 
     @property
     def loras(self) -> list[str]:

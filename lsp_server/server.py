@@ -21,6 +21,7 @@ from pygls.lsp.server import LanguageServer
 from . import __version__
 from .backends.base import Backend, BackendError, BackendStatus
 from .backends.local import LocalBackend
+from .chat.service import ChatService
 from .completions import NO_MODEL, CompletionService, Outcome
 from .documents import DocumentStore
 from .protocol import TramontaneProtocol, is_parse_error
@@ -49,6 +50,7 @@ class TramontaneServer(LanguageServer):
         self._fixed_backend = backend is not None
         self._scheduler: Scheduler | None = None
         self.completions = CompletionService(lambda: self.backend, self.report_metrics)
+        self.chats = ChatService(lambda: self.backend)
         self.pending_warnings: list[str] = []
         self._configuring: asyncio.Task[None] | None = None
         self._configure_again = False

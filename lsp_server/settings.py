@@ -6,7 +6,9 @@ The wire names are camelCase and fixed (editors and users depend on them):
      "compile": bool, "adapters": {name: path},
      "completion": {"maxTokens", "prefixTokens", "suffixTokens", "timeBudgetMs", "debounceMs",
                     "temperature", "enabledLanguages", "adapter"},
-     "cache": {"enabled", "budgetMiB"}}
+     "cache": {"enabled", "budgetMiB"},
+     "chat": {"maxTokens", "temperature", "maxToolSteps", "toolTimeoutMs", "toolOutputChars",
+              "deniedPaths", "maxImageMiB"}}
 
 Unknown keys are ignored. An invalid value leaves that one setting at its previous value (the
 default at first) and produces a warning that names the key, the value and what is expected; the
@@ -52,6 +54,21 @@ class CacheSettings:
 
 
 @dataclass(frozen=True)
+class ChatSettings:
+    """`tramontane/chat`: the answer's sampling, the tool loop's bounds, what tools may not read,
+    how large a pasted image may be."""
+
+    max_tokens: int = 1024
+    temperature: float = 0.3
+    max_tool_steps: int = 8
+    tool_timeout_ms: int = 5000
+    tool_output_chars: int = 20000
+    # Globs (gitignore-like, relative to a workspace folder) added to the built-in secrets list.
+    denied_paths: tuple[str, ...] = ()
+    max_image_mib: int = 20
+
+
+@dataclass(frozen=True)
 class Settings:
     model: str | None = None
     device: str = "cpu"
@@ -64,6 +81,7 @@ class Settings:
     adapters: Mapping[str, str] = field(default_factory=dict)
     completion: CompletionSettings = field(default_factory=CompletionSettings)
     cache: CacheSettings = field(default_factory=CacheSettings)
+    chat: ChatSettings = field(default_factory=ChatSettings)
 
 
 def default_cache_budget_mib() -> int:
@@ -75,7 +93,7 @@ def default_cache_budget_mib() -> int:
     return int(min(4096, max(256, total // 8 // 2**20)))
 
 
-_WIRE_NAMES = {"budget_mib": "budgetMiB"}
+_WIRE_NAMES = {"budget_mib": "budgetMiB", "max_image_mib": "maxImageMiB"}
 
 
 def _camel(name: str) -> str:
@@ -161,6 +179,21 @@ def _optional_budget(value: Any) -> int | None:
     return int(_int_range(0, 1_048_576)(value))
 
 
+def _globs(value: Any) -> tuple[str, ...]:
+    if isinstance(value, list) and all(isinstance(v, str) and v.strip() for v in value):
+        return tuple(value)
+    raise ValueError('a list of glob patterns, e.g. ["secrets/**", "*.sqlite"]')
+
+
+CHAT_CHECKS: dict[str, Check] = {
+    "max_tokens": _int_range(1, 32768),
+    "temperature": _float_range(0.0, 5.0),
+    "max_tool_steps": _int_range(0, 64),
+    "tool_timeout_ms": _int_range(100, 600_000),
+    "tool_output_chars": _int_range(100, 10_000_000),
+    "denied_paths": _globs,
+    "max_image_mib": _int_range(1, 1024),
+}
 TOP_CHECKS: dict[str, Check] = {"model": _optional_str, "device": _device, "dtype": _dtype,
                                 "compile": _bool, "adapters": _adapters}
 CACHE_CHECKS: dict[str, Check] = {"enabled": _bool, "budget_mib": _optional_budget}
@@ -189,7 +222,8 @@ def merge_settings(current: Settings, raw: Any) -> tuple[Settings, list[str]]:
     if not isinstance(raw, Mapping):
         return current, [f"settings must be a JSON object, got {type(raw).__name__}; ignored"]
     settings = _merge(current, raw, TOP_CHECKS, "", warnings)
-    for part, checks in (("completion", COMPLETION_CHECKS), ("cache", CACHE_CHECKS)):
+    for part, checks in (("completion", COMPLETION_CHECKS), ("cache", CACHE_CHECKS),
+                         ("chat", CHAT_CHECKS)):
         section = raw.get(part)
         if section is None:
             continue

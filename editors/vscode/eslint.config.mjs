@@ -26,12 +26,24 @@ export default tseslint.config(
     },
   },
   {
-    // The core runs in plain Node and is tested there: no VS Code API in it.
-    files: ['src/core/**/*.ts'],
+    // The Chromium tests' stand-in for VS Code's webview host: plain browser JavaScript.
+    files: ['test/fixtures/*.js'],
+    ...tseslint.configs.disableTypeChecked,
+    languageOptions: {
+      parserOptions: { projectService: false },
+      globals: Object.fromEntries(['window', 'document', 'sessionStorage', 'DataTransfer', 'File',
+        'atob', 'ClipboardEvent', 'DragEvent', 'MessageEvent', 'getComputedStyle']
+        .map((name) => [name, 'readonly'])),
+    },
+  },
+  {
+    // The core and the chat run in plain Node (the chat page in the webview) and are tested
+    // there: no VS Code API in them.
+    files: ['src/core/**/*.ts', 'src/chat/**/*.ts'],
     rules: {
       'no-restricted-imports': ['error', {
         paths: [
-          { name: 'vscode', message: 'src/core runs without VS Code: use src/extension.ts.' },
+          { name: 'vscode', message: 'src/core and src/chat run without VS Code: use src/extension.ts.' },
           { name: 'vscode-languageclient', message: 'src/core is transport-agnostic.' },
           { name: 'vscode-languageclient/node', message: 'src/core is transport-agnostic.' },
         ],

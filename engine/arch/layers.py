@@ -1,4 +1,5 @@
-"""Building blocks of the decoder: RMSNorm, rotary embedding, feed-forward, attention."""
+"""Building blocks of the decoder: linear layers, RMSNorm, rotary embedding, feed-forward,
+attention."""
 
 from __future__ import annotations
 
@@ -8,6 +9,37 @@ from torch import nn
 
 from .cache import AttentionPlan, KVCache
 from .config import TransformerConfig
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """`F.linear(x, weight)` (no bias), written for the compiled decode step as well.
+
+    Decoding one token reads every weight once per token: its speed is memory traffic. Under
+    `torch.compile`, one row is a broadcast multiply and a float32 sum over the input
+    dimension, which inductor turns into one vectorised, threaded loop over the weight rows: it
+    streams bfloat16 and float32 weights faster than oneDNN's packed kernels on the CPUs here
+    (measured: ~30 vs ~20 GB/s in bfloat16) and needs no packed copy of the weights; it
+    accumulates in float32 like the eager matmul and rounds to the input's dtype. Eagerly (and
+    for several rows) it is `F.linear`: the broadcast would materialise the products.
+    """
+    if torch.compiler.is_compiling() and x.numel() == x.shape[-1]:
+        rows = x.reshape(1, 1, -1).float()
+        return (rows * weight.float()).sum(-1).to(x.dtype).view(*x.shape[:-1], -1)
+    return F.linear(x, weight)
+
+
+class Linear(nn.Linear):
+    """A bias-free linear layer whose one-row product compiles to a weight-streaming loop
+    (`linear`). Adapters (`lora.LoRALinear`) and quantized layers keep this interface: a
+    module called on activations, so the compiled step needs no special case for them."""
+
+    def __init__(self, in_features: int, out_features: int, *,
+                 device: torch.device | str | None = None,
+                 dtype: torch.dtype | None = None) -> None:
+        super().__init__(in_features, out_features, bias=False, device=device, dtype=dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight)
 
 
 class RMSNorm(nn.Module):
@@ -70,9 +102,9 @@ class FeedForward(nn.Module):
 
     def __init__(self, dim: int, hidden_dim: int, activation: str = "silu") -> None:
         super().__init__()
-        self.w1 = nn.Linear(dim, hidden_dim, bias=False)  # gate
-        self.w2 = nn.Linear(hidden_dim, dim, bias=False)  # down
-        self.w3 = nn.Linear(dim, hidden_dim, bias=False)  # up
+        self.w1 = Linear(dim, hidden_dim)  # gate
+        self.w2 = Linear(hidden_dim, dim)  # down
+        self.w3 = Linear(dim, hidden_dim)  # up
         self.act = F.gelu if activation == "gelu" else F.silu
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -94,10 +126,10 @@ class Attention(nn.Module):
         self.n_heads = config.n_heads
         self.n_kv_heads = config.n_kv_heads
         self.head_dim = config.head_dim
-        self.wq = nn.Linear(config.dim, config.n_heads * config.head_dim, bias=False)
-        self.wk = nn.Linear(config.dim, config.n_kv_heads * config.head_dim, bias=False)
-        self.wv = nn.Linear(config.dim, config.n_kv_heads * config.head_dim, bias=False)
-        self.wo = nn.Linear(config.n_heads * config.head_dim, config.dim, bias=False)
+        self.wq = Linear(config.dim, config.n_heads * config.head_dim)
+        self.wk = Linear(config.dim, config.n_kv_heads * config.head_dim)
+        self.wv = Linear(config.dim, config.n_kv_heads * config.head_dim)
+        self.wo = Linear(config.n_heads * config.head_dim, config.dim)
 
     def forward(
         self,

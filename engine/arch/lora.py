@@ -13,8 +13,7 @@ Design, and its trade-offs:
 - The base weight is never modified. A layer that some adapter targets is swapped for a
   `LoRALinear` holding the very same weight `Parameter` (no copy; the state dict keeps its
   names) and any number of named adapters. Unloading the last adapter of a layer puts a plain
-  `nn.Linear` back, so unloading restores the base model bit for bit, and the types the compiled
-  fast decoder checks for.
+  `Linear` back, so unloading restores the base model bit for bit.
 - Adapters are not merged into the weights: merging would make switching adapters cost a pass
   over the weights and make unloading exact only by keeping a copy. The price is two thin
   matmuls per adapted layer while an adapter is active; with none active, a `LoRALinear` runs
@@ -36,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import EngineError
+from .layers import Linear, linear
 
 T = TypeVar("T")
 
@@ -56,7 +56,7 @@ class Adapter:
 class LoRALinear(nn.Module):
     """A bias-free linear layer with a frozen base weight and named low-rank adapters."""
 
-    def __init__(self, base: nn.Linear, active: ActiveAdapter) -> None:
+    def __init__(self, base: Linear, active: ActiveAdapter) -> None:
         super().__init__()
         self.in_features = base.in_features
         self.out_features = base.out_features
@@ -65,18 +65,18 @@ class LoRALinear(nn.Module):
         self.active = active
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight)
+        y = linear(x, self.weight)
         name = self.active.name
         adapter = self.adapters.get(name) if name is not None else None
         if adapter is None:
             return y
         return y + F.linear(F.linear(x, adapter.a), adapter.b) * adapter.scaling
 
-    def to_linear(self) -> nn.Linear:
+    def to_linear(self) -> Linear:
         """The plain layer this one wraps (the same weight Parameter)."""
-        linear = nn.Linear(self.in_features, self.out_features, bias=False, device="meta")
-        linear.weight = self.weight
-        return linear
+        plain = Linear(self.in_features, self.out_features, device="meta")
+        plain.weight = self.weight
+        return plain
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
@@ -107,7 +107,7 @@ class LoraAdapters:
             modules = dict(self.module.named_modules())
             for target, (a, b) in tensors.items():
                 layer = modules[target]
-                if isinstance(layer, nn.Linear):
+                if isinstance(layer, Linear):
                     layer = LoRALinear(layer, self.active)
                     parent, _, child = target.rpartition(".")
                     setattr(modules[parent] if parent else self.module, child, layer)
@@ -116,7 +116,7 @@ class LoraAdapters:
             self._targets[name] = list(tensors)
 
     def unload(self, name: str) -> None:
-        """Remove an adapter; layers left with none become plain `nn.Linear` again."""
+        """Remove an adapter; layers left with none become plain `Linear` again."""
         with self._lock:
             if name not in self._targets:
                 raise EngineError(f"no LoRA adapter named {name!r} is loaded "

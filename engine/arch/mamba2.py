@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import MambaConfig
-from .layers import RMSNorm
+from .layers import Linear, RMSNorm
 from .recurrent import MambaCache
 
 # ---------------------------------------------------------------------------------------------
@@ -147,13 +147,13 @@ class Mamba2Mixer(nn.Module):
         super().__init__()
         self.config = config
         c = config
-        self.in_proj = nn.Linear(c.dim, c.d_inner + c.conv_dim + c.n_heads, bias=False)
+        self.in_proj = Linear(c.dim, c.d_inner + c.conv_dim + c.n_heads)
         self.conv1d = nn.Conv1d(c.conv_dim, c.conv_dim, c.d_conv, groups=c.conv_dim, bias=True)
         self.dt_bias = nn.Parameter(torch.empty(c.n_heads))
         self.A_log = nn.Parameter(torch.empty(c.n_heads))
         self.D = nn.Parameter(torch.empty(c.n_heads))
         self.norm = GatedRMSNorm(c.d_inner, c.n_groups, c.norm_eps)
-        self.out_proj = nn.Linear(c.d_inner, c.dim, bias=False)
+        self.out_proj = Linear(c.d_inner, c.dim)
 
     def _conv(self, xbc: torch.Tensor, conv_state: torch.Tensor,
               counts: torch.Tensor) -> torch.Tensor:
@@ -242,7 +242,7 @@ class Mamba2(nn.Module):
         super().__init__()
         self.config = config
         self.backbone = Mamba2Backbone(config)
-        self.lm_head = nn.Linear(config.dim, config.padded_vocab_size, bias=False)
+        self.lm_head = Linear(config.dim, config.padded_vocab_size)
 
     def new_cache(self, batch_size: int, max_seq_len: int, *, rewind: int = 0,
                   device: torch.device | str, dtype: torch.dtype) -> MambaCache:

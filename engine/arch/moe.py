@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import MoeConfig
-from .layers import FeedForward
+from .layers import FeedForward, Linear
 
 
 def route(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -40,7 +40,7 @@ class MoeFeedForward(nn.Module):
         super().__init__()
         self.num_experts = moe.num_experts
         self.k = moe.num_experts_per_tok
-        self.gate = nn.Linear(dim, moe.num_experts, bias=False)
+        self.gate = Linear(dim, moe.num_experts)
         self.experts = nn.ModuleList(FeedForward(dim, hidden_dim) for _ in range(moe.num_experts))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -13,7 +13,7 @@ from torch import nn
 
 from .cache import AttentionPlan, KVCache
 from .config import TransformerConfig
-from .layers import Attention, FeedForward, RMSNorm, rotary_cos_sin
+from .layers import Attention, FeedForward, Linear, RMSNorm, rotary_cos_sin
 from .moe import MoeFeedForward
 from .vision import VisionTower
 
@@ -50,7 +50,7 @@ class Transformer(nn.Module):
         self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
         self.layers = nn.ModuleList(TransformerBlock(config, i) for i in range(config.n_layers))
         self.norm = RMSNorm(config.dim, config.norm_eps)
-        self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
+        self.output = Linear(config.dim, config.vocab_size)
         self.vision = VisionTower(config.vision, config.dim) if config.vision else None
 
     def new_cache(self, batch_size: int, max_seq_len: int, *, rewind: int = 0,

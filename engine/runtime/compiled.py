@@ -1,4 +1,5 @@
-"""A compiled one-token decode step over a `KVCache` (opt-in; written for the CPU).
+"""The compiled one-token decode step over a `KVCache`: `decode_one` for caches of one geometry
+(opt-in; written for the CPU).
 
 Decoding one token per row reads every weight once per token, so its speed is set by memory
 traffic and per-step overhead, not arithmetic. The eager path loses on all three counts: its
@@ -6,24 +7,27 @@ matrix-vector products (oneDNN/MKL through `F.linear`) stream the weights at abo
 memory bandwidth, CPU SDPA is slow for a single query (bfloat16 especially), and each step runs
 hundreds of small ops from Python, `KVCache.plan` building masks on the way. `FastDecoder`:
 
-- writes each matrix-vector product as a broadcast multiply and a float32 sum over the input
-  dimension, which inductor turns into one vectorised, threaded loop over the weight rows. That
-  loop streams bfloat16 and float32 weights faster than oneDNN's packed kernels here (measured:
-  ~30 vs ~20 GB/s in bfloat16), needs no packed copy of the weights, and accumulates in float32
-  like the eager matmul. (Batches of more than one row use `F.linear`: the loop would read the
-  weights once per row.)
+- calls the model's own layers (`block.attention.wq(x)`, `block.feed_forward(x)`, the norms),
+  so what a layer computes is its own business: `arch.layers.Linear` turns a one-row product
+  into a weight-streaming loop under compilation, a LoRA-wrapped or quantized layer brings its
+  own forward, and nothing here special-cases them;
 - attends over the first `span` slots of the preallocated cache, a dimension the compiled graph
   takes as dynamic, so one graph serves every length up to `max_seq_len` and attention costs
   what the tokens written so far cost;
 - does the cache bookkeeping (slot map, mask, key/value writes) inside the graph;
-- compiles one decoder layer once and reuses it for every layer (`nested_compile_region`): a
-  fraction of the compile time of the unrolled graph.
+- compiles one decoder layer once and reuses it for every layer (`nested_compile_region`, the
+  layer passed as an argument): a fraction of the compile time of the unrolled graph.
 
 Same cache, same semantics as `Transformer.forward` with one token per row: prefill with the
 eager model into a cache of the decoder's geometry (`decoder.new_cache()`), then call
 `step(tokens, positions, cache)` per token; a row at position -1 is padding (it changes nothing
-the other rows see; its logits are garbage). The generation loop does this by itself once
-`Model.enable_fast_decode` has built a decoder.
+the other rows see; its logits are garbage). `runtime.phases.decode_one` does this by itself
+once the model has a decoder (`engine.enable_fast_decode`), for caches of its geometry and while
+no LoRA adapter is active (the active adapter is a per-thread choice that a compiled graph
+cannot see: those steps run eagerly). Loading or unloading an adapter changes which layers are
+wrapped, which the graph was traced through: the model sets its decoder aside then, and brings
+back the one built for the adapters loaded now, if any (one compiled while adapters are loaded
+runs their layers' base path).
 
 Trade-offs, stated: the first compile takes 20-35 s for a 200M model on 2 cores, 2-3 s when
 inductor's on-disk cache holds the kernels (a later launch), and nothing for another decoder of
@@ -41,30 +45,11 @@ from collections.abc import Callable
 from typing import Any, cast
 
 import torch
-import torch.nn.functional as F
 
 from ..arch.cache import KVCache
-from ..arch.layers import Attention, FeedForward, apply_rotary, rotary_cos_sin
-from ..arch.lora import LoRALinear
+from ..arch.layers import FeedForward, apply_rotary, rotary_cos_sin
 from ..arch.transformer import Transformer, TransformerBlock
 from ..errors import EngineError
-
-
-def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """`layers.RMSNorm`'s arithmetic, step for step."""
-    xf = x.float()
-    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * xf.type_as(x)
-
-
-def _matvec(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """`F.linear(x, w)` for `x: (B, in)`; for one row, a loop inductor streams the weights in."""
-    if x.shape[0] != 1:
-        return F.linear(x, w)
-    # x is rounded to the model dtype already (as F.linear gets it); float32 products and sum,
-    # as the eager matmul accumulates, rounded back to the model dtype.
-    return (x.float()[:, None, :] * w.float()).sum(-1).to(x.dtype)  # (1, out)
-
 
 # The two halves of a decoder layer, as compile regions: traced once, reused for every layer
 # (and by every decoder of the same shapes). The key/value writes happen between them, in the
@@ -72,24 +57,22 @@ def _matvec(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 
 @torch.compiler.nested_compile_region
-def _qkv(h: torch.Tensor, norm: torch.Tensor, wq: torch.Tensor, wk: torch.Tensor,
-         wv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, eps: float,
+def _qkv(block: TransformerBlock, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
          shape: tuple[int, int, int, int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     bsz, n_heads, hkv, hd = shape
-    x = _rms_norm(h, norm, eps)
-    q = apply_rotary(_matvec(x, wq).view(bsz, 1, n_heads, hd), cos, sin)
-    k = apply_rotary(_matvec(x, wk).view(bsz, 1, hkv, hd), cos, sin)
-    v = _matvec(x, wv)
+    attention = block.attention
+    x = block.attention_norm(h)  # (B, dim)
+    q = apply_rotary(attention.wq(x).view(bsz, 1, n_heads, hd), cos, sin)
+    k = apply_rotary(attention.wk(x).view(bsz, 1, hkv, hd), cos, sin)
+    v = attention.wv(x)
     return (q.view(bsz, hkv, n_heads // hkv, hd), k.view(bsz, hkv, hd),
             v.view(bsz, hkv, hd))  # q: (B, Hkv, G, hd)
 
 
 @torch.compiler.nested_compile_region
-def _attend_and_feed_forward(
-    h: torch.Tensor, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
-    mask: torch.Tensor, wo: torch.Tensor, norm: torch.Tensor, w1: torch.Tensor,
-    w3: torch.Tensor, w2: torch.Tensor, eps: float, shape: tuple[int, int, int, int],
-) -> torch.Tensor:
+def _attend_and_feed_forward(block: TransformerBlock, h: torch.Tensor, q: torch.Tensor,
+                             keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
+                             shape: tuple[int, int, int, int]) -> torch.Tensor:
     bsz, n_heads, _, hd = shape
     # Query heads h*G .. h*G+G-1 share kv head h (SDPA's enable_gqa). Scores and softmax in
     # float32 as SDPA's CPU kernel accumulates them; broadcast-and-sum, so inductor reads the
@@ -98,43 +81,28 @@ def _attend_and_feed_forward(
     scores = (qg * keys[:, :, None].float()).sum(-1) / math.sqrt(hd)  # (B, Hkv, G, S)
     probs = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1)
     out = (probs[..., None] * values[:, :, None].float()).sum(-2)  # (B, Hkv, G, hd)
-    h = h + _matvec(out.to(h.dtype).reshape(bsz, n_heads * hd), wo)
-    x = _rms_norm(h, norm, eps)
-    return h + _matvec(F.silu(_matvec(x, w1)) * _matvec(x, w3), w2)
+    h = h + block.attention.wo(out.to(h.dtype).reshape(bsz, n_heads * hd))
+    return h + block.feed_forward(block.ffn_norm(h))
 
 
 class _DecodeStep(torch.nn.Module):
     """The decoder for one token per row over the first S slots of a `KVCache`.
 
-    Holds the model's own weight tensors (no copies). The cache views are arguments, written
-    in place.
+    Runs the model's own modules (no copies of anything). The cache views are arguments,
+    written in place.
     """
 
     def __init__(self, module: Transformer, cache: KVCache, batch_size: int) -> None:
         super().__init__()
         config = module.config
-        self.n_heads, self.n_kv_heads = config.n_heads, config.n_kv_heads
-        self.head_dim, self.rope_theta, self.eps = config.head_dim, config.rope_theta, \
-            config.norm_eps
+        self.model = module
+        self.head_dim, self.rope_theta = config.head_dim, config.rope_theta
         self.groups = [(g.capacity, g.window) for g in cache.groups]
         self.layer_group = list(cache.layer_group)
-        self.embeddings = module.tok_embeddings.weight
-        self.norm = module.norm.weight
-        self.output = module.output.weight
-        self.layer_weights: list[tuple[torch.Tensor, ...]] = []
-        # (LoRA hook) adapters live in wrapped linears that this graph would bypass.
-        if any(isinstance(m, LoRALinear) for m in module.modules()):
-            raise EngineError("FastDecoder does not run LoRA adapters: unload them, or use the "
-                              "eager decode loop for this model")
         for layer in module.layers:
-            block = cast(TransformerBlock, layer)
-            a, f = block.attention, block.feed_forward
-            if type(a) is not Attention or type(f) is not FeedForward:
-                raise EngineError("FastDecoder supports dense decoders only (no MoE, no LoRA "
-                                  "layers): use the eager decode loop for this model")
-            self.layer_weights.append((
-                block.attention_norm.weight, a.wq.weight, a.wk.weight, a.wv.weight,
-                a.wo.weight, block.ffn_norm.weight, f.w1.weight, f.w3.weight, f.w2.weight))
+            if not isinstance(cast(TransformerBlock, layer).feed_forward, FeedForward):
+                raise EngineError("the compiled decode step supports dense decoders (MoE layers "
+                                  "route tokens in Python): this model decodes eagerly")
         self.shape = (batch_size, config.n_heads, config.n_kv_heads, config.head_dim)
 
     def forward(
@@ -164,19 +132,20 @@ class _DecodeStep(torch.nn.Module):
             allowed |= qp < 0  # padding rows attend to everything (finite garbage)
             slots.append(slot)
             masks.append(allowed[:, None, None, :])  # (B, 1, 1, S)
+        model = self.model
         cos, sin = rotary_cos_sin(positions[:, None], self.head_dim, self.rope_theta,
-                                  self.embeddings.dtype)  # (B, 1, 1, hd)
+                                  model.tok_embeddings.weight.dtype)  # (B, 1, 1, hd)
         keep = valid[:, None, None]
 
-        h = F.embedding(tokens, self.embeddings)  # (B, dim)
-        for i, (n1, wq, wk, wv, wo, n2, w1, w3, w2) in enumerate(self.layer_weights):
+        h = model.tok_embeddings(tokens)  # (B, dim)
+        for i, layer in enumerate(model.layers):
+            block = cast(TransformerBlock, layer)
             g = self.layer_group[i]
-            q, k, v = _qkv(h, n1, wq, wk, wv, cos, sin, self.eps, self.shape)
+            q, k, v = _qkv(block, h, cos, sin, self.shape)
             keys[i][rows, :, slots[g]] = torch.where(keep, k, keys[i][rows, :, 0])
             values[i][rows, :, slots[g]] = torch.where(keep, v, values[i][rows, :, 0])
-            h = _attend_and_feed_forward(h, q, keys[i], values[i], masks[g], wo, n2, w1, w3,
-                                         w2, self.eps, self.shape)
-        return _matvec(_rms_norm(h, self.norm, self.eps), self.output).float()  # (B, V)
+            h = _attend_and_feed_forward(block, h, q, keys[i], values[i], masks[g], self.shape)
+        return cast(torch.Tensor, model.output(model.norm(h))).float()  # (B, V)
 
 
 class FastDecoder:

@@ -40,7 +40,7 @@ def decode_one(model: Model, tokens: torch.Tensor, positions: torch.Tensor,
                cache: Cache) -> torch.Tensor:
     """One token per row, `tokens: (B,)` at `positions: (B,)`; float32 logits `(B, V)`."""
     step = model.decoder
-    if step is not None and step.accepts(cache):
+    if step is not None and uses_fast_step(model, cache):
         return step.step(tokens, positions, cache)
     zeros = torch.zeros(tokens.shape[0], dtype=torch.long, device=tokens.device)
     return model.forward(tokens[:, None], positions[:, None], cache, output_index=zeros)
@@ -54,5 +54,8 @@ def verify(model: Model, tokens: torch.Tensor, positions: torch.Tensor,
 
 
 def uses_fast_step(model: Model, cache: Cache) -> bool:
-    """Whether `decode_one` takes the compiled step for this cache."""
-    return model.decoder is not None and model.decoder.accepts(cache)
+    """Whether `decode_one` takes the compiled step for this cache: it has the step's geometry,
+    and no LoRA adapter is active on this thread (a per-thread choice a compiled graph cannot
+    see)."""
+    return (model.decoder is not None and model.decoder.accepts(cache)
+            and model.active_lora is None)

@@ -11,7 +11,9 @@ Life of the model, as the settings drive it (`configure`):
   cores, a few seconds once inductor's disk cache has it) and swapped in between two engine
   steps; the status then says the fast path is in use;
 - the prompt budgets size the per-document prefix caches (and the compiled step's geometry):
-  changing them resizes the caches and compiles again in the background;
+  changing them resizes the caches and compiles again in the background; conversations have
+  caches of their own (`CHAT_CONTEXT` positions, keyed by chat id), and the two share the
+  `cache.budgetMiB` budget half and half;
 - `adapters` are loaded and unloaded on the engine thread, between two steps.
 
 Requests become `engine.Stream`s advanced one unit at a time by the scheduler; their events are
@@ -28,10 +30,11 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import engine
 
+from ..chat.prompt import encode_chat
 from ..scheduler import Priority, Scheduler
 from ..settings import CacheSettings, CompletionSettings, Settings, default_cache_budget_mib
 from ..tokenizer import PromptTokenizer
@@ -59,6 +62,12 @@ REWIND = 512
 COMPILE_NICENESS = 10
 
 
+# Positions of a conversation's cache entry (a longer conversation runs without the cache), and
+# the room to cut it back by (the previous answer as generated vs as the next turn encodes it).
+CHAT_CONTEXT = 8192
+CHAT_REWIND = 1024
+
+
 def context_tokens(settings: CompletionSettings) -> int:
     """Positions a completion can need: the prompt's budgets, FIM's special tokens, the output;
     rounded up so that small settings changes keep the same geometry."""
@@ -83,16 +92,36 @@ def _load(spec: _ModelSpec) -> engine.Model:
     return engine.load(spec.path, device=spec.device, dtype=spec.dtype)
 
 
+class TokenDecoder(Protocol):
+    """What a stream's tokens say: visible text as it comes, then whatever the end reveals
+    (a chat's tool calls)."""
+
+    def feed(self, event: engine.TokenEvent) -> str: ...
+
+    def finish(self, rest: str) -> tuple[str, list[Event]]: ...
+
+
+class PlainText:
+    """Completions: the engine's UTF-8-safe text deltas as they are."""
+
+    def feed(self, event: engine.TokenEvent) -> str:
+        return event.text
+
+    def finish(self, rest: str) -> tuple[str, list[Event]]:
+        return rest, []
+
+
 class StreamJob:
     """An `engine.Stream` run by the scheduler; its events go to `deliver` (thread-safe)."""
 
     def __init__(self, make: Callable[[], engine.Stream], deliver: Callable[[object], None],
-                 cancel: engine.CancellationToken,
-                 stop: Callable[[str], bool] | None = None) -> None:
+                 cancel: engine.CancellationToken, stop: Callable[[str], bool] | None = None,
+                 decoder: TokenDecoder | None = None) -> None:
         self._make = make
         self._deliver = deliver
         self._cancel = cancel
         self._stop = stop
+        self._decoder: TokenDecoder = decoder or PlainText()
         self._stream: engine.Stream | None = None
         self._started = time.perf_counter()
 
@@ -105,15 +134,19 @@ class StreamJob:
         stream = self._stream
         for event in stream.step():
             if isinstance(event, engine.EndEvent):
-                if event.text:  # the bytes left at the end, flushed
-                    self._deliver(TextDelta(event.text))
+                rest, extra = self._decoder.finish(event.text)
+                if rest:  # the bytes left at the end, flushed
+                    self._deliver(TextDelta(rest))
                     if self._stop is not None:
-                        self._stop(event.text)
+                        self._stop(rest)
+                for item in extra:
+                    self._deliver(item)
                 self._finish(self._end(event))
                 return True
-            if event.text:
-                self._deliver(TextDelta(event.text))
-                if self._stop is not None and self._stop(event.text):
+            text = self._decoder.feed(event)
+            if text:
+                self._deliver(TextDelta(text))
+                if self._stop is not None and self._stop(text):
                     self._finish(self._end(stream.stop()))
                     return True
         return stream.finished
@@ -153,11 +186,13 @@ class LocalBackend:
         self._model: engine.Model | None = None
         self._tokenizer: PromptTokenizer | None = None
         self._prefix_cache: engine.PrefixCache | None = None
+        self._chat_cache: engine.PrefixCache | None = None
         self._cache_shape: tuple[int, CacheSettings] | None = None
         self._compile = True
         self._adapters: dict[str, str] = {}
         self._generation = 0  # bumped at every model change: late compiles are dropped
         self._compiling: threading.Thread | None = None
+        self._compiling_for: tuple[int, int, tuple[str, ...]] | None = None
 
     # -- what the server sees -------------------------------------------------------------------
 
@@ -222,20 +257,36 @@ class LocalBackend:
         return self._events(make, request.stop, request.on_end, Priority.INTERACTIVE,
                             request.key)
 
-    def chat(self, request: ChatRequest) -> AsyncIterator[Event]:
-        raise BackendError("chat is not available with the local engine yet")
+    async def chat(self, request: ChatRequest) -> AsyncIterator[Event]:
+        model = self._require_model()
+        sampling = engine.SamplingParams(max_tokens=request.sampling.max_tokens,
+                                         temperature=request.sampling.temperature,
+                                         top_p=request.sampling.top_p)
+        # Encoded off the event loop and off the engine thread (images take a while).
+        prompt = await asyncio.get_running_loop().run_in_executor(
+            None, encode_chat, model.tokenizer, request.messages, request.tools, None)
+        chat_cache = self._chat_cache
+
+        def make(cancel: engine.CancellationToken) -> engine.Stream:
+            return engine.stream(prompt.tokens, model, sampling, cancel=cancel,
+                                 chunk_size=PREFILL_CHUNK, prefix_cache=chat_cache,
+                                 cache_key=request.key, adapter=request.adapter)
+
+        async for event in self._events(make, None, request.on_end, Priority.BACKGROUND,
+                                        request.key):
+            yield event
 
     def forget(self, key: str) -> None:
-        cache = self._prefix_cache
-        if cache is None:
-            return
-        cache.drop(key)
-        for name in self._adapters:
-            cache.drop((key, name))
+        for cache in (self._prefix_cache, self._chat_cache):
+            if cache is None:
+                continue
+            cache.drop(key)
+            for name in self._adapters:
+                cache.drop((key, name))
 
     async def close(self) -> None:
         self._generation += 1
-        self._model = self._tokenizer = self._prefix_cache = None
+        self._model = self._tokenizer = self._prefix_cache = self._chat_cache = None
 
     # -- running requests -----------------------------------------------------------------------
 
@@ -292,7 +343,7 @@ class LocalBackend:
 
     async def _switch(self, spec: _ModelSpec | None) -> None:
         self._generation += 1
-        self._model = self._tokenizer = self._prefix_cache = None
+        self._model = self._tokenizer = self._prefix_cache = self._chat_cache = None
         self._cache_shape = None
         self._adapters = {}
         if spec is None:
@@ -338,24 +389,31 @@ class LocalBackend:
         if shape == self._cache_shape:
             return False
         self._cache_shape = shape
-        if self._prefix_cache is not None:
-            self._prefix_cache.clear()
-        self._prefix_cache = None
+        for old in (self._prefix_cache, self._chat_cache):
+            if old is not None:
+                old.clear()
+        self._prefix_cache = self._chat_cache = None
         if cache.enabled:
             budget = cache.budget_mib if cache.budget_mib is not None \
                 else default_cache_budget_mib()
             self._prefix_cache = engine.PrefixCache(
-                model, max_seq_len=shape[0], budget_bytes=budget * 2**20, rewind=REWIND)
+                model, max_seq_len=shape[0], budget_bytes=budget * 2**19, rewind=REWIND)
+            context = min(CHAT_CONTEXT, model.config.max_position_embeddings or CHAT_CONTEXT)
+            self._chat_cache = engine.PrefixCache(
+                model, max_seq_len=context, budget_bytes=budget * 2**19, rewind=CHAT_REWIND)
         decoder = model.decoder
         if decoder is not None and decoder.max_seq_len != shape[0]:
             model.decoder = None
-        if self._compile and model.decoder is None:
-            self._start_compile(model, shape[0])
-            return True
-        return False
+        return self._recompile_if_needed()
 
     def _start_compile(self, model: engine.Model, max_seq_len: int) -> None:
+        """Compile on a thread of its own; `_swap_in` installs the result between two steps.
+        A compile already under way for the same size and layers is not started twice."""
         generation = self._generation
+        target = (generation, max_seq_len, tuple(model.loras))
+        if self._compiling is not None and self._compiling_for == target:
+            return
+        self._compiling_for = target
 
         def build() -> None:
             with contextlib.suppress(OSError, AttributeError):  # not Linux: default priority
@@ -369,19 +427,23 @@ class LocalBackend:
                 self._compiling = None
                 return
             log.info("decode step compiled in %.1f s", time.perf_counter() - started)
-            self._scheduler.call(lambda: self._swap_in(generation, model, decoder))
+            self._scheduler.call(lambda: self._swap_in(generation, model, decoder, target[2]))
 
         thread = threading.Thread(target=build, name="tramontane-compile", daemon=True)
         self._compiling = thread
         thread.start()
 
-    def _swap_in(self, generation: int, model: engine.Model, decoder: Any) -> None:
+    def _swap_in(self, generation: int, model: engine.Model, decoder: Any,
+                 loras: tuple[str, ...]) -> None:
         """On the engine thread, between two steps."""
         self._compiling = None
         if generation != self._generation or model is not self._model:
             return
-        if self._cache_shape is None or decoder.max_seq_len != self._cache_shape[0]:
-            return  # the budgets changed while it compiled: a newer compile is on its way
+        if self._cache_shape is None or decoder.max_seq_len != self._cache_shape[0] or \
+                tuple(model.loras) != loras:
+            # The budgets or the adapters changed while it compiled: compile for them.
+            self._recompile_if_needed()
+            return
         model.decoder = decoder
         self._set_status(self._ready_status())
 
@@ -390,8 +452,21 @@ class LocalBackend:
             return
         problems = await self._run(self._load_adapters, wanted)
         self._adapters = dict(wanted)
+        # The model set its compiled step aside (the layers changed): build one for them.
+        if await self._run(self._recompile_if_needed):
+            self._set_status(self._ready_status())
         if problems:
             raise BackendError("; ".join(problems))
+
+    def _recompile_if_needed(self) -> bool:
+        """On the engine thread: start a compile if the model has no compiled step for its
+        current layers and caches; True if one started."""
+        model = self._model
+        if model is None or not self._compile or self._cache_shape is None or \
+                model.decoder is not None:
+            return False
+        self._start_compile(model, self._cache_shape[0])
+        return True
 
     def _load_adapters(self, wanted: dict[str, str]) -> list[str]:
         """On the engine thread: exactly `wanted` ({name: path}) loaded; one message per adapter

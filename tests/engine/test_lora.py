@@ -16,8 +16,8 @@ from torch import nn
 import engine
 from engine.arch.lora import LoRALinear
 from engine.checkpoints.tiny import random_state_dict, tiny_config, write_checkpoint
-from engine.runtime.compiled import FastDecoder
 from tests.conftest import CheckpointFactory
+from tests.engine.test_fast_decode import count_steps
 from tests.engine.test_moe import hf_greedy
 from tests.engine.test_parity import hf_model
 
@@ -293,14 +293,24 @@ def test_adapter_on_a_bfloat16_model_must_be_bfloat16(make_checkpoint: Checkpoin
     assert model.load_lora(write_adapter(tmp_path / "bf16", tensors)) == "bf16"
 
 
-def test_fast_decoder_refuses_a_model_with_adapters(make_checkpoint: CheckpointFactory,
-                                                    tmp_path: Path) -> None:
+def test_a_decode_step_built_with_adapters_loaded_runs_the_base_and_steps_aside_for_them(
+        make_checkpoint: CheckpointFactory, tmp_path: Path) -> None:
+    """The compiled step calls the layers, LoRA-wrapped ones included: with no adapter active
+    it computes the base model; while one is active, the generation loop decodes eagerly."""
     model = engine.load(make_checkpoint("native", **DENSE))
-    model.load_lora(write_adapter(tmp_path / "x", adapter_weights(DENSE)))
-    with pytest.raises(engine.EngineError, match="does not run LoRA adapters"):
-        FastDecoder(model, 1, 64, compile=False)
-    model.unload_lora("x")
-    assert FastDecoder(model, 1, 64, compile=False).batch_size == 1
+    base, _ = engine.generate([PROMPT], model, max_tokens=6, eos_id=-1)
+    tensors = adapter_weights(DENSE)
+    model.load_lora(write_adapter(tmp_path / "x", tensors))
+    decoder = engine.enable_fast_decode(model, 64, compile=False)
+    calls = count_steps(decoder)
+    assert engine.generate([PROMPT], model, max_tokens=6, eos_id=-1)[0] == base
+    assert calls[0] == 5  # every step after the first token
+    with model.use_lora("x"):
+        adapted, _ = engine.generate([PROMPT], model, max_tokens=6, eos_id=-1)
+    assert calls[0] == 5  # none while the adapter was active
+    merged_model = engine.load(write_checkpoint(tmp_path / "merged", tiny_config(
+        "v3", **DENSE), merged(DENSE, tensors, 2.0)))  # type: ignore[arg-type]
+    assert adapted == engine.generate([PROMPT], merged_model, max_tokens=6, eos_id=-1)[0]
 
 
 def test_loading_an_adapter_sets_the_fast_decoder_aside_until_the_last_unload(

@@ -1,7 +1,7 @@
 /** package.json against the code: commands, entry point, engine versions. */
 
 import assert from 'node:assert/strict';
-import { readFileSync } from 'node:fs';
+import { existsSync, readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { describe, test } from 'node:test';
 
@@ -11,7 +11,12 @@ interface Manifest {
   main: string;
   engines: { vscode: string };
   activationEvents: string[];
-  contributes: { commands: { command: string }[] };
+  contributes: {
+    commands: { command: string }[];
+    viewsContainers: { activitybar: { id: string; icon: string }[] };
+    views: Record<string, { type: string; id: string; icon: string }[]>;
+    menus: Record<string, { command: string }[]>;
+  };
   devDependencies: Record<string, string>;
 }
 
@@ -23,6 +28,30 @@ describe('manifest', () => {
     const registered = [...source.matchAll(/registerCommand\('([^']+)'/g)].map((m) => m[1]).sort();
     const contributed = manifest.contributes.commands.map((c) => c.command).sort();
     assert.deepEqual(registered, contributed);
+  });
+
+  test('the chat view: its own activity-bar container, a webview view the extension registers', () => {
+    const source = readFileSync(join(PACKAGE_ROOT, 'src', 'extension.ts'), 'utf8');
+    const { viewsContainers, views, menus, commands } = manifest.contributes;
+    assert.deepEqual(viewsContainers.activitybar.map((c) => c.id), ['tramontane']);
+    assert.deepEqual(views.tramontane?.map((v) => [v.type, v.id]), [['webview', 'tramontane.chat']]);
+    assert.match(source, /const CHAT_VIEW = 'tramontane.chat';/);
+    assert.match(source, /registerWebviewViewProvider\(CHAT_VIEW,/);
+    for (const icon of [viewsContainers.activitybar[0]?.icon, views.tramontane[0]?.icon]) {
+      assert.equal(existsSync(join(PACKAGE_ROOT, icon ?? 'missing')), true, icon);
+    }
+    const known = new Set(commands.map((c) => c.command));
+    assert.deepEqual(Object.values(menus).flat().filter((m) => !known.has(m.command)), []);
+  });
+
+  test('the .vsix carries the chat page: its script, its stylesheet, the view icon', () => {
+    const included = readFileSync(join(PACKAGE_ROOT, '.vscodeignore'), 'utf8').split('\n')
+      .filter((line) => line.startsWith('!')).map((line) => line.slice(1));
+    assert.deepEqual(included, ['dist/extension.js', 'dist/chat.js', 'media/chat.css',
+      'media/tramontane.svg', 'package.json', 'README.md', 'LICENSE.txt']);
+    const provider = readFileSync(join(PACKAGE_ROOT, 'src', 'extension.ts'), 'utf8');
+    assert.match(provider, /'dist', 'chat.js'/);
+    assert.match(provider, /'media', 'chat.css'/);
   });
 
   test('the bundle is the entry point, started once VS Code is up', () => {

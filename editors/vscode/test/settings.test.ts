@@ -20,7 +20,7 @@ import { packageJson } from './helpers';
 const defaults = declaredDefaults(packageJson());
 
 describe('settings', () => {
-  test('package.json declares exactly the client keys, server keys and completion keys', () => {
+  test('package.json declares exactly the client keys and the server keys', () => {
     const pkg = packageJson() as { contributes: { configuration: { properties: object } } };
     const declared = Object.keys(pkg.contributes.configuration.properties).sort();
     const expected = [...CLIENT_KEYS, ...SERVER_SETTING_KEYS].map((k) => `tramontane.${k}`).sort();
@@ -45,6 +45,15 @@ describe('settings', () => {
         adapter: null,
       },
       cache: { enabled: true, budgetMiB: null },
+      chat: {
+        maxTokens: 1024,
+        temperature: 0.3,
+        maxToolSteps: 8,
+        toolTimeoutMs: 5000,
+        toolOutputChars: 20000,
+        deniedPaths: [],
+        maxImageMiB: 20,
+      },
     });
   });
 
@@ -95,6 +104,7 @@ describe('settings', () => {
     assert.equal(concernsServer(changed(['tramontane.model'])), true);
     assert.equal(concernsServer(changed(['tramontane.completion.maxTokens'])), true);
     assert.equal(concernsServer(changed(['tramontane.cache.budgetMiB'])), true);
+    assert.equal(concernsServer(changed(['tramontane.chat.maxImageMiB'])), true);
     assert.equal(concernsServer(changed(['tramontane.enable'])), false);
   });
 

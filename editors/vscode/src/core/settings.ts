@@ -9,7 +9,8 @@
 
 export const SECTION = 'tramontane';
 
-/** The server's nested settings, by section: `completion.*` and `cache.*` on both sides. */
+/** The server's nested settings, by section: `completion.*`, `cache.*` and `chat.*` on both
+ * sides. */
 export const SECTIONS = {
   completion: [
     'maxTokens',
@@ -22,6 +23,15 @@ export const SECTIONS = {
     'adapter',
   ],
   cache: ['enabled', 'budgetMiB'],
+  chat: [
+    'maxTokens',
+    'temperature',
+    'maxToolSteps',
+    'toolTimeoutMs',
+    'toolOutputChars',
+    'deniedPaths',
+    'maxImageMiB',
+  ],
 } as const satisfies Record<string, readonly string[]>;
 
 export type Section = keyof typeof SECTIONS;
@@ -53,6 +63,7 @@ export interface InitializationOptions {
   adapters?: unknown;
   completion: Record<string, unknown>;
   cache: Record<string, unknown>;
+  chat: Record<string, unknown>;
 }
 
 export interface ServerCommand {
@@ -80,7 +91,7 @@ export function modelPath(value: unknown, home: string): unknown {
 
 /** The server's settings tree, sent as `initializationOptions` and on every change. */
 export function initializationOptions(get: SettingsGetter, home: string): InitializationOptions {
-  const options: InitializationOptions = { completion: {}, cache: {} };
+  const options: InitializationOptions = { completion: {}, cache: {}, chat: {} };
   for (const key of SERVER_KEYS) {
     const value = get(key);
     if (value !== undefined) {
