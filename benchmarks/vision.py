@@ -6,6 +6,11 @@ Two towers: the tiny one of `make-tiny --arch pixtral` (dim 64, 2 layers), and o
 random weights. A 1024x768 screenshot is 64x48 = 3072 patches.
 
     .venv/bin/python benchmarks/vision.py [--width 1024 --height 768] [--dtypes float32 bfloat16]
+        [--towers tiny pixtral-12b] [--no-transformers]
+
+transformers' eager attention materialises the (N, N) scores: in bfloat16 on the CPU that is
+~20x slower than SDPA here, so a Pixtral-sized bfloat16 comparison takes many minutes
+(`--no-transformers` times ours only).
 """
 
 from __future__ import annotations
@@ -79,6 +84,8 @@ def main() -> None:
     parser.add_argument("--height", type=int, default=768)
     parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
     parser.add_argument("--towers", nargs="+", default=list(TOWERS), choices=list(TOWERS))
+    parser.add_argument("--no-transformers", dest="reference", action="store_false",
+                        help="time our encoder only")
     args = parser.parse_args()
     image = screenshot(args.width, args.height)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; "
@@ -95,15 +102,18 @@ def main() -> None:
         print(f"\n{name}: {params / 1e6:.1f}M encoder parameters, {pixels.shape[1]}x"
               f"{pixels.shape[2]} pixels -> {tower.tokens_per_image(*pixels.shape[1:])} "
               f"patches; mistral-common preprocessing {prep * 1000:.0f} ms")
-        hf = reference(tower)
+        hf = reference(tower) if args.reference else None
         runs = 1 if config.n_layers > 4 else 5
         for dtype_name in args.dtypes:
             dtype = getattr(torch, dtype_name)
             tower.to(dtype)
-            hf.to(dtype)
             with torch.inference_mode():
                 tower.encoder([pixels])  # warm-up
                 ours = best_of(runs, lambda: tower.encoder([pixels]))  # noqa: B023
+                if hf is None:
+                    print(f"  {dtype_name:>8}: ours {ours:7.2f} s")
+                    continue
+                hf.to(dtype)
                 hf(pixels[None].to(dtype))
                 theirs = best_of(runs, lambda: hf(pixels[None].to(dtype)))  # noqa: B023
             print(f"  {dtype_name:>8}: ours {ours:7.2f} s, transformers (eager) {theirs:7.2f} s, "
