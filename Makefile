@@ -36,6 +36,8 @@ demo: $(VENV)/.runtime
 		--prefix "$$(printf 'def fibonacci(n):\n    """Return the n-th Fibonacci number."""\n    ')" \
 		--suffix "$$(printf '\n\nprint(fibonacci(10))')"
 	@echo
+	@echo "The command is $(BIN)/tramontane; \`. $(BIN)/activate\` puts it on PATH" \
+		"(README: The command line)." >&2
 
 lint: $(VENV)/.test
 	$(BIN)/ruff check engine lsp_server tests benchmarks

@@ -2,9 +2,9 @@
 
 One random ~200M-parameter Mistral (dim 1024, 12 layers, 16 heads / 4 kv heads, hidden 3072,
 vocab 32768) is written once in both layouts (native for us, HF for transformers: the same
-weights) and run in each dtype asked for. With `--archs`, also (benchmarks/models.py says why
-these shapes): a random Mixtral of the same active size (8 experts of hidden 1536, top-2: ~552M
-parameters, ~212M per token) against transformers' `MixtralForCausalLM`, and a random ~200M
+weights) and run in each dtype asked for. With `--archs`, also (benchmarks/bench_models.py says
+why these shapes): a random Mixtral of the same active size (8 experts of hidden 1536, top-2:
+~552M parameters, ~212M per token) against transformers' `MixtralForCausalLM`, and a random ~200M
 Mamba2 (dim 1024, 16 layers, d_state 128, head_dim 64, expand 2, 8 groups) against
 `Mamba2ForCausalLM` (its torch path: no CUDA kernels on a CPU). What is timed, for every side
 alike:
@@ -62,7 +62,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from models import (
+from bench_models import (
     ARCHS,
     TOKENIZER,
     Arch,

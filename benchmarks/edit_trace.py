@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import queue
 import random
 import statistics
@@ -113,9 +114,10 @@ def position(text: str, offset: int) -> dict[str, int]:
 class Client:
     """A minimal LSP client over the server's stdio; records when every frame arrived."""
 
-    def __init__(self, command: list[str]) -> None:
+    def __init__(self, command: list[str], env: dict[str, str] | None = None) -> None:
         self.proc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=subprocess.DEVNULL)
+                                     stderr=subprocess.DEVNULL,
+                                     env={**os.environ, **env} if env else None)
         self.replies: dict[int, tuple[float, dict[str, Any]]] = {}
         self.notes: queue.Queue[tuple[float, dict[str, Any]]] = queue.Queue()
         self.metrics: list[dict[str, Any]] = []
@@ -164,11 +166,14 @@ class Client:
             self._cond.wait_for(lambda: msg_id in self.replies, timeout)
             return self.replies.get(msg_id)
 
-    def wait_status(self, state: str, timeout: float) -> None:
+    def wait_status(self, state: str, timeout: float, **fields: Any) -> None:
+        """Until a status of `state` (and carrying `fields`) arrives."""
         deadline = time.monotonic() + timeout
         while True:
             _, frame = self.notes.get(timeout=max(0.01, deadline - time.monotonic()))
-            if frame["method"] == "tramontane/status" and frame["params"]["state"] == state:
+            params = frame.get("params", {})
+            if frame["method"] == "tramontane/status" and params["state"] == state and \
+                    all(params.get(k) == v for k, v in fields.items()):
                 return
             if frame["method"] == "tramontane/status" and frame["params"]["state"] == "error":
                 raise RuntimeError(frame["params"]["message"])
@@ -241,18 +246,31 @@ def replay(client: Client, source: str, keys: list[Key], paced: bool, version: i
     return phase
 
 
+def start_server(model: Path, options: dict[str, Any], pythonpath: str | None = None,
+                 fast: bool = True) -> tuple[Client, float]:
+    """A server on `model` with these settings, ready; with `fast`, once its compiled decode
+    step is in use (servers from before it compiled in the background were ready only then).
+    `pythonpath`: run another checkout's server (a baseline) with this interpreter."""
+    env = {"PYTHONPATH": pythonpath} if pythonpath else None
+    client = Client([sys.executable, "-m", "lsp_server", "--stdio", "--log-level", "WARNING"],
+                    env)
+    client.request("initialize", {"processId": None, "rootUri": None, "capabilities": {},
+                                  "initializationOptions": {"model": str(model), **options}})
+    client.notify("initialized", {})
+    t0 = time.perf_counter()
+    client.wait_status("ready", 600)
+    load = time.perf_counter() - t0
+    if fast:
+        client.wait_status("ready", 1200, fastDecode=True)
+    return client, load
+
+
 def run_server(model: Path, cache: bool, source: str, keys: list[Key], paced_keys: int,
-               dtype: str, max_tokens: int) -> dict[str, Any]:
-    options = {"model": str(model), "dtype": dtype, "cache": {"enabled": cache},
+               dtype: str, max_tokens: int, pythonpath: str | None = None) -> dict[str, Any]:
+    options = {"dtype": dtype, "cache": {"enabled": cache},
                "completion": {"maxTokens": max_tokens, "timeBudgetMs": 120000}}
-    client = Client([sys.executable, "-m", "lsp_server", "--stdio", "--log-level", "WARNING"])
+    client, load = start_server(model, options, pythonpath, fast=pythonpath is None)
     try:
-        client.request("initialize", {"processId": None, "rootUri": None, "capabilities": {},
-                                      "initializationOptions": options})
-        client.notify("initialized", {})
-        t0 = time.perf_counter()
-        client.wait_status("ready", 600)
-        load = time.perf_counter() - t0
         row: dict[str, Any] = {"cache": cache, "load_seconds": load}
         for name, trace, paced in (("paced", keys[:paced_keys], True), ("live", keys, False)):
             client.notify("textDocument/didOpen", {"textDocument": {
@@ -300,10 +318,17 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", help="also write the results here")
+    parser.add_argument("--baseline", metavar="CHECKOUT",
+                        help="compare the cache-on server of this other checkout (e.g. a "
+                        "`git worktree` of an earlier commit) with this one, alternately")
+    parser.add_argument("--rounds", type=int, default=2, help="rounds with --baseline")
     args = parser.parse_args()
     source = SOURCE.read_text()
     assert source.count("\n") >= 300
     keys = build_trace(source, args.seed)
+    if args.baseline:
+        compare(args, source, keys)
+        return
     with tempfile.TemporaryDirectory(prefix="bench-trace-") as tmp:
         native, _ = ensure_checkpoints(Path(args.model_dir or tmp))
         print(f"{SOURCE} ({source.count(chr(10))} lines), {len(keys)} keystrokes, "
@@ -333,6 +358,33 @@ def main() -> None:
           f"reused with the cache: {on['live']['reused_share']:.1%} (target >= 90%)")
     if args.json:
         Path(args.json).write_text(json.dumps({"off": off, "on": on, "ratio": ratio}, indent=2))
+
+
+def compare(args: argparse.Namespace, source: str, keys: list[Key]) -> None:
+    """Before/after on the same machine: the baseline checkout's server and this one, cache
+    on, alternately, `--rounds` times each; medians of the per-run figures."""
+    here = str(Path(__file__).resolve().parents[1])
+    runs: dict[str, list[dict[str, Any]]] = {"baseline": [], "current": []}
+    with tempfile.TemporaryDirectory(prefix="bench-trace-") as tmp:
+        native, _ = ensure_checkpoints(Path(args.model_dir or tmp))
+        print(f"{len(keys)} keystrokes, model {native}, {args.dtype}, maxTokens "
+              f"{args.max_tokens}; baseline {args.baseline}")
+        for round_ in range(args.rounds):
+            order = [("baseline", args.baseline), ("current", here)]
+            for label, path in order if round_ % 2 == 0 else reversed(order):
+                print(f"round {round_ + 1}: {label}", file=sys.stderr, flush=True)
+                runs[label].append(run_server(native, True, source, keys, args.paced_keys,
+                                              args.dtype, args.max_tokens,
+                                              pythonpath=path if label == "baseline"
+                                              else None))
+    print(f"\n{'':34}{'baseline':>12}{'current':>12}{'ratio':>8}")
+    for phase, metric in (("paced", "p50_ms"), ("paced", "p95_ms"), ("live", "p50_ms"),
+                          ("live", "reused_share"), ("live", "stop_after_cancel_ms_p50")):
+        a = statistics.median(r[phase][metric] for r in runs["baseline"])
+        b = statistics.median(r[phase][metric] for r in runs["current"])
+        print(f"{phase + ' ' + metric:34}{a:>12.3f}{b:>12.3f}{b / a if a else 0:>8.3f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(runs, indent=2))
 
 
 if __name__ == "__main__":

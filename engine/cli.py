@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import filecmp
 import io
 import json
 import logging
 import os
 import sys
+import tempfile
 from collections.abc import Iterator, Sequence
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -90,12 +92,25 @@ def text_prompt(model: Model, text: str) -> list[int]:
 # Shared steps
 
 
+# SamplingParams' field -> the flag that sets it: errors name what the user typed.
+SAMPLING_FLAGS = {"max_tokens": "--max-tokens", "temperature": "--temperature",
+                  "top_p": "--top-p", "top_k": "--top-k", "seed": "--seed"}
+
+
 def sampling_params(args: argparse.Namespace) -> SamplingParams:
+    """The sampling flags, checked by `SamplingParams` (its messages start with the field's
+    name, given here as the flag's). `--max-tokens 0` is refused: it would print nothing."""
+    if args.max_tokens < 1:
+        raise CliError(f"--max-tokens must be at least 1, got {args.max_tokens}", EXIT_USAGE)
     try:
         return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
                               top_p=args.top_p, top_k=args.top_k, seed=args.seed)
     except ValueError as e:
-        raise CliError(str(e), EXIT_USAGE) from None
+        message = str(e)
+        field = message.split(" ", 1)[0]
+        if field in SAMPLING_FLAGS:
+            message = SAMPLING_FLAGS[field] + message[len(field):]
+        raise CliError(message, EXIT_USAGE) from None
 
 
 def load_model(args: argparse.Namespace) -> Model:
@@ -265,10 +280,20 @@ SHAPE_OPTIONS = {  # option dest -> tiny_config keyword
 }
 
 
+ARCH_NAMES = {"transformer": "dense transformer", "mamba": "Mamba2",
+              "pixtral": "Pixtral (vision)"}
+
+
+def _same_files(a: Path, b: Path) -> bool:
+    names = sorted(p.name for p in a.iterdir())
+    return names == sorted(p.name for p in b.iterdir()) and all(
+        (a / n).is_file() and filecmp.cmp(a / n, b / n, shallow=False) for n in names)
+
+
 def cmd_make_tiny(args: argparse.Namespace) -> int:
+    """Write the checkpoint; a folder that already holds exactly what these options write
+    (the weights are seeded: `make demo` wrote it, say) is left as it is, like `mkdir -p`."""
     folder = Path(args.dir).expanduser()
-    if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
-        raise CliError(f"{folder}: exists and is not an empty folder; choose a new one")
     shape = {kw: getattr(args, dest) for dest, kw in SHAPE_OPTIONS.items()
              if getattr(args, dest) is not None}
     if args.patch_merge and args.arch != "pixtral":
@@ -283,15 +308,28 @@ def cmd_make_tiny(args: argparse.Namespace) -> int:
         if wrong:
             raise CliError(f"--arch mamba takes only --dim and --layers, not {', '.join(wrong)}",
                            EXIT_USAGE)
-    try:
-        path = tiny.make_tiny(folder, layout=args.layout, tokenizer=tokenizer,
-                              seed=args.seed, dtype=DTYPE_NAMES[args.dtype], arch=args.arch,
-                              patch_merge=args.patch_merge, **shape)
-    except ValueError as e:  # TransformerConfig's checks of the shape options
-        raise CliError(f"invalid shape: {e}", EXIT_USAGE) from None
-    kind = {"mamba": "Mamba2 ", "pixtral": "Pixtral (vision) "}.get(args.arch, "")
-    print(f"wrote a tiny {kind}{args.layout} checkpoint with the {tokenizer} tokenizer to {path}",
-          file=sys.stderr)
+
+    def write(target: Path) -> Path:
+        try:
+            return tiny.make_tiny(target, layout=args.layout, tokenizer=tokenizer,
+                                  seed=args.seed, dtype=DTYPE_NAMES[args.dtype], arch=args.arch,
+                                  patch_merge=args.patch_merge, **shape)
+        except ValueError as e:  # TransformerConfig's checks of the shape options
+            raise CliError(f"invalid shape: {e}", EXIT_USAGE) from None
+
+    what = (f"a tiny {ARCH_NAMES[args.arch]} checkpoint ({args.layout} layout, "
+            f"{tokenizer} tokenizer)")
+    if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
+        with tempfile.TemporaryDirectory() as tmp:
+            same = folder.is_dir() and _same_files(write(Path(tmp) / "tiny"), folder)
+        if not same:
+            raise CliError(f"{folder}: exists and holds something else than {what}; choose a "
+                           "new folder")
+        print(f"{folder} already holds {what}: left as it is", file=sys.stderr)
+        path = folder
+    else:
+        path = write(folder)
+        print(f"wrote {what} to {path}", file=sys.stderr)
     print("warning: its weights are random: everything it generates is noise (it is for "
           "trying the tools and for tests)", file=sys.stderr)
     print(path)

@@ -6,12 +6,38 @@ import argparse
 import logging
 import os
 import sys
-from typing import BinaryIO
+from collections.abc import Callable
+from typing import BinaryIO, NoReturn
 
 from . import __version__
 from .app import create_server
 from .server import TramontaneServer
-from .settings import DTYPES, Settings
+from .settings import DTYPES, TOP_CHECKS, Settings
+from .transport import DEFAULT_MAX_MESSAGE_MIB, MIB, serve_stdio, serve_tcp
+
+
+def _mebibytes(value: str) -> int:
+    try:
+        mib = int(value)
+    except ValueError:
+        mib = 0
+    if mib < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of MiB >= 1, got {value!r}")
+    return mib
+
+
+def _setting(key: str) -> Callable[[str], str]:
+    """An argparse type that checks a flag as the setting of the same name is checked, so the
+    command line accepts exactly what `initializationOptions` does."""
+    check = TOP_CHECKS[key]
+
+    def parse(text: str) -> str:
+        try:
+            return str(check(text))
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(f"{text!r}: expected {e}") from None
+
+    return parse
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -24,14 +50,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--port", type=int, default=2087, help="TCP port (default 2087)")
     parser.add_argument("--model", help="checkpoint folder (initializationOptions.model "
                         "overrides it)")
-    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N (default cpu)")
+    parser.add_argument("--device", type=_setting("device"), default="cpu",
+                        help="where the model runs: cpu, cuda, cuda:N or mps (default cpu; "
+                        "initializationOptions.device overrides it)")
     parser.add_argument("--dtype", choices=DTYPES, help="default: the checkpoint's")
     parser.add_argument("--log-level", default="WARNING", help="stderr log level")
+    parser.add_argument("--max-message-mib", type=_mebibytes, default=DEFAULT_MAX_MESSAGE_MIB,
+                        metavar="N", help="largest JSON-RPC message accepted, in MiB (default "
+                        f"{DEFAULT_MAX_MESSAGE_MIB}); a larger one is answered with an error "
+                        "and skipped")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     return parser.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None) -> NoReturn:
     args = parse_args(argv)
     # stdout is the JSON-RPC stream: logs go to stderr only.
     logging.basicConfig(stream=sys.stderr, level=args.log_level.upper(),
@@ -40,7 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     if logging.getLogger().level > logging.DEBUG:
         logging.getLogger("pygls").setLevel(logging.WARNING)
     server = create_server(Settings(model=args.model, device=args.device, dtype=args.dtype))
-    return serve(server, (args.host, args.port) if args.tcp else None)
+    serve(server, (args.host, args.port) if args.tcp else None,
+          max_message_bytes=args.max_message_mib * MIB)
 
 
 def _protocol_stdout() -> BinaryIO:
@@ -53,11 +86,11 @@ def _protocol_stdout() -> BinaryIO:
     return os.fdopen(protocol_fd, "wb")
 
 
-def serve(server: TramontaneServer, tcp: tuple[str, int] | None = None) -> int:
-    """Run until `exit` or the end of the stream; the process exit code the LSP spec asks for:
-    0 after a `shutdown` request, 1 otherwise (an `exit` alone, or the client vanishing)."""
+def serve(server: TramontaneServer, tcp: tuple[str, int] | None = None, *,
+          max_message_bytes: int = DEFAULT_MAX_MESSAGE_MIB * MIB) -> NoReturn:
+    """Serve until `exit`, the end of the stream or SIGTERM, then end the process at once (not
+    waiting for the engine thread), with the exit code the LSP specification asks for: 0 after
+    a `shutdown` request, 1 otherwise (an `exit` alone, or the client vanishing)."""
     if tcp is not None:
-        server.start_tcp(*tcp)
-    else:
-        server.start_io(sys.stdin.buffer, _protocol_stdout())
-    return 0 if server.protocol.shutdown_requested else 1  # type: ignore[attr-defined]
+        serve_tcp(server, *tcp, max_message_bytes)
+    serve_stdio(server, sys.stdin.buffer, _protocol_stdout(), max_message_bytes)

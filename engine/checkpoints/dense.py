@@ -22,7 +22,8 @@ from torch import nn
 from ..arch.config import LEGACY_ROPE_THETA, MOE_ROPE_THETA, MoeConfig, TransformerConfig
 from ..arch.transformer import Transformer
 from ..errors import ModelLoadError
-from .files import read_json
+from .family import BlockCount
+from .files import config_float, read_json
 
 log = logging.getLogger(__name__)
 
@@ -93,9 +94,9 @@ def from_params(path: Path) -> TransformerConfig:
         head_dim=head_dim,
         hidden_dim=_require(data, "hidden_dim", path),
         vocab_size=_require(data, "vocab_size", path),
-        norm_eps=float(data.get("norm_eps", 1e-5)),
-        rope_theta=float(data.get("rope_theta", MOE_ROPE_THETA if data.get("moe")
-                                  else LEGACY_ROPE_THETA)),
+        norm_eps=config_float(data, "norm_eps", 1e-5, path),
+        rope_theta=config_float(data, "rope_theta", MOE_ROPE_THETA if data.get("moe")
+                                else LEGACY_ROPE_THETA, path),
         sliding_windows=_expand_windows(data.get("sliding_window"), n_layers, path)
         if isinstance(n_layers, int) else (),
         tied_embeddings=bool(data.get("tied_embeddings", False)),
@@ -129,7 +130,10 @@ def from_hf_dict(data: dict[str, Any], path: Path) -> TransformerConfig:
     n_heads = _require(data, "num_attention_heads", path)
     n_layers = _require(data, "num_hidden_layers", path)
     rope = data.get("rope_parameters") or {}
-    rope_theta = rope.get("rope_theta", data.get("rope_theta", LEGACY_ROPE_THETA))
+    if not isinstance(rope, dict):
+        raise ModelLoadError(path, f"rope_parameters must be an object, got {rope!r}")
+    rope_theta = config_float(rope, "rope_theta",
+                              config_float(data, "rope_theta", LEGACY_ROPE_THETA, path), path)
     if rope.get("rope_type", "default") != "default" or data.get("rope_scaling"):
         raise ModelLoadError(path, "only the default rotary embedding is supported")
     head_dim = data.get("head_dim") or (dim // n_heads if isinstance(dim, int) and
@@ -144,8 +148,8 @@ def from_hf_dict(data: dict[str, Any], path: Path) -> TransformerConfig:
         head_dim=head_dim,
         hidden_dim=_require(data, "intermediate_size", path),
         vocab_size=_require(data, "vocab_size", path),
-        norm_eps=float(data.get("rms_norm_eps", 1e-6)),
-        rope_theta=float(rope_theta),
+        norm_eps=config_float(data, "rms_norm_eps", 1e-6, path),
+        rope_theta=rope_theta,
         sliding_windows=_expand_windows(window, n_layers, path) if isinstance(n_layers, int)
         else (),
         tied_embeddings=bool(data.get("tie_word_embeddings", False)),
@@ -273,6 +277,10 @@ def hf_config_dict(config: TransformerConfig) -> dict[str, object]:
 # The family
 
 
+_LAYER = re.compile(r"^layers\.(\d+)\.")
+_EXPERT = re.compile(r"^layers\.\d+\.feed_forward\.experts\.(\d+)\.")
+
+
 class DenseFamily:
     """Dense and MoE transformers: `params.json` without a `model_type` (or "transformer"),
     `config.json` of `MistralForCausalLM` / `MixtralForCausalLM`."""
@@ -285,6 +293,21 @@ class DenseFamily:
             return not archs or bool(set(archs) & set(HF_ARCHITECTURES))
         return data.get("model_type", "transformer") == "transformer" and \
             not data.get("vision_encoder")
+
+    def block_counts(self, data: dict[str, Any], hf: bool) -> list[BlockCount]:
+        if hf:
+            counts = [BlockCount("num_hidden_layers", data.get("num_hidden_layers"), _LAYER,
+                                 "layers")]
+            if "num_local_experts" in data:
+                counts.append(BlockCount("num_local_experts", data["num_local_experts"],
+                                         _EXPERT, "experts"))
+            return counts
+        counts = [BlockCount("n_layers", data.get("n_layers"), _LAYER, "layers")]
+        moe = data.get("moe")
+        if isinstance(moe, dict):
+            counts.append(BlockCount("moe.num_experts", moe.get("num_experts"), _EXPERT,
+                                     "experts"))
+        return counts
 
     def parse_config(self, path: Path, hf: bool) -> TransformerConfig:
         return from_hf_config(path) if hf else from_params(path)

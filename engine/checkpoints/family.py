@@ -9,12 +9,22 @@ line in that list.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import torch
 from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 from torch import nn
+
+
+class BlockCount(NamedTuple):
+    """How many repeated blocks (layers, experts) a config declares, as its file writes it."""
+
+    field: str  # as the config file names it, e.g. "n_layers" or "num_hidden_layers"
+    value: object  # the raw value: the family's parser says what is wrong if it is no integer
+    pattern: re.Pattern[str]  # its first group numbers the blocks in our tensor names
+    noun: str  # for messages: "layers", "experts"
 
 
 class Family(Protocol):
@@ -25,6 +35,13 @@ class Family(Protocol):
 
     def claims(self, data: dict[str, Any], hf: bool) -> bool:
         """Whether a folder whose `params.json` (or, `hf`, `config.json`) holds `data` is ours."""
+        ...
+
+    def block_counts(self, data: dict[str, Any], hf: bool) -> list[BlockCount]:
+        """The counts of repeated blocks in a config file's `data`. The loader checks each
+        against the blocks the safetensors headers hold before the config is parsed or the
+        network built: parsing and building take memory in proportion to these counts (a
+        `params.json` claiming 10^9 layers must fail at once, not after 4 GB)."""
         ...
 
     def parse_config(self, path: Path, hf: bool) -> Any:

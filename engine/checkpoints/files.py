@@ -5,6 +5,7 @@ tensors, the checks every architecture's loader shares. Pickle files are refused
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -25,17 +26,56 @@ DTYPE_NAMES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torc
 TensorIndex = dict[str, tuple[Path, str, tuple[int, ...], torch.dtype]]
 
 
+# transformers 5.2x writes the floats strict JSON has no token for as {"__float__": "Infinity"}
+# (e.g. Mamba2's `time_step_limit`); older files, and Python's json, write the bare `Infinity`,
+# which `json.loads` reads as it is.
+_FLOAT_TAG = "__float__"
+_FLOAT_TAG_VALUES = {"Infinity": math.inf, "-Infinity": -math.inf, "NaN": math.nan}
+# The safetensors format's own limit on the header (the library refuses larger ones).
+MAX_SAFETENSORS_HEADER = 100_000_000
+
+
+def _tagged_float(obj: dict[str, Any]) -> Any:
+    if obj.keys() == {_FLOAT_TAG} and obj[_FLOAT_TAG] in _FLOAT_TAG_VALUES:
+        return _FLOAT_TAG_VALUES[obj[_FLOAT_TAG]]
+    return obj
+
+
+def parse_json(text: str | bytes, path: Path, what: str = "not valid JSON") -> Any:
+    """`text` decoded, both spellings of infinity read as floats; a `ModelLoadError` naming
+    `path` for anything else than JSON, including nesting too deep for Python's parser (which
+    raises `RecursionError`, not a decoding error)."""
+    try:
+        return json.loads(text, object_hook=_tagged_float)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ModelLoadError(path, f"{what} ({e})") from None
+    except RecursionError:
+        raise ModelLoadError(path, f"{what} (nested too deeply)") from None
+
+
 def read_json(path: Path) -> dict[str, Any]:
     """A JSON object from `path`, or a `ModelLoadError` saying what is wrong with the file."""
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ModelLoadError(path, "file not found") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except OSError as e:  # a folder of that name, no permission, an I/O error
+        raise ModelLoadError(path, f"cannot read ({e.strerror or e})") from None
+    except UnicodeDecodeError as e:
         raise ModelLoadError(path, f"not valid JSON ({e})") from None
+    data = parse_json(text, path)
     if not isinstance(data, dict):
         raise ModelLoadError(path, "expected a JSON object at the top level")
     return data
+
+
+def config_float(data: dict[str, Any], key: str, default: float, path: Path) -> float:
+    """`data[key]` (or `default`) as a float: a number, or infinity in either spelling (read by
+    `read_json`); a `ModelLoadError` naming the field otherwise."""
+    value = data.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ModelLoadError(path, f"{key} must be a number, got {value!r}")
+    return float(value)
 
 
 def read_safetensors_header(path: Path) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
@@ -55,9 +95,14 @@ def read_safetensors_header(path: Path) -> dict[str, tuple[torch.dtype, tuple[in
                 raise ModelLoadError(
                     path, f"truncated or not a safetensors file: the header claims {header_len} "
                     f"bytes but the file has {size}")
-            header = json.loads(f.read(header_len))
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+            if header_len > MAX_SAFETENSORS_HEADER:
+                raise ModelLoadError(
+                    path, f"not a safetensors file: a header of {header_len} bytes (the format "
+                    f"allows {MAX_SAFETENSORS_HEADER})")
+            raw = f.read(header_len)
+    except OSError as e:
         raise ModelLoadError(path, f"unreadable safetensors header ({e})") from None
+    header = parse_json(raw, path, "unreadable safetensors header")
     if not isinstance(header, dict):
         raise ModelLoadError(path, "unreadable safetensors header")
     header.pop("__metadata__", None)

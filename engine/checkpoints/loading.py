@@ -3,9 +3,11 @@
 One loader for every architecture: the folder's config file (`params.json`: native Mistral;
 `config.json`: Hugging Face) is offered to each family of `FAMILIES` in turn, and the first that
 claims it says how to parse the config, build the network and translate weight names and
-layouts (`family.py`). Tensors are indexed from the safetensors headers and checked against the
-network's shapes before any is read; the network is built on the meta device and its weights
-assigned. Pickle checkpoints are refused, never unpickled.
+layouts (`family.py`). Tensors are indexed from the safetensors headers first: the config's
+counts of layers and experts are checked against the blocks stored before the config is parsed
+(parsing and building cost memory in proportion to them), then the network is built on the
+meta device (shapes only, whatever the widths), its shapes compared with the stored ones, and
+only then are weights read and assigned. Pickle checkpoints are refused, never unpickled.
 """
 
 from __future__ import annotations
@@ -22,8 +24,9 @@ from torch import nn
 
 from ..errors import ModelLoadError
 from . import dense, mamba2, pixtral
-from .family import Family
+from .family import BlockCount, Family
 from .files import (
+    TensorIndex,
     check_not_pickle,
     check_tensors,
     hf_files,
@@ -70,12 +73,59 @@ def _numel(shape: tuple[int, ...]) -> int:
     return n
 
 
+def check_block_counts(config_path: Path, counts: list[BlockCount], index: TensorIndex,
+                       files: list[Path]) -> None:
+    """Refuse a config that declares more layers (experts, ...) than the tensors hold, before
+    anything of that size exists. Fewer is left to `check_tensors` (it names the first
+    unexpected tensor)."""
+    for count in counts:
+        if isinstance(count.value, bool) or not isinstance(count.value, int):
+            continue  # the family's parser says what is wrong with it
+        held = {int(m.group(1)) for name in index if (m := count.pattern.match(name))}
+        if count.value > len(held):
+            where = files[0].name if len(files) == 1 else f"its {len(files)} safetensors files"
+            raise ModelLoadError(
+                config_path, f"{count.field} is {count.value}, but {where} hold"
+                f"{'s' if len(files) == 1 else ''} the weights of {len(held)} {count.noun}")
+
+
+def _weights_size(index: TensorIndex, dtype: torch.dtype | None) -> str:
+    size = sum(_numel(shape) * (dtype or stored).itemsize for _, _, shape, stored in
+               index.values())
+    return f"{size / 2**30:.1f} GiB" if size >= 2**30 else f"{size / 2**20:.1f} MiB"
+
+
+def _out_of_memory(e: BaseException) -> bool:
+    """Whether `e` is an allocation that failed: Python's MemoryError, torch's
+    OutOfMemoryError (accelerators), or a CPU tensor torch could not allocate, which torch
+    2.13 reports as a plain RuntimeError saying "can't allocate memory"."""
+    return isinstance(e, (MemoryError, torch.OutOfMemoryError)) or (
+        isinstance(e, RuntimeError) and "can't allocate memory" in str(e))
+
+
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu",
                     dtype: str | torch.dtype | None = None) -> Checkpoint:
     """Load a native Mistral or Hugging Face checkpoint folder; `dtype=None` keeps the stored
-    one (the first floating-point tensor's)."""
+    one (the first floating-point tensor's).
+
+    Every failure is a `ModelLoadError`, running out of memory included (it then says how much
+    the weights need)."""
     folder = Path(path).expanduser()
     target_dtype = parse_dtype(dtype)
+    index: TensorIndex = {}
+    try:
+        return _load(folder, device, target_dtype, index)
+    except (MemoryError, RuntimeError) as e:
+        if not _out_of_memory(e):
+            raise
+        weights = f" (its weights need {_weights_size(index, target_dtype)})" if index else ""
+        raise ModelLoadError(folder, f"the model does not fit in memory{weights}") from None
+
+
+def _load(folder: Path, device: str | torch.device, target_dtype: torch.dtype | None,
+          index: TensorIndex) -> Checkpoint:
+    """`load_checkpoint`'s work; fills `index` as soon as the headers are read (for the
+    out-of-memory message)."""
     if folder.is_file():
         check_not_pickle(folder)
         raise ModelLoadError(folder, "expected a model folder, got a file")
@@ -88,16 +138,23 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu",
     else:
         raise ModelLoadError(folder, "neither params.json (native Mistral) nor config.json "
                              "(Hugging Face) found")
-    family = _family(config_path, read_json(config_path), hf)
-    config = family.parse_config(config_path, hf)
+    data = read_json(config_path)
+    family = _family(config_path, data, hf)
     files = hf_files(folder) if hf else native_files(folder)
+    # Headers only: sizes are checked against what is stored before anything is built.
+    index.update(index_tensors(files, lambda stored: family.rename(stored, hf),
+                               kind=family.name))
+    check_block_counts(config_path, family.block_counts(data, hf), index, files)
+    config = family.parse_config(config_path, hf)
     tokenizer_file = find_tokenizer_file(folder)
     tokenizer = load_tokenizer(tokenizer_file)
     family.check_tokenizer(config, tokenizer, tokenizer_file)
-    index = index_tensors(files, lambda stored: family.rename(stored, hf), kind=family.name)
 
-    with torch.device("meta"):
-        module = family.build(config)
+    try:
+        with torch.device("meta"):  # shapes only: no memory, whatever the sizes
+            module = family.build(config)
+    except RuntimeError as e:  # torch refuses shapes whose byte count overflows 64 bits
+        raise ModelLoadError(config_path, f"sizes no model can have ({e})") from None
     expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
     tied = family.tied(config)
     if tied is not None:
@@ -119,7 +176,7 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu",
                     w = family.convert(ours, handle.get_tensor(stored), config, hf)
                     want = torch.float32 if family.keeps_float32(ours) else target_dtype
                     state[ours] = w.to(device=device, dtype=want).contiguous()
-        except SafetensorError as e:
+        except (SafetensorError, OSError) as e:
             raise ModelLoadError(f, f"cannot read tensors ({e})") from None
     if tied is not None:
         state[tied[0]] = state[tied[1]]

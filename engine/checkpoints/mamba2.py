@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,8 @@ from torch import nn
 from ..arch.config import MambaConfig
 from ..arch.mamba2 import Mamba2
 from ..errors import ModelLoadError
-from .files import read_json
+from .family import BlockCount
+from .files import config_float, read_json
 
 HF_ARCHITECTURE = "Mamba2ForCausalLM"
 _NATIVE_PREFIX = "model."
@@ -30,6 +32,7 @@ _EMBEDDING = "backbone.embedding.weight"
 # Per-head parameters stay float32 whatever the model's dtype: they are tiny, and A and dt
 # set the decay of a state that accumulates over the whole sequence.
 _FLOAT32_SUFFIXES = (".A_log", ".D", ".dt_bias")
+_LAYER = re.compile(r"^backbone\.layers\.(\d+)\.")
 
 
 def from_params(path: Path) -> MambaConfig:
@@ -72,14 +75,17 @@ def from_hf_config(path: Path) -> MambaConfig:
         if data.get(key, want) != want:
             raise ModelLoadError(path, f"{key}={data[key]!r} is not supported (only "
                                  f"{want!r}, as in Codestral Mamba)")
-    limit = data.get("time_step_limit", (0.0, math.inf))
+    limit = data.get("time_step_limit", [0.0, math.inf])
+    if not (isinstance(limit, list) and len(limit) == 2 and
+            all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in limit)):
+        raise ModelLoadError(path, f"time_step_limit must be [low, high], got {limit!r}")
     config = _build(
         path, dim=data["hidden_size"], n_layers=data["num_hidden_layers"],
         vocab_size=data["vocab_size"], n_groups=data.get("n_groups", 8),
         d_state=data.get("state_size", 128), d_conv=data.get("conv_kernel", 4),
         expand=data.get("expand", 2), head_dim=data.get("head_dim", 64),
         chunk_size=data.get("chunk_size", 256),
-        norm_eps=float(data.get("layer_norm_epsilon", 1e-5)),
+        norm_eps=config_float(data, "layer_norm_epsilon", 1e-5, path),
         tie_embeddings=bool(data.get("tie_word_embeddings", False)),
         residual_in_fp32=bool(data.get("residual_in_fp32", True)),
         dt_limit=(float(limit[0]), float(limit[1])))
@@ -167,6 +173,10 @@ class MambaFamily:
 
     def claims(self, data: dict[str, Any], hf: bool) -> bool:
         return is_mamba_hf_config(data) if hf else data.get("model_type") == "mamba"
+
+    def block_counts(self, data: dict[str, Any], hf: bool) -> list[BlockCount]:
+        field = "num_hidden_layers" if hf else "n_layers"
+        return [BlockCount(field, data.get(field), _LAYER, "layers")]
 
     def parse_config(self, path: Path, hf: bool) -> MambaConfig:
         return from_hf_config(path) if hf else from_params(path)

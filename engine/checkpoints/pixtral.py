@@ -32,12 +32,14 @@ from ..arch.config import TransformerConfig, VisionConfig
 from ..arch.transformer import Transformer
 from ..errors import ModelLoadError
 from . import dense
+from .family import BlockCount
 from .files import read_json
 
 log = logging.getLogger(__name__)
 
 HF_ARCHITECTURES = ("LlavaForConditionalGeneration", "Mistral3ForConditionalGeneration")
 PATCH_MERGE = "patch_merge"
+_VISION_LAYER = re.compile(r"^vision\.encoder\.transformer\.layers\.(\d+)\.")
 
 # transformers' defaults for what a `config.json` may leave out.
 _MISTRAL_TEXT_DEFAULTS: dict[str, Any] = {
@@ -326,6 +328,21 @@ class PixtralFamily:
             return bool(set(data.get("architectures") or []) & set(HF_ARCHITECTURES))
         return data.get("model_type", "transformer") == "transformer" and \
             bool(data.get("vision_encoder"))
+
+    def block_counts(self, data: dict[str, Any], hf: bool) -> list[BlockCount]:
+        """The decoder's layers (and experts), as `dense`'s, and the vision encoder's layers."""
+        if hf:
+            text = data.get("text_config")
+            vision = data.get("vision_config")
+            counts = dense.FAMILY.block_counts(text if isinstance(text, dict) else {}, True)
+            field, value = "vision_config.num_hidden_layers", (
+                vision.get("num_hidden_layers") if isinstance(vision, dict) else None)
+        else:
+            counts = dense.FAMILY.block_counts(data, False)
+            block = data.get("vision_encoder")
+            field, value = "vision_encoder.num_hidden_layers", (
+                block.get("num_hidden_layers") if isinstance(block, dict) else None)
+        return [*counts, BlockCount(field, value, _VISION_LAYER, "vision encoder layers")]
 
     def parse_config(self, path: Path, hf: bool) -> TransformerConfig:
         return from_hf_config(path) if hf else from_params(path)

@@ -1,2 +1,2 @@
 """Backends: what runs the model for the server (`base.py`: the interface; `local.py`: the
-in-process engine)."""
+in-process engine; `http.py` and the wire formats: remote servers)."""

@@ -8,14 +8,20 @@ Environment:
                "<n> <document> steps=<k> <finish reason>"
   FAKE_RAISE   if set, the backend raises RuntimeError(FAKE_RAISE) (an unexpected failure)
   FAKE_PRINT   if set, the backend prints to stdout, from Python and through fd 1 directly
+  FAKE_LOADING if set, the backend stays `loading` (no tokenizer): completions come back empty
+  FAKE_BLOCK   seconds the first step blocks a worker thread, deaf to cancellation (a compile
+               or a long prefill on the engine thread); "scripted backend: blocking" goes to
+               stderr when it starts
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import sys
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -37,14 +43,19 @@ from lsp_server.cli import serve
 from lsp_server.settings import Settings
 from lsp_server.tokenizer import PromptTokenizer
 
+log = logging.getLogger("tests.e2e.fake_server")
+
 
 class ScriptedBackend:
     name = "scripted"
-    status = BackendStatus("ready", "scripted ready")
 
     def __init__(self) -> None:
-        self.tokenizer = PromptTokenizer(
+        self.tokenizer: PromptTokenizer | None = PromptTokenizer(
             MistralTokenizer.from_file(str(tokenizer_source("v3"))))
+        self.status = BackendStatus("ready", "scripted ready")
+        if "FAKE_LOADING" in os.environ:
+            self.tokenizer = None
+            self.status = BackendStatus("loading", "Loading the scripted model")
         self.texts: list[str] = json.loads(os.environ.get("FAKE_TOKENS", '["x"]'))
         self.delay = float(os.environ.get("FAKE_DELAY", "0"))
         self.log = Path(os.environ["FAKE_LOG"]) if "FAKE_LOG" in os.environ else None
@@ -69,6 +80,11 @@ class ScriptedBackend:
             os.write(1, b"stray native write\n")
         if "FAKE_RAISE" in os.environ:
             raise RuntimeError(os.environ["FAKE_RAISE"])
+        if "FAKE_BLOCK" in os.environ:
+            log.warning("scripted backend: blocking the engine thread for %s s",
+                        os.environ["FAKE_BLOCK"])
+            await asyncio.get_running_loop().run_in_executor(
+                None, time.sleep, float(os.environ["FAKE_BLOCK"]))
         steps, reason = 0, "cancelled"
         try:
             for text in self.texts[: request.sampling.max_tokens]:
@@ -98,4 +114,5 @@ class ScriptedBackend:
 
 
 if __name__ == "__main__":
-    sys.exit(serve(create_server(backend=ScriptedBackend())))
+    logging.basicConfig(stream=sys.stderr, level=logging.WARNING)
+    serve(create_server(backend=ScriptedBackend()))

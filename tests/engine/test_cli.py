@@ -81,9 +81,30 @@ def test_make_tiny_refuses_a_folder_with_files_in_it(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     (tmp_path / "notes.txt").write_text("mine")
     assert cli.main(["make-tiny", str(tmp_path)]) == 1
-    assert capsys.readouterr().err == (f"tramontane: error: {tmp_path}: exists and is not an "
-                                       "empty folder; choose a new one\n")
+    assert capsys.readouterr().err == (
+        f"tramontane: error: {tmp_path}: exists and holds something else than a tiny dense "
+        "transformer checkpoint (native layout, v3 tokenizer); choose a new folder\n")
     assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
+
+
+def test_make_tiny_leaves_a_folder_that_holds_the_same_checkpoint_as_it_is(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """As after `make demo`: the README's first example asks for the folder it wrote."""
+    folder = tmp_path / "models" / "tiny"
+    assert cli.main(["make-tiny", str(folder)]) == 0
+    stamps = {p.name: p.stat().st_mtime_ns for p in folder.iterdir()}
+    capsys.readouterr()
+    assert cli.main(["make-tiny", str(folder)]) == 0
+    out, err = capsys.readouterr()
+    assert out == f"{folder}\n"
+    assert err.splitlines()[0] == (f"{folder} already holds a tiny dense transformer checkpoint "
+                                   "(native layout, v3 tokenizer): left as it is")
+    assert {p.name: p.stat().st_mtime_ns for p in folder.iterdir()} == stamps
+    # Other options would write something else: refused, nothing touched.
+    assert cli.main(["make-tiny", str(folder), "--seed", "1"]) == 1
+    assert "exists and holds something else" in capsys.readouterr().err
+    assert cli.main(["make-tiny", str(folder), "--layout", "hf"]) == 1
+    assert {p.name: p.stat().st_mtime_ns for p in folder.iterdir()} == stamps
 
 
 def test_make_tiny_reports_an_impossible_shape_as_a_usage_error(
@@ -256,8 +277,27 @@ def test_an_out_of_range_sampling_flag_is_a_usage_error_before_loading(
     code = cli.main(["complete", str(tmp_path / "absent"), "--prefix", "x",
                      "--temperature", "-1"])
     assert code == 2
-    assert capsys.readouterr().err == ("tramontane: error: temperature must be a finite number "
-                                       ">= 0, got -1.0\n")
+    assert capsys.readouterr().err == ("tramontane: error: --temperature must be a finite "
+                                       "number >= 0, got -1.0\n")
+
+
+@pytest.mark.parametrize(("flag", "value", "message"), [
+    ("--max-tokens", "0", "--max-tokens must be at least 1, got 0"),
+    ("--max-tokens", "-3", "--max-tokens must be at least 1, got -3"),
+    ("--top-p", "0", "--top-p must be in (0, 1], got 0.0"),
+    ("--top-p", "1.5", "--top-p must be in (0, 1], got 1.5"),
+    ("--top-k", "-1", "--top-k must be an integer >= 0 (0 = no limit), got -1"),
+    ("--seed", "-2", "--seed must be a non-negative integer or None, got -2"),
+    ("--temperature", "nan", "--temperature must be a finite number >= 0, got nan"),
+])
+@pytest.mark.parametrize("command", [["complete", "--prefix", "x"], ["generate", "--prompt", "x"],
+                                     ["chat"]])
+def test_sampling_errors_name_the_flag_as_typed(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], command: list[str], flag: str,
+        value: str, message: str) -> None:
+    code = cli.main([command[0], str(tmp_path / "absent"), *command[1:], f"{flag}={value}"])
+    assert code == 2
+    assert capsys.readouterr().err == f"tramontane: error: {message}\n"
 
 
 @pytest.mark.parametrize("tokenizer", ["v1", "v2"])
@@ -350,7 +390,8 @@ def test_make_tiny_pixtral_writes_a_vision_checkpoint_with_tekken(
                      *(["--patch-merge"] if merge else [])])
     out, err = capsys.readouterr()
     assert code == 0 and out == f"{folder}\n"
-    assert f"wrote a tiny Pixtral (vision) {layout} checkpoint with the tekken tokenizer" in err
+    assert (f"wrote a tiny Pixtral (vision) checkpoint ({layout} layout, tekken tokenizer) to "
+            f"{folder}") in err
     assert {p.name for p in folder.iterdir()} == {weights, config, "tekken.json", "README.txt"}
     loaded = engine.load(folder)
     assert loaded.config.vision is not None

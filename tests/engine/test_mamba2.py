@@ -311,6 +311,8 @@ def test_make_tiny_arch_mamba_writes_a_native_codestral_mamba_folder(
     folder = tmp_path / "tiny"
     assert cli.main(["make-tiny", str(folder), "--arch", "mamba", "--dim", "32",
                      "--layers", "1"]) == 0
+    assert capsys.readouterr().err.splitlines()[0] == (
+        f"wrote a tiny Mamba2 checkpoint (native layout, v3 tokenizer) to {folder}")
     params = json.loads((folder / "params.json").read_text())
     assert params == {"model_type": "mamba", "dim": 32, "n_layers": 1, "vocab_size": 32768,
                       "n_groups": 2, "rms_norm": True, "residual_in_fp32": True,
@@ -406,7 +408,8 @@ def test_loading_errors_name_the_file_and_the_problem(folders: dict[str, Path],
     params = json.loads((native / "params.json").read_text())
     del params["n_groups"]
     (tmp_path / "j").mkdir()
-    shutil.copy(native / "tokenizer.model.v3", tmp_path / "j")
+    for name in ("tokenizer.model.v3", weights):  # the headers are read before the config
+        shutil.copy(native / name, tmp_path / "j")
     (tmp_path / "j" / "params.json").write_text(json.dumps(params))
     cases.append((tmp_path / "j", f"{tmp_path / 'j' / 'params.json'}: missing required field "
                   "'n_groups'"))
@@ -414,3 +417,45 @@ def test_loading_errors_name_the_file_and_the_problem(folders: dict[str, Path],
         with pytest.raises(engine.ModelLoadError) as info:
             engine.load(folder)
         assert str(info.value) == message
+
+
+# ---------------------------------------------------------------------------------------------
+# Config files written by other tools
+
+
+@pytest.mark.parametrize("spelling", ['{"__float__": "Infinity"}', "Infinity"],
+                         ids=["transformers-5.2x", "bare-token"])
+def test_time_step_limit_reads_both_spellings_of_infinity(folders: dict[str, Path],
+                                                          tmp_path: Path, spelling: str) -> None:
+    folder = tmp_path / "m"
+    shutil.copytree(folders["hf"], folder)
+    data = json.loads((folder / "config.json").read_text())
+    data["time_step_limit"] = "LIMIT"
+    text = json.dumps(data, indent=2).replace('"LIMIT"', f"[0.0, {spelling}]")
+    (folder / "config.json").write_text(text)
+    assert f'"time_step_limit": [0.0, {spelling}]' in text
+    assert engine.load(folder).config.dt_limit == (0.0, math.inf)
+
+
+def test_a_config_json_saved_by_transformers_loads_like_ours(folders: dict[str, Path],
+                                                             tmp_path: Path) -> None:
+    folder = tmp_path / "m"
+    shutil.copytree(folders["hf"], folder)
+    config = transformers.Mamba2Config.from_pretrained(folder)
+    (folder / "config.json").unlink()
+    config.save_pretrained(folder)
+    text = (folder / "config.json").read_text()
+    if '"__float__": "Infinity"' not in text:
+        pytest.skip(f"transformers {transformers.__version__} writes the bare token")
+    assert engine.load(folder).config == engine.load(folders["hf"]).config
+
+
+@pytest.mark.parametrize("limit", [[0.0], "inf", [0.0, {"__float__": "Huge"}], [0.0, None]])
+def test_a_time_step_limit_that_is_no_pair_of_numbers_is_refused(
+        folders: dict[str, Path], tmp_path: Path, limit: object) -> None:
+    folder = _edited_copy(folders["hf"], tmp_path / "m", params={"time_step_limit": limit},
+                          config_name="config.json")
+    with pytest.raises(engine.ModelLoadError) as info:
+        engine.load(folder)
+    assert str(info.value) == (f"{folder / 'config.json'}: time_step_limit must be [low, high], "
+                               f"got {limit!r}")
