@@ -211,6 +211,16 @@ def test_an_unknown_projector_and_a_missing_vision_field_are_named(
         engine.load(folder)
 
 
+def test_more_vision_layers_than_stored_are_refused_before_anything_is_built(
+        make_pixtral: CheckpointFactory, tmp_path: Path) -> None:
+    folder = copy(make_pixtral("native"), tmp_path)
+    _edit_params(folder, num_hidden_layers=10**9)
+    with pytest.raises(engine.ModelLoadError, match=(
+            "vision_encoder.num_hidden_layers is 1000000000, but consolidated.safetensors holds "
+            "the weights of 2 vision encoder layers")):
+        engine.load(folder)
+
+
 def test_hf_options_we_do_not_implement_are_refused_by_name(
         make_pixtral: CheckpointFactory, tmp_path: Path) -> None:
     folder = copy(make_pixtral("hf"), tmp_path)
