@@ -217,6 +217,7 @@ class LocalBackend:
         self._chat_cache: engine.PrefixCache | None = None
         self._cache_shape: tuple[int, CacheSettings] | None = None
         self._compile = True
+        self._image_limits = engine.ImageLimits()
         self._adapters: dict[str, str] = {}
         self._generation = 0  # bumped at every model change: late compiles are dropped
         self._compiling: threading.Thread | None = None
@@ -244,6 +245,7 @@ class LocalBackend:
         spec = _ModelSpec(settings.model, settings.device, settings.dtype) \
             if settings.model is not None else None
         self._compile = settings.compile
+        self._image_limits = engine.ImageLimits(max_bytes=settings.chat.max_image_mib * 2**20)
         switched = spec != self._spec or not self._configured
         self._configured = True
         if switched:
@@ -291,14 +293,17 @@ class LocalBackend:
                                          temperature=request.sampling.temperature,
                                          top_p=request.sampling.top_p)
         # Encoded off the event loop and off the engine thread (images take a while).
+        limits = self._image_limits if model.has_vision else None
         prompt = await asyncio.get_running_loop().run_in_executor(
-            None, encode_chat, model.tokenizer, request.messages, request.tools, None)
+            None, encode_chat, model.tokenizer, request.messages, request.tools, limits)
         chat_cache = self._chat_cache
 
         def make(cancel: engine.CancellationToken) -> engine.Stream:
             return engine.stream(prompt.tokens, model, sampling, cancel=cancel,
                                  chunk_size=PREFILL_CHUNK, prefix_cache=chat_cache,
-                                 cache_key=request.key, adapter=request.adapter)
+                                 cache_key=request.key, adapter=request.adapter,
+                                 images=prompt.images or None, image_limits=limits or
+                                 engine.ImageLimits())
 
         async for event in self._events(make, None, request.on_end, Priority.BACKGROUND,
                                         request.key, ChatTokens(model.tokenizer)):

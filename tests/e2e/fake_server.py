@@ -122,7 +122,7 @@ class ScriptedBackend:
         assert self.tokenizer is not None
         mistral = self.tokenizer.mistral
         # The prompt as the local backend builds it: mistral-common refuses what it would.
-        prompt = encode_chat(mistral, request.messages, request.tools, None)
+        prompt = encode_chat(mistral, request.messages, request.tools, None)  # no vision
         step = self.chat_steps.get(request.key, 0)
         self.chat_steps[request.key] = step + 1
         script = (Path(os.environ["FAKE_CHAT_FILE"]).read_text() if "FAKE_CHAT_FILE" in os.environ

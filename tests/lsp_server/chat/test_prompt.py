@@ -9,6 +9,7 @@ import pytest
 from mistral_common.protocol.instruct.request import ChatCompletionRequest
 from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 
+import engine
 from engine.checkpoints.tiny import tokenizer_source
 from lsp_server.backends.base import BackendError, ToolSpec
 from lsp_server.chat.prompt import encode_chat, image_urls
@@ -49,7 +50,8 @@ def test_an_answer_that_said_nothing_is_left_out() -> None:
      "use a vision model such as Pixtral)"),
     ("tekken", [{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": "https://example.com/a.png"}}]}], [],
-     lambda url: None, "only data: URIs are accepted for images (no URL is fetched)"),
+     engine.ImageLimits(), "image refused: only data: URIs are accepted for images (no URL "
+     "is fetched)"),
     ("v3", [{"role": "tool", "content": "x", "tool_call_id": "abcdefghi"}], [], None,
      "cannot encode the conversation with this model's tokenizer (v3): "),
 ])
