@@ -67,9 +67,11 @@ function M.selection(buf, line1, line2)
   local mode = api.nvim_buf_call(buf, function()
     return vim.fn.visualmode()
   end)
-  if mode == "v" and from[1] == line1 and to[1] == line2 and to[2] < #last then
+  if mode == "v" and from[1] == line1 and to[1] == line2 then
     start_col = from[2]
-    end_col = to[2] + 1 + vim.str_utf_end(last, to[2] + 1) -- past the last selected character
+    if to[2] < #last then -- else the selection ends with the line
+      end_col = to[2] + 1 + vim.str_utf_end(last, to[2] + 1) -- past the last character selected
+    end
   end
   local mark = api.nvim_buf_set_extmark(buf, M.ns, line1 - 1, start_col, {
     end_row = end_row, end_col = end_col, right_gravity = true, end_right_gravity = false,

@@ -78,7 +78,11 @@ function M.preview(edit, encoding)
       table.insert(names, name)
       table.insert(diff, "--- a/" .. name)
       table.insert(diff, "+++ b/" .. name)
-      vim.list_extend(diff, vim.split(vim.trim(text), "\n", { plain = true }))
+      if text == "" then
+        table.insert(diff, "(no change)")
+      else
+        vim.list_extend(diff, vim.split(vim.trim(text), "\n", { plain = true }))
+      end
     end
   end
   return diff, names

@@ -208,6 +208,9 @@ local function on_result(s, turn, err, result)
   if session ~= s or s.turn ~= turn or turn.state ~= "running" then
     return -- cancelled, or the conversation was started over
   end
+  if not err and (type(result) ~= "table" or type(result.message) ~= "table") then
+    err = { message = "the server's answer has no message: " .. vim.inspect(result) }
+  end
   if err then
     if err.code == REQUEST_CANCELLED then
       return
@@ -272,6 +275,7 @@ function M.send()
       return false
     end
     s.turn.state = "failed"
+    view.finish(s, s.turn, "no answer: the server stopped")
   end
   local text, refs = view.input(s)
   local images, selection = {}, nil
