@@ -145,4 +145,7 @@ def test_chat_tool_steps_and_edit_proposals(model: Path, tmp_path: Path) -> None
     as an error step; workspace/applyEdit (as propose_edit sends it) shows the diff and asks
     with vim.ui.select: rejected, nothing changes; accepted, the buffer changes (not the file)
     and undo restores it; an edit of an older version is refused without asking."""
-    run_script("chat_tools.lua", model, tmp_path, CHAT_TIMEOUT_S)
+    output = run_script("chat_tools.lua", model, tmp_path, CHAT_TIMEOUT_S)
+    report = health_report(output)
+    assert "tramontane: chat" in report
+    assert "server tools: all; editor tools: diagnostics" in report

@@ -187,4 +187,12 @@ H.run(function()
   H.eq(s.history[#s.history].content, 'applyEdit -> {"applied": false, "failureReason": "'
     .. name .. ' changed since the edit was proposed"}', "the server's answer")
   H.eq(lines(source), SOURCE, "the source")
+
+  H.step(":checkhealth tramontane has a chat section")
+  vim.cmd("checkhealth tramontane")
+  local report = table.concat(api.nvim_buf_get_lines(0, 0, -1, false), "\n")
+  H.out("CHECKHEALTH BEGIN\n" .. report .. "\nCHECKHEALTH END")
+  H.truthy(report:find("server tools: all; editor tools: diagnostics", 1, true), "the tools")
+  H.truthy(report:find("client " .. client.id .. ": edits proposed in the chat are confirmed", 1,
+    true), "the edit handler")
 end)
