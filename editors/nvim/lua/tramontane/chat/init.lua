@@ -51,6 +51,20 @@ local function close_chat(s)
   end
 end
 
+--- Stop the turn's request ($/cancelRequest); what came so far joins the history.
+local function stop(s, turn)
+  turn.state = "cancelled"
+  local client = vim.lsp.get_client_by_id(turn.client_id)
+  if client and turn.request_id then
+    client:cancel_request(turn.request_id)
+    s.cancelled = turn.request_id
+  end
+  local partial = table.concat(turn.text)
+  if partial ~= "" then
+    vim.list_extend(s.history, { turn.user, { role = "assistant", content = partial } })
+  end
+end
+
 local function create_session()
   counter = counter + 1
   local buf = view.create("tramontane://chat/" .. counter)
@@ -61,7 +75,7 @@ local function create_session()
   api.nvim_create_autocmd("BufWipeout", { buffer = buf, callback = function()
     if session == s then
       if s.turn and s.turn.state == "running" then
-        M.cancel()
+        stop(s, s.turn)
       end
       close_chat(s)
       session = nil
@@ -131,7 +145,7 @@ function M.new()
     return M.open()
   end
   if session.turn and session.turn.state == "running" then
-    M.cancel()
+    stop(session, session.turn)
   end
   close_chat(session)
   session.chat_id = new_chat_id()
@@ -347,16 +361,7 @@ function M.cancel()
   if not turn or turn.state ~= "running" then
     return false
   end
-  turn.state = "cancelled"
-  local client = vim.lsp.get_client_by_id(turn.client_id)
-  if client and turn.request_id then
-    client:cancel_request(turn.request_id)
-    s.cancelled = turn.request_id
-  end
-  local partial = table.concat(turn.text)
-  if partial ~= "" then
-    vim.list_extend(s.history, { turn.user, { role = "assistant", content = partial } })
-  end
+  stop(s, turn)
   view.finish(s, turn, note_for("cancelled"))
   return true
 end
