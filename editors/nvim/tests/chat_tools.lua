@@ -167,6 +167,8 @@ H.run(function()
     { applyEdit = proposal(vim.lsp.util.buf_versions[source]) },
   })
   H.eq({ #asked, asked[1].source }, { 1, SOURCE }, "asked again, before anything changed")
+  H.truthy(debug.getinfo(vim.lsp.handlers["workspace/applyEdit"], "S").source
+    :find("runtime/lua/vim/lsp/handlers.lua", 1, true), "other servers keep Neovim's handler")
   local edited = vim.deepcopy(SOURCE)
   edited[1] = "def plus(a, b):"
   H.eq(lines(source), edited, "the source after accept")
