@@ -52,7 +52,7 @@ from lsp_server.backends.base import (
     Event,
     TextDelta,
 )
-from lsp_server.backends.local import ChatTokens
+from lsp_server.backends.jobs import ChatTokens
 from lsp_server.chat.prompt import encode_chat
 from lsp_server.chat.tools import BUILTIN_TOOLS
 from lsp_server.cli import serve
