@@ -115,7 +115,8 @@ H.run(function()
     { text = { "Sorry." } },
   })
   H.eq(deltas[2].toolResult, { id = "call2", isError = true,
-    content = "invalid arguments for diagnostics at path: 42 is not of type 'string'" },
+    content = "diagnostics: invalid arguments: path: 42 is not of type 'string'. "
+      .. "Expected {path?: string}" },
     "the server's refusal")
   local heading = rows_of(buf, "### ⚙ diagnostics ✗")
   H.eq(#heading, 1, "an error step")
