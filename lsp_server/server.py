@@ -128,7 +128,7 @@ class TramontaneServer(LanguageServer):
         at a time; a change that arrives meanwhile is applied right after)."""
         if self._fixed_backend:
             if self._last_status is None and self.backend is not None:
-                self._on_backend_status(BackendStatus("ready", f"{self.backend.name} ready"))
+                self._on_backend_status(self.backend.status)
             return
         if self.backend is None:
             self.backend = LocalBackend(self.scheduler, self._on_backend_status)
