@@ -54,6 +54,10 @@ LLAMA_FTYPE_MOSTLY_Q4_0 = 2
 
 
 def worker(gguf: str, threads: int, extra_bufts: bool) -> None:
+    # This file is named llama_cpp.py and its folder is sys.path[0]: without this, the import
+    # below would find this script instead of the package.
+    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
+    sys.modules.pop("llama_cpp", None)
     import llama_cpp
     import numpy as np
 
