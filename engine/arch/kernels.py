@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -85,7 +86,8 @@ def available() -> bool:
         try:
             build()
             ok = True
-        except (RuntimeError, OSError, ImportError) as e:  # compiler, ninja or loader trouble
+        # compiler, ninja or loader trouble (a compiler that fails `--version`: a subprocess error)
+        except (RuntimeError, OSError, ImportError, subprocess.SubprocessError) as e:
             log.warning("the C++ decode kernels could not be loaded (%s): the pure-PyTorch "
                         "ones run", e)
     _state["ok"] = ok
@@ -96,7 +98,7 @@ def main() -> int:
     """`python -m engine.arch.kernels`: build the library now (the Makefile runs this)."""
     try:
         build(verbose="-v" in sys.argv)
-    except (RuntimeError, OSError, ImportError) as e:
+    except (RuntimeError, OSError, ImportError, subprocess.SubprocessError) as e:
         print(f"engine.arch.kernels: not built ({e}); the pure-PyTorch kernels will run",
               file=sys.stderr)
         return 1
