@@ -9,7 +9,7 @@ compiled step, prefix cache, sampling), `model.py` ties a loaded network to its 
 
 from .arch.config import TransformerConfig
 from .cancel import CancellationToken
-from .checkpoints.tokenizer import TextStream, encode_fim
+from .checkpoints.tokenizer import TextStream, encode_fim, find_tokenizer_file, load_tokenizer
 from .errors import EngineError, GenerationError, ModelLoadError
 from .model import Model, load
 from .runtime.compiled import compile_decode_step, enable_fast_decode
@@ -34,7 +34,9 @@ __all__ = [
     "compile_decode_step",
     "enable_fast_decode",
     "encode_fim",
+    "find_tokenizer_file",
     "generate",
     "load",
+    "load_tokenizer",
     "stream",
 ]
