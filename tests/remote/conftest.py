@@ -96,7 +96,7 @@ def vllm_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[VllmServer
     "tiny". Structured outputs without free whitespace: a forced tool call on a random model is
     then fully determined by the schema (with free whitespace it loops on blanks). Requests are
 logged, aborts included."""
-    from engine.tiny import make_tiny
+    from engine.checkpoints.tiny import make_tiny
 
     python = ensure_installed()
     folder = tmp_path_factory.mktemp("vllm")
