@@ -451,3 +451,20 @@ async def test_a_recorded_vllm_tool_call_becomes_one_repaired_call(faulty: Fault
         "parameters": READ_FILE.parameters}}]
     assert body["messages"] == [{"role": "user", "content": "Show me main.py"}]
     await backend.close()
+
+
+def test_vllms_prompt_cache_counts_become_reused_tokens() -> None:
+    """vLLM with --enable-prompt-tokens-details (deploy/compose.yaml) says how much of the
+    prompt came from its prefix cache; the status shows it as reusedTokens."""
+    from lsp_server.backends.remote import _Run
+    from lsp_server.backends.wire import Usage, usage_of
+
+    usage = usage_of({"usage": {"prompt_tokens": 2071, "completion_tokens": 12,
+                                "prompt_tokens_details": {"cached_tokens": 2048}}}, "vllm")
+    assert usage == Usage(2071, 12, 2048)
+    run = _Run(None, 2071)
+    run.usage = usage
+    end = run.end("stop")
+    assert (end.prompt_tokens, end.reused_tokens, end.computed_tokens, end.generated_tokens) \
+        == (2071, 2048, 35, 12)
+    assert usage_of({"usage": {"prompt_tokens": 5, "completion_tokens": 3}}, "x") == Usage(5, 3)
