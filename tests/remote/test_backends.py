@@ -184,7 +184,7 @@ PNG = b"\x89PNG\r\n\x1a\n"
 
 def test_chat_messages_become_wire_messages() -> None:
     uri = "data:image/png;base64," + base64.b64encode(PNG).decode()
-    messages = [
+    messages: list[dict[str, Any]] = [
         {"role": "system", "content": "Be brief."},
         {"role": "user", "content": [{"type": "text", "text": "a.py:\n```\nx\n```\n\n"},
                                      {"type": "text", "text": "What is this?"},
@@ -239,7 +239,7 @@ async def test_misconfigurations_are_an_error_status(faulty: FaultyServer,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv(KEY_ENV, raising=False)
     label = faulty.url.removeprefix("http://")
-    cases = [
+    cases: list[tuple[dict[str, Any], str]] = [
         ({"model": None}, "backend.model is not set: name the model the openai server serves "
          "(vLLM's --served-model-name, or e.g. codestral-latest on Mistral's API)"),
         ({"tokenizer": None, "model": "my-model"}, "no tokenizer known for the served model "
@@ -275,8 +275,12 @@ async def test_openai_completion_sends_token_ids_and_reports_usage(faulty: Fault
     backend, _ = await configured(OpenAIBackend, faulty.url + path)
     ends: list[End] = []
     pieces: list[str] = []
-    events = await collect(backend.complete(fim(stop=lambda t: pieces.append(t) or False,
-                                                ends=ends)))
+
+    def stop(text: str) -> bool:
+        pieces.append(text)
+        return False
+
+    events = await collect(backend.complete(fim(stop=stop, ends=ends)))
     assert events[:3] == [TextDelta("def"), TextDelta(" add"), TextDelta("(a, b)")]
     assert pieces == ["def", " add", "(a, b)"]  # the stop rule sees each piece as it comes
     end = events[3]
@@ -328,8 +332,12 @@ async def test_the_stop_rule_closes_the_stream_at_once(faulty: FaultyServer) -> 
     backend, _ = await configured(OpenAIBackend, faulty.url + path)
     seen: list[str] = []
     ends: list[End] = []
-    events = await collect(backend.complete(fim(stop=lambda t: seen.append(t) or len(seen) == 3,
-                                                ends=ends)))
+
+    def stop(text: str) -> bool:
+        seen.append(text)
+        return len(seen) == 3
+
+    events = await collect(backend.complete(fim(stop=stop, ends=ends)))
     stopped_at = faulty.log()["now"]
     assert events[:3] == [TextDelta("x")] * 3
     assert ends == [events[3]] and ends[0].reason == "stop" and ends[0].generated_tokens == 3

@@ -152,15 +152,15 @@ def test_a_chat_with_tools_streams_through_vllm_as_through_the_engine(
     """The tool schema reaches vLLM and is rendered by the model's tokenizer: vLLM counts
     exactly the prompt mistral-common encodes for these messages and tools. The answer streams
     in deltas that add up to the message, and (greedy, float32) equals the local engine's."""
-    params = {"chatId": "v1", "messages": [{"role": "user", "content": "What does main.py do?"}],
-              "clientTools": [READ_FILE]}
+    messages: list[dict[str, Any]] = [{"role": "user", "content": "What does main.py do?"}]
+    params = {"chatId": "v1", "messages": messages, "clientTools": [READ_FILE]}
     reply = remote.chat(params)
     result = reply["result"]
     deltas = remote.deltas()
     texts = [d["text"] for d in deltas if d["kind"] == "text"]
     assert len(texts) > 1 and "".join(texts) == result["message"]["content"]
     tokenizer = engine.load_tokenizer(engine.find_tokenizer_file(vllm_server.model_dir))
-    prompt = encode_chat(tokenizer, params["messages"], [ToolSpec(
+    prompt = encode_chat(tokenizer, messages, [ToolSpec(
         READ_FILE["name"], READ_FILE["description"], READ_FILE["parameters"])], None)
     assert result["usage"]["promptTokens"] == len(prompt.tokens)
     if not any(d["kind"] == "toolCall" for d in deltas):  # a random model may call it
