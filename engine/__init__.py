@@ -10,7 +10,15 @@ compiled step, prefix cache, sampling), `model.py` ties a loaded network to its 
 from .arch.config import TransformerConfig
 from .cancel import CancellationToken
 from .checkpoints.tokenizer import TextStream, encode_fim, find_tokenizer_file, load_tokenizer
-from .errors import EngineError, GenerationError, ModelLoadError
+from .errors import EngineError, GenerationError, ImageError, ModelLoadError
+from .images import (
+    ImageLimits,
+    check_image,
+    check_image_counts,
+    image_from_data_uri,
+    read_image,
+    read_image_file,
+)
 from .model import Model, load
 from .runtime.compiled import compile_decode_step, enable_fast_decode
 from .runtime.generation import EndEvent, FinishReason, Stream, TokenEvent, generate, stream
@@ -23,6 +31,8 @@ __all__ = [
     "EngineError",
     "FinishReason",
     "GenerationError",
+    "ImageError",
+    "ImageLimits",
     "Model",
     "ModelLoadError",
     "PrefixCache",
@@ -31,12 +41,17 @@ __all__ = [
     "TextStream",
     "TokenEvent",
     "TransformerConfig",
+    "check_image",
+    "check_image_counts",
     "compile_decode_step",
     "enable_fast_decode",
     "encode_fim",
     "find_tokenizer_file",
     "generate",
+    "image_from_data_uri",
     "load",
     "load_tokenizer",
+    "read_image",
+    "read_image_file",
     "stream",
 ]

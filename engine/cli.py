@@ -24,17 +24,20 @@ from typing import TextIO
 
 import torch
 from mistral_common.exceptions import MistralCommonException
+from mistral_common.protocol.instruct.chunk import ImageChunk, TextChunk
 from mistral_common.protocol.instruct.messages import (
     AssistantMessage,
     SystemMessage,
     UserMessage,
 )
 from mistral_common.protocol.instruct.request import ChatCompletionRequest
+from PIL import Image
 
 from .checkpoints import hub, tiny
 from .checkpoints.files import DTYPE_NAMES
 from .checkpoints.tokenizer import encode_fim
 from .errors import EngineError, GenerationError
+from .images import check_image_counts, read_image_file
 from .model import Model, load
 from .runtime.generation import EndEvent, TokenEvent, stream
 from .runtime.sampling import SamplingParams
@@ -214,14 +217,32 @@ def _read_line(prompt: str) -> str | None:
     return line.rstrip("\r\n") if line else None
 
 
+def read_images(paths: Sequence[str]) -> list[Image.Image]:
+    """The `--image` files, each checked against the engine's limits before it is decoded."""
+    check_image_counts([len(paths)])
+    return [read_image_file(path) for path in paths]
+
+
+def user_message(text: str, images: Sequence[Image.Image]) -> UserMessage:
+    if not images:
+        return UserMessage(content=text)
+    return UserMessage(content=[*(ImageChunk(image=image) for image in images),
+                                TextChunk(text=text)])
+
+
 def cmd_chat(args: argparse.Namespace) -> int:
     params = sampling_params(args)
+    images = read_images(args.image or [])
     model = load_model(args)
+    if images and not model.has_vision:
+        raise CliError(f"{model.path}: this model has no vision encoder; --image needs a vision "
+                       "model (Pixtral 12B, Mistral Small 3.1)")
     system: list[Message] = [SystemMessage(content=args.system)] if args.system else []
     history: list[Message] = list(system)
     if sys.stdin.isatty():
-        print(f"chatting with {model.path.name}: /reset starts over, /exit or Ctrl-D quits",
-              file=sys.stderr)
+        attached = f" ({len(images)} image(s) go with your first message)" if images else ""
+        print(f"chatting with {model.path.name}{attached}: /reset starts over, /exit or Ctrl-D "
+              "quits", file=sys.stderr)
     while (line := _read_line(">>> ")) is not None:
         command = line.strip()
         if command in ("/exit", "/quit"):
@@ -231,10 +252,11 @@ def cmd_chat(args: argparse.Namespace) -> int:
             continue
         if not command:
             continue
-        history.append(UserMessage(content=line))
+        first = len(history) == len(system)
+        history.append(user_message(line, images if first else ()))
         try:
-            tokens, end = write_stream(stream(chat_prompt(model, history), model, params),
-                                       sys.stdout)
+            tokens, end = write_stream(stream(chat_prompt(model, history), model, params,
+                                              images=images), sys.stdout)
         except KeyboardInterrupt:
             history.pop()
             print("\n(interrupted: reply dropped)", file=sys.stderr)
@@ -258,7 +280,8 @@ SHAPE_OPTIONS = {  # option dest -> tiny_config keyword
 }
 
 
-ARCH_NAMES = {"transformer": "dense transformer", "mamba": "Mamba2"}
+ARCH_NAMES = {"transformer": "dense transformer", "mamba": "Mamba2",
+              "pixtral": "Pixtral (vision)"}
 
 
 def _same_files(a: Path, b: Path) -> bool:
@@ -273,6 +296,12 @@ def cmd_make_tiny(args: argparse.Namespace) -> int:
     folder = Path(args.dir).expanduser()
     shape = {kw: getattr(args, dest) for dest, kw in SHAPE_OPTIONS.items()
              if getattr(args, dest) is not None}
+    if args.patch_merge and args.arch != "pixtral":
+        raise CliError("--patch-merge needs --arch pixtral", EXIT_USAGE)
+    tokenizer = args.tokenizer or ("tekken" if args.arch == "pixtral" else "v3")
+    if args.arch == "pixtral" and tokenizer != "tekken":
+        raise CliError("--arch pixtral needs the tekken tokenizer (its [IMG] tokens)",
+                       EXIT_USAGE)
     if args.arch == "mamba":  # a Mamba2 has no attention: only its width and depth apply
         wrong = [f"--{dest.replace('_', '-')}" for dest, kw in SHAPE_OPTIONS.items()
                  if kw in shape and kw not in ("dim", "n_layers")]
@@ -282,14 +311,14 @@ def cmd_make_tiny(args: argparse.Namespace) -> int:
 
     def write(target: Path) -> Path:
         try:
-            return tiny.make_tiny(target, layout=args.layout, tokenizer=args.tokenizer,
+            return tiny.make_tiny(target, layout=args.layout, tokenizer=tokenizer,
                                   seed=args.seed, dtype=DTYPE_NAMES[args.dtype], arch=args.arch,
-                                  **shape)
+                                  patch_merge=args.patch_merge, **shape)
         except ValueError as e:  # TransformerConfig's checks of the shape options
             raise CliError(f"invalid shape: {e}", EXIT_USAGE) from None
 
     what = (f"a tiny {ARCH_NAMES[args.arch]} checkpoint ({args.layout} layout, "
-            f"{args.tokenizer} tokenizer)")
+            f"{tokenizer} tokenizer)")
     if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
         with tempfile.TemporaryDirectory() as tmp:
             same = folder.is_dir() and _same_files(write(Path(tmp) / "tiny"), folder)
@@ -428,6 +457,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "Ends at end of input or /exit; /reset forgets the conversation. The whole "
                     "conversation is encoded by mistral-common at each turn.")
     p.add_argument("--system", metavar="TEXT", help="a system prompt")
+    p.add_argument("--image", action="append", metavar="PATH",
+                   help="attach an image (PNG, JPEG, WEBP, GIF) to the first message; repeat for "
+                        "several (at most 8); needs a vision model (Pixtral)")
     p.set_defaults(func=cmd_chat)
 
     p = commands.add_parser(
@@ -454,10 +486,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layout", choices=("native", "hf"), default="native",
                    help="native Mistral (params.json + consolidated.safetensors) or Hugging Face "
                         "(config.json + model.safetensors) (default: native)")
-    p.add_argument("--tokenizer", choices=list(tiny.TOKENIZERS), default="v3",
-                   help="which mistral-common tokenizer to ship (default: v3; FIM needs v3+)")
-    p.add_argument("--arch", choices=("transformer", "mamba"), default="transformer",
-                   help="dense transformer, or Mamba2 as Codestral Mamba (default: transformer)")
+    p.add_argument("--tokenizer", choices=list(tiny.TOKENIZERS),
+                   help="which mistral-common tokenizer to ship (default: v3, tekken for "
+                        "pixtral; FIM needs v3+)")
+    p.add_argument("--arch", choices=tiny.ARCHS, default="transformer",
+                   help="dense transformer, Mamba2 as Codestral Mamba, or Pixtral (a dense "
+                        "decoder with a vision encoder: `chat --image` works on it) "
+                        "(default: transformer)")
+    p.add_argument("--patch-merge", action="store_true",
+                   help="with --arch pixtral: a patch merger, as Mistral Small 3.1 (14-pixel "
+                        "patches merged 2x2) instead of Pixtral 12B (16-pixel patches)")
     p.add_argument("--seed", type=int, default=0, help="weight seed (default: 0)")
     p.add_argument("--dtype", choices=sorted(DTYPE_NAMES), default="float32", metavar="DTYPE",
                    help=f"weight dtype: {', '.join(sorted(DTYPE_NAMES))} (default: float32)")

@@ -20,3 +20,8 @@ class ModelLoadError(EngineError):
 
 class GenerationError(EngineError):
     """A request cannot be run on this model (prompt too long, empty prompt, bad token ids)."""
+
+
+class ImageError(EngineError):
+    """An image cannot be used: unsupported format, corrupt, too large, degenerate, too many.
+    The message says which and why (it is meant for the person who sent the image)."""

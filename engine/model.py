@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Generator, Iterable, Iterator
+from collections.abc import Generator, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
@@ -14,8 +14,10 @@ from torch import nn
 from .arch.cache import Cache
 from .arch.config import MambaConfig, TransformerConfig
 from .arch.lora import LoraAdapters
+from .arch.transformer import EmbeddingOverride
 from .checkpoints.loading import load_checkpoint
 from .checkpoints.lora import read_adapter
+from .errors import GenerationError
 
 T = TypeVar("T")
 
@@ -85,8 +87,26 @@ class Model:
             batch_size, max_seq_len, rewind=rewind, device=self.device, dtype=self.dtype)
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, cache: Cache,
-                output_index: torch.Tensor | None = None) -> torch.Tensor:
-        return self.module(tokens, positions, cache, output_index)  # type: ignore[no-any-return]
+                output_index: torch.Tensor | None = None,
+                embeddings: EmbeddingOverride | None = None) -> torch.Tensor:
+        if embeddings is None:
+            return self.module(tokens, positions, cache, output_index)  # type: ignore[no-any-return]
+        return self.module(tokens, positions, cache, output_index,  # type: ignore[no-any-return]
+                           embeddings=embeddings)
+
+    @property
+    def has_vision(self) -> bool:
+        """Whether images can go into prompts (a Pixtral checkpoint)."""
+        return getattr(self.config, "vision", None) is not None
+
+    def encode_images(self, pixels: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Images preprocessed by mistral-common (each (C, H, W)) -> one `(tokens, dim)` tensor
+        of decoder embeddings per image, in one pass of the vision tower."""
+        vision = getattr(self.module, "vision", None)
+        if vision is None:
+            raise GenerationError("this model has no vision encoder: images are not supported")
+        with torch.inference_mode():
+            return vision([p.to(self.device) for p in pixels])  # type: ignore[no-any-return]
 
     def load_lora(self, path: str | Path, scaling: float | None = None,
                   name: str | None = None) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from lsprotocol import types
 
+from .chat.edits import ProposedEdit
 from .completions import Outcome
 
 LABEL_CHARS = 60
@@ -38,3 +39,24 @@ def lsp_completion_list(outcome: Outcome, position: types.Position) -> types.Com
         preselect=True,
     )
     return types.CompletionList(is_incomplete=True, items=[item])
+
+
+PROPOSED_EDIT = "tramontane.proposedEdit"
+
+
+def lsp_proposed_edit(edit: ProposedEdit, encoding: str) -> types.WorkspaceEdit:
+    """A chat's `propose_edit` as a WorkspaceEdit whose every change carries an annotation that
+    needs confirmation: the editor shows the diff, and nothing changes unless the user accepts
+    (and can undo)."""
+    edits: list[types.TextEdit | types.AnnotatedTextEdit | types.SnippetTextEdit] = [
+        types.AnnotatedTextEdit(range=types.Range(start=start, end=end),
+                                new_text=change.new_text, annotation_id=PROPOSED_EDIT)
+        for change, (start, end) in zip(edit.edits, edit.ranges(encoding), strict=True)]
+    return types.WorkspaceEdit(
+        document_changes=[types.TextDocumentEdit(
+            text_document=types.OptionalVersionedTextDocumentIdentifier(
+                uri=edit.uri, version=edit.version),
+            edits=edits)],
+        change_annotations={PROPOSED_EDIT: types.ChangeAnnotation(
+            label="Tramontane: proposed edit", needs_confirmation=True,
+            description=f"proposed in the chat for {edit.shown}")})

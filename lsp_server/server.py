@@ -133,7 +133,7 @@ class TramontaneServer(LanguageServer):
         picks the implementation; a new kind closes the old backend first."""
         if self._fixed_backend:
             if self._last_status is None and self.backend is not None:
-                self._on_backend_status(BackendStatus("ready", f"{self.backend.name} ready"))
+                self._on_backend_status(self.backend.status)
             return
         if self.backend is None:
             self.backend = self._new_backend(self.settings.backend.kind)

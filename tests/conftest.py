@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine.checkpoints.tiny import random_state_dict, tiny_config, write_checkpoint
+from engine.checkpoints.tiny import make_tiny, random_state_dict, tiny_config, write_checkpoint
 
 CheckpointFactory = Callable[..., Path]
 
@@ -31,6 +31,24 @@ def make_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> CheckpointFacto
             folder = tmp_path_factory.mktemp(f"tiny-{layout}-{tokenizer}")
             built[key] = write_checkpoint(folder, config, random_state_dict(config, seed, dtype),
                                           layout=layout, tokenizer=tokenizer)
+        return built[key]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def make_pixtral(tmp_path_factory: pytest.TempPathFactory) -> CheckpointFactory:
+    """`make_pixtral(layout="native"|"hf", patch_merge=False, seed=0) -> folder`: a tiny random
+    Pixtral (Pixtral 12B's image cutting; Mistral Small 3.1's with `patch_merge`) with the
+    tekken tokenizer. Same arguments, same folder; same seed, same weights in both layouts."""
+    built: dict[tuple[object, ...], Path] = {}
+
+    def make(layout: str = "native", patch_merge: bool = False, seed: int = 0) -> Path:
+        key = (layout, patch_merge, seed)
+        if key not in built:
+            folder = tmp_path_factory.mktemp(f"pixtral-{layout}")
+            built[key] = make_tiny(folder, layout=layout, arch="pixtral", seed=seed,
+                                   patch_merge=patch_merge)
         return built[key]
 
     return make

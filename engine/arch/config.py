@@ -36,6 +36,86 @@ class MoeConfig:
                              f"moe.num_experts ({self.num_experts})")
 
 
+def _check_positive(owner: str, obj: object, names: tuple[str, ...]) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise ValueError(f"{owner}{name} must be a positive integer, got {value!r}")
+
+
+@dataclass(frozen=True)
+class VisionConfig:
+    """Pixtral's vision encoder and the adapter that maps its features into the decoder.
+
+    The encoder (`dim`, `n_layers`, ...) cuts an image into `patch_size` squares, one feature
+    each; with `spatial_merge_size` 2 (Mistral Small 3.1) a patch merger then folds each 2x2
+    block of patches into one, after an RMSNorm (`pre_norm`). The adapter (two linear layers,
+    GELU) maps each feature to the decoder's width; it replaces the embedding of one `[IMG]`
+    token (`image_token_id`) of the prompt.
+    """
+
+    dim: int
+    n_layers: int
+    n_heads: int
+    hidden_dim: int
+    patch_size: int
+    image_size: int  # the longest side, in pixels, an image is resized to at most
+    num_channels: int = 3
+    rope_theta: float = 10_000.0  # of the 2-D (row, column) rotary embedding
+    norm_eps: float = 1e-5  # the encoder's RMSNorms (both references fix it at 1e-5)
+    image_token_id: int = 10
+    adapter_bias: bool = True
+    spatial_merge_size: int = 1  # > 1: a patch merger folds merge x merge patches into one
+    pre_norm: bool = False  # an RMSNorm before the merger and adapter
+    pre_norm_eps: float = 1e-5
+    activation: str = "silu"  # of the gated feed-forward (Mistral's checkpoints: SiLU)
+
+    def __post_init__(self) -> None:
+        _check_positive("vision_encoder.", self, (
+            "dim", "n_layers", "n_heads", "hidden_dim", "patch_size", "image_size",
+            "num_channels", "spatial_merge_size"))
+        if not isinstance(self.image_token_id, int) or self.image_token_id < 0:
+            raise ValueError(f"vision_encoder.image_token_id must be a token id, got "
+                             f"{self.image_token_id!r}")
+        if self.dim % self.n_heads:
+            raise ValueError(f"vision_encoder.hidden_size ({self.dim}) must be a multiple of "
+                             f"num_attention_heads ({self.n_heads})")
+        if self.head_dim % 4:
+            raise ValueError(f"the vision head size ({self.head_dim}) must be a multiple of 4 "
+                             "for the 2-D rotary embedding")
+        if self.norm_eps <= 0 or self.pre_norm_eps <= 0 or self.rope_theta <= 0:
+            raise ValueError("vision norm eps and rope_theta must be positive")
+        if self.activation not in ("silu", "gelu"):
+            raise ValueError(f"vision activation {self.activation!r} is not supported (silu, "
+                             "gelu)")
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    def to_params(self) -> dict[str, Any]:
+        """The `vision_encoder` block of a native `params.json`."""
+        params: dict[str, Any] = {
+            "hidden_size": self.dim,
+            "num_hidden_layers": self.n_layers,
+            "num_attention_heads": self.n_heads,
+            "intermediate_size": self.hidden_dim,
+            "num_channels": self.num_channels,
+            "patch_size": self.patch_size,
+            "image_size": self.image_size,
+            "max_image_size": self.image_size,
+            "rope_theta": self.rope_theta,
+            "image_token_id": self.image_token_id,
+            "adapter_bias": self.adapter_bias,
+        }
+        if self.spatial_merge_size > 1:
+            params["mm_projector_id"] = "patch_merge"
+            params["spatial_merge_size"] = self.spatial_merge_size
+        if self.pre_norm:
+            params["add_pre_mm_projector_layer_norm"] = True
+        return params
+
+
 @dataclass(frozen=True)
 class TransformerConfig:
     """Shape of a decoder: dense (Mistral 7B, Codestral 22B, NeMo, Ministral) or, with `moe`
@@ -55,6 +135,7 @@ class TransformerConfig:
     tied_embeddings: bool = False
     max_position_embeddings: int | None = None
     moe: MoeConfig | None = None  # set: every layer's feed-forward is a mixture of experts
+    vision: VisionConfig | None = None  # set: images enter through a vision encoder (Pixtral)
     extras: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -82,6 +163,8 @@ class TransformerConfig:
                 raise ValueError(f"sliding_window entries must be positive integers, got {w!r}")
         if self.moe is not None and not isinstance(self.moe, MoeConfig):
             raise ValueError(f"moe must be a MoeConfig or None, got {self.moe!r}")
+        if self.vision is not None and not isinstance(self.vision, VisionConfig):
+            raise ValueError(f"vision must be a VisionConfig or None, got {self.vision!r}")
 
     @property
     def n_rep(self) -> int:
@@ -110,6 +193,8 @@ class TransformerConfig:
         if self.moe is not None:
             params["moe"] = {"num_experts": self.moe.num_experts,
                              "num_experts_per_tok": self.moe.num_experts_per_tok}
+        if self.vision is not None:
+            params["vision_encoder"] = self.vision.to_params()
         return params
 
 

@@ -64,15 +64,25 @@ def rotary_cos_sin(
     Angles are computed in float32 on the fly (no table sized by the longest context).
     Padding positions (-1) get angle 0: their outputs are never used.
     """
-    inv_freq = 1.0 / (
-        theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32)
-                  / head_dim)
-    )
+    inv_freq = rotary_inv_freq(head_dim, theta, positions.device)
     angles = positions.clamp(min=0).to(torch.float32)[..., None] * inv_freq  # (B, T, hd/2)
+    cos, sin = cos_sin_pairs(angles, dtype)
+    return cos[:, :, None, :], sin[:, :, None, :]
+
+
+def rotary_inv_freq(head_dim: int, theta: float, device: torch.device) -> torch.Tensor:
+    """The `head_dim / 2` rotation frequencies, float32: theta^(-2i / head_dim)."""
+    return 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32)
+                            / head_dim))
+
+
+def cos_sin_pairs(angles: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Angles `(..., hd/2)`, one per pair, as `apply_rotary`'s factors `(..., hd)`: cos repeated
+    per pair, and sin with the sign of each pair's first element."""
     cos, sin = angles.cos(), angles.sin()
-    cos = cos.repeat_interleave(2, dim=-1)  # (B, T, hd): c0 c0 c1 c1 ...
+    cos = cos.repeat_interleave(2, dim=-1)  # c0 c0 c1 c1 ...
     sin = torch.stack((-sin, sin), dim=-1).flatten(-2)  # -s0 s0 -s1 s1 ...
-    return cos.to(dtype)[:, :, None, :], sin.to(dtype)[:, :, None, :]
+    return cos.to(dtype), sin.to(dtype)
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -87,14 +97,18 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 
 class FeedForward(nn.Module):
-    def __init__(self, dim: int, hidden_dim: int) -> None:
+    """Gated feed-forward: `w2(act(w1 x) * w3 x)`, SiLU-gated (Mistral's decoders and vision
+    encoder); `activation` "gelu" for a vision config that asks for it."""
+
+    def __init__(self, dim: int, hidden_dim: int, activation: str = "silu") -> None:
         super().__init__()
         self.w1 = Linear(dim, hidden_dim)  # gate
         self.w2 = Linear(hidden_dim, dim)  # down
         self.w3 = Linear(dim, hidden_dim)  # up
+        self.act = F.gelu if activation == "gelu" else F.silu
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        return self.w2(self.act(self.w1(x)) * self.w3(x))
 
 
 class Attention(nn.Module):

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 from torch import nn
 
 from ..arch.config import LEGACY_ROPE_THETA, MOE_ROPE_THETA, MoeConfig, TransformerConfig
@@ -119,6 +120,12 @@ def from_hf_config(path: Path) -> TransformerConfig:
         raise ModelLoadError(
             path, f"unsupported architecture {archs}; supported: {', '.join(HF_ARCHITECTURES)}"
         )
+    return from_hf_dict(data, path)
+
+
+def from_hf_dict(data: dict[str, Any], path: Path) -> TransformerConfig:
+    """A decoder's config from a `MistralConfig`/`MixtralConfig` dict (`config.json`, or the
+    `text_config` of a vision model's)."""
     dim = _require(data, "hidden_size", path)
     n_heads = _require(data, "num_attention_heads", path)
     n_layers = _require(data, "num_hidden_layers", path)
@@ -324,6 +331,10 @@ class DenseFamily:
 
     def keeps_float32(self, ours: str) -> bool:
         return False
+
+    def check_tokenizer(self, config: TransformerConfig, tokenizer: MistralTokenizer,
+                        path: Path) -> None:
+        pass  # any Mistral tokenizer serves a text model
 
 
 FAMILY = DenseFamily()

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, NamedTuple, Protocol
 
 import torch
+from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 from torch import nn
 
 
@@ -70,4 +71,9 @@ class Family(Protocol):
 
     def keeps_float32(self, ours: str) -> bool:
         """Whether this tensor stays float32 whatever dtype the model is loaded in."""
+        ...
+
+    def check_tokenizer(self, config: Any, tokenizer: MistralTokenizer, path: Path) -> None:
+        """`ModelLoadError` if the folder's tokenizer cannot serve this model (e.g. a vision
+        model's tokenizer must cut images as its encoder expects)."""
         ...

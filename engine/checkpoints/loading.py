@@ -23,7 +23,7 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from ..errors import ModelLoadError
-from . import dense, mamba2
+from . import dense, mamba2, pixtral
 from .family import BlockCount, Family
 from .files import (
     TensorIndex,
@@ -41,7 +41,7 @@ log = logging.getLogger(__name__)
 
 # The architecture registry, in the order families are asked: the first that claims a folder's
 # config loads it.
-FAMILIES: tuple[Family, ...] = (mamba2.FAMILY, dense.FAMILY)
+FAMILIES: tuple[Family, ...] = (mamba2.FAMILY, pixtral.FAMILY, dense.FAMILY)
 
 
 @dataclass(frozen=True)
@@ -63,8 +63,6 @@ def _family(path: Path, data: dict[str, Any], hf: bool) -> Family:
     if hf:
         raise ModelLoadError(path, f"unsupported architecture {data.get('architectures')}; "
                              f"supported: {', '.join(f.name for f in FAMILIES)}")
-    if data.get("vision_encoder"):
-        raise ModelLoadError(path, "'vision_encoder' checkpoints are not supported yet")
     raise ModelLoadError(path, f"model_type {data.get('model_type')!r} is not supported yet")
 
 
@@ -148,7 +146,9 @@ def _load(folder: Path, device: str | torch.device, target_dtype: torch.dtype | 
                                kind=family.name))
     check_block_counts(config_path, family.block_counts(data, hf), index, files)
     config = family.parse_config(config_path, hf)
-    tokenizer = load_tokenizer(find_tokenizer_file(folder))
+    tokenizer_file = find_tokenizer_file(folder)
+    tokenizer = load_tokenizer(tokenizer_file)
+    family.check_tokenizer(config, tokenizer, tokenizer_file)
 
     try:
         with torch.device("meta"):  # shapes only: no memory, whatever the sizes

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 from safetensors.torch import save_file
 from torch import nn
 
@@ -198,6 +199,9 @@ class MambaFamily:
 
     def keeps_float32(self, ours: str) -> bool:
         return ours.endswith(_FLOAT32_SUFFIXES)
+
+    def check_tokenizer(self, config: MambaConfig, tokenizer: MistralTokenizer, path: Path) -> None:
+        pass  # any Mistral tokenizer serves a text model
 
 
 FAMILY = MambaFamily()

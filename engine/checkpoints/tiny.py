@@ -6,6 +6,7 @@ output is noise: the weights are random.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import shutil
@@ -15,10 +16,13 @@ import mistral_common
 import torch
 from safetensors.torch import save_file
 
-from ..arch.config import MambaConfig, MoeConfig, TransformerConfig
+from ..arch.config import MambaConfig, MoeConfig, TransformerConfig, VisionConfig
 from ..arch.transformer import Transformer
+from . import pixtral
 from .dense import hf_config_dict, state_dict_to_hf
 from .mamba2 import random_mamba_state_dict, write_mamba_checkpoint
+
+ARCHS = ("transformer", "mamba", "pixtral")
 
 TOKENIZERS = {
     # name -> (file in mistral-common's data/, name in a checkpoint folder, vocabulary size)
@@ -58,6 +62,20 @@ def tiny_config(tokenizer: str = "v3", *, dim: int = 64, n_layers: int = 2, n_he
     )
 
 
+def tiny_vision_config(*, patch_merge: bool = False, dim: int = 64, n_layers: int = 2,
+                       n_heads: int = 4, hidden_dim: int = 128, patch_size: int | None = None,
+                       image_size: int | None = None) -> VisionConfig:
+    """A small vision tower cutting images as the real ones do: Pixtral 12B's (16-pixel patches,
+    up to 1024 pixels, adapter biases) or, with `patch_merge`, Mistral Small 3.1's (14-pixel
+    patches merged 2x2, up to 1540 pixels, a norm before the merger, no adapter biases)."""
+    return VisionConfig(
+        dim=dim, n_layers=n_layers, n_heads=n_heads, hidden_dim=hidden_dim,
+        patch_size=patch_size or (14 if patch_merge else 16),
+        image_size=image_size or (1540 if patch_merge else 1024),
+        spatial_merge_size=2 if patch_merge else 1, pre_norm=patch_merge,
+        adapter_bias=not patch_merge)
+
+
 def tiny_mamba_config(tokenizer: str = "v3", *, dim: int = 64, n_layers: int = 2,
                       n_groups: int = 2, d_state: int = 16, head_dim: int = 16, expand: int = 2,
                       d_conv: int = 4, chunk_size: int = 16, pad_vocab_size_multiple: int = 1,
@@ -78,14 +96,16 @@ def random_state_dict(config: TransformerConfig, seed: int = 0,
         shapes = {k: v.shape for k, v in Transformer(config).state_dict().items()}
     state = {}
     for name, shape in shapes.items():
-        if name.endswith("norm.weight"):
+        if name.endswith(".bias"):
+            w = 0.1 * torch.randn(shape, generator=gen)
+        elif len(shape) == 1:  # norms
             w = 1.0 + 0.1 * torch.randn(shape, generator=gen)
         elif name == "tok_embeddings.weight":
             w = torch.randn(shape, generator=gen)
         elif name == "output.weight":
             w = torch.randn(shape, generator=gen) * (4.0 / math.sqrt(shape[1]))
-        else:
-            w = torch.randn(shape, generator=gen) / math.sqrt(shape[1])
+        else:  # fan-in scaling (a convolution's fan-in is channels x kernel area)
+            w = torch.randn(shape, generator=gen) / math.sqrt(math.prod(shape[1:]))
         state[name] = w.to(dtype)
     return state
 
@@ -93,10 +113,14 @@ def random_state_dict(config: TransformerConfig, seed: int = 0,
 def write_checkpoint(folder: str | Path, config: TransformerConfig | MambaConfig,
                      state: dict[str, torch.Tensor], *, layout: str = "native",
                      tokenizer: str = "v3") -> Path:
-    """Write `state` (native names) as a native Mistral or Hugging Face folder."""
+    """Write `state` (our module names) as a native Mistral or Hugging Face folder."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     src = tokenizer_source(tokenizer)
+    if isinstance(config, TransformerConfig) and config.vision is not None:
+        _write_vision_checkpoint(folder, config, state, layout, src)
+        (folder / "README.txt").write_text(NOTICE)
+        return folder
     shutil.copyfile(src, folder / TOKENIZERS[tokenizer][1])
     if isinstance(config, MambaConfig):
         write_mamba_checkpoint(folder, config, state, layout=layout)
@@ -113,17 +137,48 @@ def write_checkpoint(folder: str | Path, config: TransformerConfig | MambaConfig
     return folder
 
 
-def make_tiny(folder: str | Path, *, layout: str = "native", tokenizer: str = "v3",
+def _write_vision_checkpoint(folder: Path, config: TransformerConfig,
+                             state: dict[str, torch.Tensor], layout: str, tokenizer: Path) -> None:
+    """A Pixtral folder: tekken.json with an `image` section that cuts images as the tower
+    expects, and the weights in either layout."""
+    vision = config.vision
+    assert vision is not None
+    if not tokenizer.name.startswith("tekken"):
+        raise ValueError("a vision checkpoint needs the tekken tokenizer (its [IMG] tokens)")
+    data = json.loads(tokenizer.read_text(encoding="utf-8"))
+    data["image"] = {"image_patch_size": vision.patch_size, "max_image_size": vision.image_size,
+                     "spatial_merge_size": vision.spatial_merge_size}
+    (folder / "tekken.json").write_text(json.dumps(data), encoding="utf-8")
+    if layout == "native":
+        (folder / "params.json").write_text(json.dumps(config.to_params(), indent=2) + "\n")
+        save_file(pixtral.state_dict_to_native(state), str(folder / "consolidated.safetensors"))
+    elif layout == "hf":
+        (folder / "config.json").write_text(
+            json.dumps(pixtral.hf_config_dict(config), indent=2) + "\n")
+        save_file(pixtral.state_dict_to_hf(state, config), str(folder / "model.safetensors"),
+                  metadata={"format": "pt"})
+    else:
+        raise ValueError(f"layout must be 'native' or 'hf', got {layout!r}")
+
+
+def make_tiny(folder: str | Path, *, layout: str = "native", tokenizer: str | None = None,
               seed: int = 0, dtype: torch.dtype = torch.float32, arch: str = "transformer",
-              **shape: object) -> Path:
+              patch_merge: bool = False, **shape: object) -> Path:
     """Write a tiny random checkpoint; `shape` overrides `tiny_config`'s defaults (or
-    `tiny_mamba_config`'s with `arch="mamba"`)."""
+    `tiny_mamba_config`'s with `arch="mamba"`). `arch="pixtral"` adds a tiny vision tower
+    (`tiny_vision_config`, with a patch merger if `patch_merge`) and takes the tekken tokenizer.
+    The tokenizer defaults to v3 (tekken for pixtral)."""
+    if arch not in ARCHS:
+        raise ValueError(f"arch must be one of {', '.join(ARCHS)}, got {arch!r}")
+    if patch_merge and arch != "pixtral":
+        raise ValueError("patch_merge is for arch='pixtral'")
+    tokenizer = tokenizer or ("tekken" if arch == "pixtral" else "v3")
     if arch == "mamba":
         mamba = tiny_mamba_config(tokenizer, **shape)  # type: ignore[arg-type]
         return write_checkpoint(folder, mamba, random_mamba_state_dict(mamba, seed, dtype),
                                 layout=layout, tokenizer=tokenizer)
-    if arch != "transformer":
-        raise ValueError(f"arch must be 'transformer' or 'mamba', got {arch!r}")
     config = tiny_config(tokenizer, **shape)  # type: ignore[arg-type]
+    if arch == "pixtral":
+        config = dataclasses.replace(config, vision=tiny_vision_config(patch_merge=patch_merge))
     return write_checkpoint(folder, config, random_state_dict(config, seed, dtype),
                             layout=layout, tokenizer=tokenizer)

@@ -10,6 +10,10 @@ reached EOS stops writing to the cache (position -1). The phases themselves are 
 Why units of work: a caller that serves several requests on one thread (the language server's
 scheduler) can run another request between two prefill chunks or two decode steps of this one,
 and resume it later with its cache intact (`Stream.step`).
+
+Images (a vision model): the first unit of work runs the vision tower, once, on every image of
+the request whose `[IMG]` positions are still to be prefilled; each prefill chunk then replaces
+the embeddings of its `[IMG]` positions with their features (`image_inputs.RequestImages`).
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import time
 from collections import deque
 from collections.abc import Hashable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 
@@ -27,11 +31,15 @@ from ..arch.cache import Cache
 from ..cancel import CancellationToken
 from ..checkpoints.tokenizer import TextStream
 from ..errors import GenerationError
+from ..images import DEFAULT_LIMITS, ImageLimits
+from .image_inputs import RequestImages
 from .phases import decode_one, prefill, uses_fast_step
 from .prefix_cache import Lease, PrefixCache
 from .sampling import SamplingParams, make_generator, sample, token_logprobs
 
 if TYPE_CHECKING:
+    from PIL import Image
+
     from ..model import Model
 
 FinishReason = Literal["stop", "length", "cancelled"]
@@ -90,6 +98,7 @@ class Stats:
     # How many tokens of each row the cache holds (prompt then generated tokens fed back): what
     # a prefix cache may reuse next time.
     cached: list[int] = field(default_factory=list)
+    images_encoded: int = 0  # images the vision tower ran on (not those a prefix cache held)
 
 
 def _check_prompts(prompts: Sequence[Sequence[int]], vocab_size: int) -> None:
@@ -110,13 +119,16 @@ class Generation:
 
     `cache`, when given, already holds positions [0, start) of every prompt (a prefix cache's
     reuse): only the rest is prefilled. With `save`, the cache's `save_point` splits the prefill
-    and `cache.save()` runs there (a recurrent state is copied for the next prompt).
+    and `cache.save()` runs there (a recurrent state is copied for the next prompt). `images`:
+    the prompts' images, checked against them (`RequestImages`); encoding them is the first
+    unit of work.
     """
 
     def __init__(self, model: Model, prompts: Sequence[Sequence[int]], params: SamplingParams,
                  *, eos_id: int | None = None, chunk_size: int | None = None,
                  cancel: CancellationToken | None = None, cache: Cache | None = None,
-                 start: int = 0, save: bool = False) -> None:
+                 start: int = 0, save: bool = False,
+                 images: RequestImages | None = None) -> None:
         _check_prompts(prompts, model.config.vocab_size)
         if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size <= 0):
             raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size!r}")
@@ -161,6 +173,10 @@ class Generation:
         # A prefix cache often leaves a token or two to prefill: one compiled step per token is
         # cheaper than an eager forward for so few.
         self.stepwise = uses_fast_step(model, cache) and longest - start <= FAST_PREFILL_TOKENS
+        self.images = images if images else None
+        self.images_pending = self.images is not None and not self.done
+        if self.images is not None:  # the compiled step takes token ids, not embeddings
+            self.stepwise = self.stepwise and not self.images.has_images_in(start, longest)
         if self.stepwise:
             self.chunk = 1
         self.save_at = cache.save_point(longest) if save else None
@@ -201,6 +217,12 @@ class Generation:
             self.done = True
             return None
         t0 = time.perf_counter()
+        if self.images_pending:
+            assert self.images is not None
+            self.images_pending = False
+            self.stats.images_encoded = self.images.encode([self.begin] * self.batch_size)
+            self.stats.prefill_seconds += time.perf_counter() - t0
+            return None
         if self.begin < self.longest:
             self._prefill_chunk()
             self.stats.prefill_seconds += time.perf_counter() - t0
@@ -235,7 +257,8 @@ class Generation:
         else:
             out_index = (self.lengths_t - 1 - begin).clamp(0, end - begin - 1)
             logits = prefill(self.model, self.padded[:, begin:end], positions, self.cache,
-                             out_index)
+                             out_index,
+                             self.images.override(begin, end) if self.images else None)
         self.logits = torch.where(ends_here[:, None], logits, self.logits)
         self.stats.cached = [min(n, end) for n in self.lengths]
         if self.save_at is not None and end == self.save_at:
@@ -271,24 +294,27 @@ def generate(
     eos_id: int | None = None,
     chunk_size: int | None = None,
     seed: int | None = None,
-    images: Any = None,
+    images: Sequence[Sequence[Image.Image]] | None = None,
     cancel: CancellationToken | None = None,
+    image_limits: ImageLimits = DEFAULT_LIMITS,
 ) -> tuple[list[list[int]], list[list[float]]]:
     """Generate for a batch of prompts (token ids; unequal lengths allowed).
 
     Returns per prompt the generated ids (EOS not included; nothing after it) and the
     log-probability of each under the model. `eos_id=None` uses the tokenizer's EOS; pass -1 to
     never stop early. `chunk_size` bounds how many prompt tokens one prefill step takes.
+    `images`: per prompt, the PIL images of its `[IMG]` tokens in their order (a vision model;
+    the prompt as mistral-common encodes them), checked against `image_limits`.
     """
-    if images is not None and any(images):
-        raise GenerationError("this model has no vision encoder: images are not supported")
+    _check_prompts(prompts, model.config.vocab_size)
+    request_images = RequestImages(model, prompts, images, image_limits)
     params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p,
                             top_k=top_k, seed=seed)
     out_tokens: list[list[int]] = [[] for _ in prompts]
     out_logprobs: list[list[float]] = [[] for _ in prompts]
     with torch.inference_mode():
         run = Generation(model, prompts, params, eos_id=eos_id, chunk_size=chunk_size,
-                         cancel=cancel)
+                         cancel=cancel, images=request_images)
         while not run.done:
             decoded = run.advance()
             if decoded is None:
@@ -311,17 +337,26 @@ class Stream:
     `prompt` is reused instead of prefilled (`EndEvent.cached_tokens`); whatever this request
     computes, even if it is cancelled half-way, is kept for the next one. `adapter` names a LoRA
     adapter of the model that runs during this stream's steps only (None: the thread's choice,
-    the base model unless `model.with_lora` or `model.use_lora` chose one).
+    the base model unless `model.with_lora` or `model.use_lora` chose one). `images`: the PIL
+    images of the prompt's `[IMG]` tokens, in order (see `generate`); the prefix cache tells
+    images apart by their content, not only by their tokens.
     """
 
     def __init__(self, prompt: Sequence[int], model: Model,
                  sampling: SamplingParams | None = None, *,
                  cancel: CancellationToken | None = None, eos_id: int | None = None,
                  chunk_size: int | None = None, prefix_cache: PrefixCache | None = None,
-                 cache_key: Hashable | None = None, adapter: str | None = None) -> None:
+                 cache_key: Hashable | None = None, adapter: str | None = None,
+                 images: Sequence[Image.Image] | None = None,
+                 image_limits: ImageLimits = DEFAULT_LIMITS) -> None:
         params = sampling or SamplingParams()
         self.model = model
         self.prompt = list(prompt)
+        _check_prompts([self.prompt], model.config.vocab_size)
+        request_images = RequestImages(model, [self.prompt], [images] if images else None,
+                                       image_limits)
+        # What the prefix cache compares: token ids, and image patches by content.
+        self._cache_tokens = request_images.cache_tokens(0, self.prompt)
         self.adapter = adapter
         self._text = TextStream(model.tokenizer)
         self._generated: list[int] = []  # every sampled token (EOS included)
@@ -331,7 +366,7 @@ class Stream:
         self._lease: Lease | None = None
         self.finished = False
         if prefix_cache is not None and cache_key is not None:
-            self._lease = prefix_cache.checkout(cache_key, self.prompt,
+            self._lease = prefix_cache.checkout(cache_key, self._cache_tokens,
                                                 needed=len(self.prompt) + params.max_tokens)
         lease = self._lease
         try:
@@ -340,7 +375,7 @@ class Stream:
                                        chunk_size=chunk_size, cancel=cancel,
                                        cache=lease.cache if lease else None,
                                        start=lease.reused if lease else 0,
-                                       save=lease is not None)
+                                       save=lease is not None, images=request_images)
         except BaseException:
             self.close()
             raise
@@ -395,7 +430,8 @@ class Stream:
         if self._lease is not None and self._prefix_cache is not None:
             run = getattr(self, "_run", None)
             held = run.stats.cached[0] if run is not None else self._lease.reused
-            self._prefix_cache.checkin(self._lease, [*self.prompt, *self._generated][:held])
+            self._prefix_cache.checkin(self._lease,
+                                       [*self._cache_tokens, *self._generated][:held])
 
     def __iter__(self) -> Iterator[TokenEvent | EndEvent]:
         return self
@@ -411,7 +447,10 @@ class Stream:
 def stream(prompt: Sequence[int], model: Model, sampling: SamplingParams | None = None, *,
            cancel: CancellationToken | None = None, eos_id: int | None = None,
            chunk_size: int | None = None, prefix_cache: PrefixCache | None = None,
-           cache_key: Hashable | None = None, adapter: str | None = None) -> Stream:
+           cache_key: Hashable | None = None, adapter: str | None = None,
+           images: Sequence[Image.Image] | None = None,
+           image_limits: ImageLimits = DEFAULT_LIMITS) -> Stream:
     """Stream one prompt's generation (see `Stream`)."""
     return Stream(prompt, model, sampling, cancel=cancel, eos_id=eos_id, chunk_size=chunk_size,
-                  prefix_cache=prefix_cache, cache_key=cache_key, adapter=adapter)
+                  prefix_cache=prefix_cache, cache_key=cache_key, adapter=adapter,
+                  images=images, image_limits=image_limits)

@@ -20,16 +20,20 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..arch.cache import Cache
+from ..arch.transformer import EmbeddingOverride
 
 if TYPE_CHECKING:
     from ..model import Model
 
 
 def prefill(model: Model, tokens: torch.Tensor, positions: torch.Tensor, cache: Cache,
-            output_index: torch.Tensor) -> torch.Tensor:
+            output_index: torch.Tensor,
+            embeddings: EmbeddingOverride | None = None) -> torch.Tensor:
     """Run `tokens: (B, T)` at `positions: (B, T)`; float32 logits `(B, V)` at
-    `output_index: (B,)` (each row's last prompt token in the chunk, typically)."""
-    return model.forward(tokens, positions, cache, output_index=output_index)
+    `output_index: (B,)` (each row's last prompt token in the chunk, typically). `embeddings`
+    replaces some positions' token embeddings (image features at `[IMG]` positions)."""
+    return model.forward(tokens, positions, cache, output_index=output_index,
+                         embeddings=embeddings)
 
 
 def decode_one(model: Model, tokens: torch.Tensor, positions: torch.Tensor,

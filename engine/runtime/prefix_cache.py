@@ -20,6 +20,11 @@ logits are those of a full recompute, because the cache is cut back exactly (`KV
 Every cache answers `keep(n)` with what it can hold exactly, so nothing here depends on the
 kind of cache.
 
+Images: what is compared is not only token ids. A prompt's image patches are compared as
+(content hash, patch index) (`RequestImages.cache_tokens`): two screenshots of the same size
+have the same `[IMG]` ids, but the keys and values of their positions differ, and a cached prefix
+stops at the first patch of the first image that changed.
+
 Memory: every entry is one cache of the same geometry (`max_seq_len`, batch 1), allocated once
 and reused: the number of entries is `budget_bytes // entry_bytes`, and the least recently used
 document's cache is evicted (recycled for the newcomer) first. `drop(key)` frees a document's
@@ -50,7 +55,7 @@ log = logging.getLogger(__name__)
 DEFAULT_REWIND = 512
 
 
-def common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
+def common_prefix_length(a: Sequence[Hashable], b: Sequence[Hashable]) -> int:
     n = min(len(a), len(b))
     for i in range(n):
         if a[i] != b[i]:
@@ -71,7 +76,8 @@ class Lease:
 @dataclass
 class _Entry:
     cache: Cache
-    tokens: list[int]
+    # What positions [0, len) hold: token ids, and for image patches (content hash, index)
+    tokens: list[Hashable]
 
 
 class PrefixCache:
@@ -117,7 +123,7 @@ class PrefixCache:
         """A cache of this prefix cache's geometry (what a compiled decode step is built for)."""
         return self._new_cache()
 
-    def checkout(self, key: Hashable, prompt: Sequence[int],
+    def checkout(self, key: Hashable, prompt: Sequence[Hashable],
                  needed: int | None = None) -> Lease | None:
         """Take `key`'s cache for a request on `prompt`, cut back to the reusable prefix.
 
@@ -145,7 +151,7 @@ class PrefixCache:
         lease.reused = entry.cache.keep(want)
         return lease
 
-    def checkin(self, lease: Lease, tokens: Sequence[int]) -> None:
+    def checkin(self, lease: Lease, tokens: Sequence[Hashable]) -> None:
         """Give the cache back; it now holds `tokens` at positions [0, len(tokens))."""
         with self._lock:
             if self._out.get(lease.key) is not lease:

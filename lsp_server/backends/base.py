@@ -91,6 +91,11 @@ class ToolCall:
     arguments: str  # JSON text, as the model wrote it: validated by the caller
 
 
+# The name of a call the model wrote but that could not be parsed (its arguments:
+# {"problem": "..."}): the turn goes on, and the model reads why as the call's error result.
+INVALID_CALL = "invalid_tool_call"
+
+
 @dataclass(frozen=True)
 class ToolCalls:
     """The model asked for these calls (its turn ends with them)."""

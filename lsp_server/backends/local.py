@@ -30,7 +30,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 import engine
 
@@ -47,7 +47,9 @@ from .base import (
     Event,
     StatusListener,
     TextDelta,
+    ToolCalls,
 )
+from .jobs import ChatTokens, StreamJob, TokenDecoder
 
 log = logging.getLogger(__name__)
 
@@ -92,85 +94,6 @@ def _load(spec: _ModelSpec) -> engine.Model:
     return engine.load(spec.path, device=spec.device, dtype=spec.dtype)
 
 
-class TokenDecoder(Protocol):
-    """What a stream's tokens say: visible text as it comes, then whatever the end reveals
-    (a chat's tool calls)."""
-
-    def feed(self, event: engine.TokenEvent) -> str: ...
-
-    def finish(self, rest: str) -> tuple[str, list[Event]]: ...
-
-
-class PlainText:
-    """Completions: the engine's UTF-8-safe text deltas as they are."""
-
-    def feed(self, event: engine.TokenEvent) -> str:
-        return event.text
-
-    def finish(self, rest: str) -> tuple[str, list[Event]]:
-        return rest, []
-
-
-class StreamJob:
-    """An `engine.Stream` run by the scheduler; its events go to `deliver` (thread-safe)."""
-
-    def __init__(self, make: Callable[[], engine.Stream], deliver: Callable[[object], None],
-                 cancel: engine.CancellationToken, stop: Callable[[str], bool] | None = None,
-                 decoder: TokenDecoder | None = None) -> None:
-        self._make = make
-        self._deliver = deliver
-        self._cancel = cancel
-        self._stop = stop
-        self._decoder: TokenDecoder = decoder or PlainText()
-        self._stream: engine.Stream | None = None
-        self._started = time.perf_counter()
-
-    def step(self) -> bool:
-        if self._stream is None:
-            if self._cancel.cancelled:  # superseded or cancelled before it started
-                self._finish(End("cancelled", stopped_ms=self._stopped_ms()))
-                return True
-            self._stream = self._make()
-        stream = self._stream
-        for event in stream.step():
-            if isinstance(event, engine.EndEvent):
-                rest, extra = self._decoder.finish(event.text)
-                if rest:  # the bytes left at the end, flushed
-                    self._deliver(TextDelta(rest))
-                    if self._stop is not None:
-                        self._stop(rest)
-                for item in extra:
-                    self._deliver(item)
-                self._finish(self._end(event))
-                return True
-            text = self._decoder.feed(event)
-            if text:
-                self._deliver(TextDelta(text))
-                if self._stop is not None and self._stop(text):
-                    self._finish(self._end(stream.stop()))
-                    return True
-        return stream.finished
-
-    def close(self, error: BaseException | None = None) -> None:
-        if self._stream is not None:
-            self._stream.close()
-        self._deliver(error if error is not None else
-                      End("cancelled", stopped_ms=self._stopped_ms()))
-
-    def _stopped_ms(self) -> float | None:
-        at = self._cancel.cancelled_at
-        return None if at is None else (time.monotonic() - at) * 1000
-
-    def _end(self, event: engine.EndEvent) -> End:
-        return End(event.reason, event.prompt_tokens, event.cached_tokens,
-                   event.computed_tokens, event.generated_tokens,
-                   time.perf_counter() - self._started,
-                   self._stopped_ms() if event.reason == "cancelled" else None)
-
-    def _finish(self, end: End) -> None:
-        self._deliver(end)
-
-
 class LocalBackend:
     """`eager_step` builds the decode step uncompiled (tests: the same code, no compile)."""
 
@@ -189,6 +112,7 @@ class LocalBackend:
         self._chat_cache: engine.PrefixCache | None = None
         self._cache_shape: tuple[int, CacheSettings] | None = None
         self._compile = True
+        self._image_limits = engine.ImageLimits()
         self._adapters: dict[str, str] = {}
         self._generation = 0  # bumped at every model change: late compiles are dropped
         self._compiling: threading.Thread | None = None
@@ -216,6 +140,7 @@ class LocalBackend:
         spec = _ModelSpec(settings.model, settings.device, settings.dtype) \
             if settings.model is not None else None
         self._compile = settings.compile
+        self._image_limits = engine.ImageLimits(max_bytes=settings.chat.max_image_mib * 2**20)
         switched = spec != self._spec or not self._configured
         self._configured = True
         if switched:
@@ -263,17 +188,20 @@ class LocalBackend:
                                          temperature=request.sampling.temperature,
                                          top_p=request.sampling.top_p)
         # Encoded off the event loop and off the engine thread (images take a while).
+        limits = self._image_limits if model.has_vision else None
         prompt = await asyncio.get_running_loop().run_in_executor(
-            None, encode_chat, model.tokenizer, request.messages, request.tools, None)
+            None, encode_chat, model.tokenizer, request.messages, request.tools, limits)
         chat_cache = self._chat_cache
 
         def make(cancel: engine.CancellationToken) -> engine.Stream:
             return engine.stream(prompt.tokens, model, sampling, cancel=cancel,
                                  chunk_size=PREFILL_CHUNK, prefix_cache=chat_cache,
-                                 cache_key=request.key, adapter=request.adapter)
+                                 cache_key=request.key, adapter=request.adapter,
+                                 images=prompt.images or None, image_limits=limits or
+                                 engine.ImageLimits())
 
         async for event in self._events(make, None, request.on_end, Priority.BACKGROUND,
-                                        request.key):
+                                        request.key, ChatTokens(model.tokenizer)):
             yield event
 
     def forget(self, key: str) -> None:
@@ -292,7 +220,8 @@ class LocalBackend:
 
     async def _events(self, make: Callable[[engine.CancellationToken], engine.Stream],
                       stop: Callable[[str], bool] | None, on_end: Callable[[End], None] | None,
-                      priority: Priority, key: str) -> AsyncIterator[Event]:
+                      priority: Priority, key: str,
+                      decoder: TokenDecoder | None = None) -> AsyncIterator[Event]:
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[object] = asyncio.Queue()
         cancel = engine.CancellationToken()
@@ -308,7 +237,7 @@ class LocalBackend:
             with contextlib.suppress(RuntimeError):  # the loop is closed: the server is exiting
                 loop.call_soon_threadsafe(receive, item)
 
-        job = StreamJob(lambda: make(cancel), deliver, cancel, stop)
+        job = StreamJob(lambda: make(cancel), deliver, cancel, stop, decoder)
         self._scheduler.submit(job, priority, key)
         try:
             while True:
@@ -317,7 +246,7 @@ class LocalBackend:
                     raise BackendError(str(item)) from None
                 if isinstance(item, BaseException):
                     raise item
-                assert isinstance(item, (TextDelta, End))
+                assert isinstance(item, (TextDelta, ToolCalls, End))
                 yield item
                 if isinstance(item, End):
                     return

@@ -1,1 +1,2 @@
-"""Chat: the turn loop, its params and context, prompts, tools and their sandbox."""
+"""Chat: the turn loop, its params and context, prompts, the tools and their sandbox, tool-call
+parsing."""

@@ -2,14 +2,15 @@
 the images, in the order of their image tokens). Never a hand-written template: the model's own
 tokenizer encodes messages, tool schemas and images the way the model was trained.
 
-Images arrive as `data:` URIs; they are decoded here with the engine's limits (size, pixels,
-formats) before mistral-common sees them, so it never fetches or decodes anything itself. An
-image URL that is not a `data:` URI is refused: no tool and no prompt fetches a URL.
+Images arrive as `data:` URIs; they are decoded here with the engine's limits (encoded size,
+pixels checked from the header before decoding, formats, images per message and per
+conversation) before mistral-common sees them, so it never fetches or decodes anything itself.
+An image URL that is not a `data:` URI is refused: no tool and no prompt fetches a URL.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,10 +21,9 @@ from mistral_common.protocol.instruct.request import ChatCompletionRequest
 from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 from pydantic import ValidationError
 
-from ..backends.base import BackendError, ToolSpec
+import engine
 
-# data: URI -> PIL image, with limits; raises BackendError (what the backend supplies).
-ImageDecoder = Callable[[str], Any]
+from ..backends.base import BackendError, ToolSpec
 
 
 @dataclass(frozen=True)
@@ -58,30 +58,42 @@ def _meaningful(message: dict[str, Any]) -> bool:
                 and not message.get("tool_calls"))
 
 
+def image_counts(messages: Sequence[dict[str, Any]]) -> list[int]:
+    return [len(image_urls([m])) for m in messages]
+
+
 def encode_chat(tokenizer: MistralTokenizer, messages: Sequence[dict[str, Any]],
-                tools: Sequence[ToolSpec], decode_image: ImageDecoder | None) -> ChatPrompt:
-    """The prompt of `messages` with `tools`; `decode_image` None: the model takes no images
-    (an image then is an error saying so)."""
+                tools: Sequence[ToolSpec], images: engine.ImageLimits | None) -> ChatPrompt:
+    """The prompt of `messages` with `tools`; `images`: the limits pasted images must keep, or
+    None when the model takes no images (an image then is an error saying so)."""
     if tools and not can_encode_tools(tokenizer):
         raise BackendError(f"this model's tokenizer ({_version(tokenizer)}) cannot encode "
                            "tools: ask without tools (tools: false), or use a model with "
                            "function calling (tokenizer v2 or newer)")
     urls = image_urls(messages)
-    if urls and decode_image is None:
+    if urls and images is None:
         raise BackendError("this model has no vision encoder: it cannot read images (remove "
                            "the image, or use a vision model such as Pixtral)")
-    for url in urls:
-        if not url.startswith("data:"):
-            raise BackendError("only data: URIs are accepted for images (no URL is fetched)")
-    images = [decode_image(url) for url in urls] if decode_image is not None else []
+    decoded = []
+    if urls:
+        assert images is not None
+        try:
+            engine.check_image_counts(image_counts(messages), images)
+            for url in urls:
+                if not url.startswith("data:"):
+                    raise engine.ImageError("only data: URIs are accepted for images (no URL "
+                                            "is fetched)")
+                decoded.append(engine.image_from_data_uri(url, images))
+        except engine.ImageError as e:
+            raise BackendError(f"image refused: {e}") from None
     try:
         request = ChatCompletionRequest.from_openai(
             [dict(m) for m in messages if _meaningful(m)],
             tools=_openai_tools(tools) or None)
     except (ValidationError, ValueError, TypeError, MistralCommonException) as e:
         raise BackendError(f"invalid conversation: {_first_line(e)}") from None
-    if images:
-        pending = iter(images)
+    if decoded:
+        pending = iter(decoded)
         for message in request.messages:
             if isinstance(message, UserMessage) and isinstance(message.content, list):
                 message.content = [ImageChunk(image=next(pending))
@@ -92,7 +104,7 @@ def encode_chat(tokenizer: MistralTokenizer, messages: Sequence[dict[str, Any]],
     except (MistralCommonException, ValueError, TypeError, AssertionError) as e:
         raise BackendError(f"cannot encode the conversation with this model's tokenizer "
                            f"({_version(tokenizer)}): {_first_line(e)}") from None
-    return ChatPrompt(list(tokenized.tokens), images)
+    return ChatPrompt(list(tokenized.tokens), decoded)
 
 
 def can_encode_tools(tokenizer: MistralTokenizer) -> bool:

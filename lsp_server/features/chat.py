@@ -5,18 +5,26 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from urllib.parse import unquote, urlparse
 
+from lsprotocol import types
 from pygls.exceptions import JsonRpcException, JsonRpcInvalidParams
 
 import engine
 
-from ..backends.base import BackendError, Sampling, ToolSpec
+from ..backends.base import BackendError, Sampling
 from ..chat.context import attachment, with_context
+from ..chat.edits import ProposedEdit
+from ..chat.errors import ChatError
 from ..chat.host import ToolBox
 from ..chat.params import ChatParams, ParamsError, parse_chat_params, plain
+from ..chat.sandbox import Workspace
 from ..chat.service import ToolHost, ToolOutcome, TurnResult
-from ..documents import DocumentError
+from ..chat.tools import select_tools
+from ..convert import lsp_proposed_edit
+from ..documents import Document, DocumentError
 
 if TYPE_CHECKING:
     from ..server import TramontaneServer
@@ -92,10 +100,11 @@ def _user_message(ls: TramontaneServer, request: ChatParams) -> dict[str, Any]:
 
 def _tool_host(ls: TramontaneServer, request: ChatParams) -> ToolHost:
     settings = ls.settings.chat
-    server_tools: list[ToolSpec] = []
-
-    async def run_server(name: str, arguments: dict[str, Any]) -> ToolOutcome:
-        return ToolOutcome(f"unknown tool {name!r}", is_error=True)
+    try:
+        builtin = select_tools(request.tools)
+        workspace = Workspace(_workspace_folders(ls), settings.denied_paths)
+    except ChatError as e:  # an unknown tool name; a bad chat.deniedPaths pattern
+        raise JsonRpcInvalidParams(f"invalid params for {CHAT}: {e}") from None
 
     async def run_client(name: str, call_id: str, arguments: dict[str, Any]) -> ToolOutcome:
         try:
@@ -108,17 +117,36 @@ def _tool_host(ls: TramontaneServer, request: ChatParams) -> ToolHost:
         if not isinstance(content, str):
             return ToolOutcome(f"the editor's answer for {name} has no text content",
                                is_error=True)
-        return ToolOutcome(_capped(content, settings.tool_output_chars),
-                           is_error=bool(answer.get("isError")))
+        return ToolOutcome(content, is_error=bool(answer.get("isError")))
 
-    return ToolBox(server_tools, request.client_tools, run_server, run_client,
-                   settings.tool_timeout_ms / 1000)
+    async def apply_edit(edit: ProposedEdit) -> bool:
+        result = await ls.workspace_apply_edit_async(types.ApplyWorkspaceEditParams(
+            edit=lsp_proposed_edit(edit, ls.position_encoding),
+            label=f"Tramontane: proposed edit to {edit.shown}"))
+        return bool(result.applied)
+
+    def open_document(path: Path) -> Document | None:
+        try:
+            return ls.documents.get(path.as_uri())
+        except DocumentError:
+            return None
+
+    return ToolBox(builtin, request.client_tools, workspace, run_client=run_client,
+                   apply_edit=apply_edit, timeout_s=settings.tool_timeout_ms / 1000,
+                   output_chars=settings.tool_output_chars, open_document=open_document)
 
 
-def _capped(text: str, limit: int) -> str:
-    if len(text) <= limit:
-        return text
-    return text[:limit] + f"\n[output truncated: {len(text) - limit} more characters]"
+def _workspace_folders(ls: TramontaneServer) -> list[Path]:
+    """The client's workspace folders that are local folders (the root when it names none)."""
+    uris = [folder.uri for folder in ls.workspace.folders.values()]
+    if not uris and ls.workspace.root_uri:
+        uris = [ls.workspace.root_uri]
+    folders = []
+    for uri in uris:
+        parsed = urlparse(uri)
+        if parsed.scheme == "file":
+            folders.append(Path(unquote(parsed.path)))
+    return folders
 
 
 def _result(chat_id: str, user: dict[str, Any], result: TurnResult) -> dict[str, Any]:

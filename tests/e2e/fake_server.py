@@ -8,6 +8,14 @@ Environment:
                "<n> <document> steps=<k> <finish reason>"
   FAKE_RAISE   if set, the backend raises RuntimeError(FAKE_RAISE) (an unexpected failure)
   FAKE_PRINT   if set, the backend prints to stdout, from Python and through fd 1 directly
+  FAKE_CHAT    JSON list of the assistant's turns, replayed one per model step of every chat:
+               {"text": "..."} answers; {"calls": [{"name", "arguments": {...}}]} calls tools;
+               {"raw": "..."} writes "..." after the [TOOL_CALLS] token (a malformed call);
+               {"markers": n} writes n [TOOL_CALLS] tokens (a flood).
+               Each turn is encoded by mistral-common (v3) and decoded back by the local
+               backend's own chat decoder, as the model's tokens would be.
+  FAKE_CHAT_FILE  a file holding FAKE_CHAT's JSON (for scripts too large for the environment)
+  FAKE_LOADING if set, the backend stays `loading` (no tokenizer): completions come back empty
   FAKE_BLOCK   seconds the first step blocks a worker thread, deaf to cancellation (a compile
                or a long prefill on the engine thread); "scripted backend: blocking" goes to
                stderr when it starts
@@ -23,13 +31,19 @@ import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
+from mistral_common.protocol.instruct.messages import AssistantMessage, UserMessage
+from mistral_common.protocol.instruct.request import ChatCompletionRequest
+from mistral_common.protocol.instruct.tool_calls import Function, FunctionCall, Tool
+from mistral_common.protocol.instruct.tool_calls import ToolCall as MistralToolCall
+from mistral_common.protocol.instruct.validator import ValidationMode
 from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 
+import engine
 from engine.checkpoints.tiny import tokenizer_source
 from lsp_server.app import create_server
 from lsp_server.backends.base import (
-    BackendError,
     BackendStatus,
     ChatRequest,
     CompletionRequest,
@@ -38,6 +52,9 @@ from lsp_server.backends.base import (
     Event,
     TextDelta,
 )
+from lsp_server.backends.jobs import ChatTokens
+from lsp_server.chat.prompt import encode_chat
+from lsp_server.chat.tools import BUILTIN_TOOLS
 from lsp_server.cli import serve
 from lsp_server.settings import Settings
 from lsp_server.tokenizer import PromptTokenizer
@@ -45,17 +62,52 @@ from lsp_server.tokenizer import PromptTokenizer
 log = logging.getLogger("tests.e2e.fake_server")
 
 
+def scripted_tokens(tokenizer: MistralTokenizer, turn: dict[str, Any]) -> list[int]:
+    """The tokens a model writes for `turn`: mistral-common's encoding of that assistant
+    message (after a user message), up to its EOS. `tokenizer` is in fine-tuning mode."""
+    raw = tokenizer.instruct_tokenizer.tokenizer
+    if "markers" in turn:
+        return [raw.get_special_token("[TOOL_CALLS]")] * int(turn["markers"])
+    if "raw" in turn:
+        return [raw.get_special_token("[TOOL_CALLS]"), *raw.encode(turn["raw"], False, False)]
+    user = UserMessage(content="scripted")
+    calls = [MistralToolCall(id=f"call{i:05d}", function=FunctionCall(
+        name=call["name"], arguments=json.dumps(call["arguments"])))
+        for i, call in enumerate(turn.get("calls", []))]
+    message = AssistantMessage(content=turn.get("text") if not calls else None,
+                               tool_calls=calls or None)
+    tools = [Tool(function=Function(name=s.name, description=s.description,
+                                    parameters=s.parameters)) for s in BUILTIN_TOOLS.values()]
+    # The prompt: the user's message alone, then the assistant's (last, or before its tool
+    # results when it calls tools).
+    prompt = tokenizer.encode_chat_completion(ChatCompletionRequest(
+        messages=[user, AssistantMessage(content="x")], tools=tools)).tokens
+    prompt = prompt[:prompt.index(raw.get_special_token("[/INST]")) + 1]
+    full = tokenizer.encode_chat_completion(ChatCompletionRequest(
+        messages=[user, message], tools=tools)).tokens
+    rest = full[len(prompt):]
+    return rest[:rest.index(raw.eos_id)]
+
+
 class ScriptedBackend:
     name = "scripted"
-    status = BackendStatus("ready", "scripted ready")
 
     def __init__(self) -> None:
-        self.tokenizer = PromptTokenizer(
+        self.tokenizer: PromptTokenizer | None = PromptTokenizer(
             MistralTokenizer.from_file(str(tokenizer_source("v3"))))
+        self.status = BackendStatus("ready", "scripted ready")
+        if "FAKE_LOADING" in os.environ:
+            self.tokenizer = None
+            self.status = BackendStatus("loading", "Loading the scripted model")
         self.texts: list[str] = json.loads(os.environ.get("FAKE_TOKENS", '["x"]'))
         self.delay = float(os.environ.get("FAKE_DELAY", "0"))
         self.log = Path(os.environ["FAKE_LOG"]) if "FAKE_LOG" in os.environ else None
         self.requests = 0
+        self.chat_steps: dict[str, int] = {}
+        # The same tokenizer in mistral-common's fine-tuning mode, which encodes an assistant
+        # message as the last one: how the scripted turns become the tokens a model writes.
+        self.writer = MistralTokenizer.from_file(str(tokenizer_source("v3")),
+                                                 ValidationMode.finetuning)
 
     async def configure(self, settings: Settings) -> None:
         pass
@@ -66,8 +118,32 @@ class ScriptedBackend:
     async def close(self) -> None:
         pass
 
-    def chat(self, request: ChatRequest) -> AsyncIterator[Event]:
-        raise BackendError("the scripted backend does not chat")
+    async def chat(self, request: ChatRequest) -> AsyncIterator[Event]:
+        assert self.tokenizer is not None
+        mistral = self.tokenizer.mistral
+        # The prompt as the local backend builds it: mistral-common refuses what it would.
+        prompt = encode_chat(mistral, request.messages, request.tools, None)  # no vision
+        step = self.chat_steps.get(request.key, 0)
+        self.chat_steps[request.key] = step + 1
+        script = (Path(os.environ["FAKE_CHAT_FILE"]).read_text() if "FAKE_CHAT_FILE" in os.environ
+                  else os.environ.get("FAKE_CHAT", '[{"text": "ok"}]'))
+        turns: list[dict[str, Any]] = json.loads(script)
+        tokens = scripted_tokens(self.writer, turns[min(step, len(turns) - 1)])
+        decoder = ChatTokens(mistral)
+        generated = 0
+        for token in tokens:
+            if self.delay:
+                await asyncio.sleep(self.delay)
+            generated += 1
+            text = decoder.feed(engine.TokenEvent(token, 0.0, ""))
+            if text:
+                yield TextDelta(text)
+        rest, extra = decoder.finish("")
+        if rest:
+            yield TextDelta(rest)
+        for event in extra:
+            yield event
+        yield End("stop", len(prompt.tokens), generated_tokens=generated)
 
     async def complete(self, request: CompletionRequest) -> AsyncIterator[Event]:
         self.requests += 1

@@ -78,8 +78,13 @@ class RawServer:
     def next_frame(self, timeout: float = 30.0) -> dict[str, Any]:
         return self.frames.get(timeout=timeout)
 
-    def response(self, msg_id: int | None, timeout: float = 30.0) -> dict[str, Any]:
-        """The reply to `msg_id`, skipping notifications (kept in `self.notifications`)."""
+    def response(self, msg_id: int | str | None, timeout: float = 30.0) -> dict[str, Any]:
+        """The reply to `msg_id`, skipping notifications (kept in `self.notifications`, with
+        the replies to other requests, which may come first: they are looked for there too)."""
+        for frame in self.notifications:
+            if "method" not in frame and frame.get("id") == msg_id:
+                self.notifications.remove(frame)
+                return frame
         deadline = time.monotonic() + timeout
         while True:
             frame = self.next_frame(max(0.01, deadline - time.monotonic()))

@@ -4,17 +4,21 @@ cannot do what is asked gets."""
 
 from __future__ import annotations
 
+import base64
+import io
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from PIL import Image
 
 from tests.conftest import CheckpointFactory
 from tests.e2e.conftest import MODEL_SHAPE
 from tests.e2e.rpc import RawServer
 from tests.e2e.test_protocol import open_doc
+from tests.engine.test_images import png_claiming
 
 CHAT = "tramontane/chat"
 PNG_1X1 = ("data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42m"
@@ -143,5 +147,79 @@ def test_tools_for_a_tokenizer_without_function_calling_are_refused(
         assert reply["error"] == {"code": -32803, "message": (
             "this model's tokenizer (v1) cannot encode tools: ask without tools (tools: false), "
             "or use a model with function calling (tokenizer v2 or newer)")}
+    finally:
+        server.close()
+
+
+def data_uri(png: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(png).decode()
+
+
+def screenshot(width: int, height: int, seed: int) -> bytes:
+    image = Image.effect_noise((width, height), 40 + seed).convert("RGB")
+    out = io.BytesIO()
+    image.save(out, format="PNG")
+    return out.getvalue()
+
+
+def image_turn(*urls: str) -> list[dict[str, Any]]:
+    return [{"role": "user", "content": [{"type": "text", "text": "What is on the screen?"},
+                                         *({"type": "image_url", "image_url": {"url": u}}
+                                           for u in urls)]}]
+
+
+def test_a_pasted_screenshot_reaches_a_vision_model_and_its_cache(
+        make_pixtral: CheckpointFactory) -> None:
+    server = start(make_pixtral("native"), maxImageMiB=1)
+    try:
+        shot = data_uri(screenshot(64, 48, 0))
+        first = ask(server, "img", image_turn(shot))["result"]
+        assert first["usage"]["promptTokens"] > 20  # the image's tokens are in the prompt
+        texts = "".join(d["text"] for d in deltas(server, "img"))
+        assert texts == first["message"]["content"]
+        # The same screenshot again: its keys and values come from the chat's cache.
+        history = [first["userMessage"], *first["messages"],
+                   {"role": "user", "content": "And now?"}]
+        second = ask(server, "img", history)["result"]
+        assert second["usage"]["reusedTokens"] >= first["usage"]["promptTokens"]
+        # Another screenshot of the same size: same token ids, other pixels: not reused.
+        other = ask(server, "img2", image_turn(data_uri(screenshot(64, 48, 1))))["result"]
+        assert other["usage"]["reusedTokens"] == 0
+    finally:
+        server.close()
+
+
+@pytest.mark.parametrize("url, message", [
+    (lambda: data_uri(png_claiming(10, 10).ljust(3 * 2**19, b"\0")),  # 1.5 MiB
+     "image refused: the image is about 1.5 MiB, over the limit of 1.0 MiB"),
+    (lambda: data_uri(png_claiming(100_000, 100_000)),
+     "image refused: the image is 100000x100000 pixels (10,000,000,000 pixels), over the limit "
+     "of 16,777,216 pixels"),
+    (lambda: "https://example.com/shot.png",
+     "image refused: only data: URIs are accepted for images (no URL is fetched)"),
+    (lambda: "data:image/png;base64,AAAA",
+     "image refused: not an image in a known format (it starts with b'\\x00\\x00\\x00'); use "
+     "PNG, JPEG, WEBP or GIF"),
+])
+def test_bad_images_are_refused_and_the_server_goes_on(
+        make_pixtral: CheckpointFactory, url: Any, message: str) -> None:
+    server = start(make_pixtral("native"), maxImageMiB=1)
+    try:
+        reply = ask(server, "bad", image_turn(url()))
+        assert reply["error"]["code"] == -32803
+        assert reply["error"]["message"].startswith(message), reply["error"]["message"]
+        assert "result" in ask(server, "fine", [{"role": "user", "content": "hi"}],
+                               sampling={"maxTokens": 2})
+    finally:
+        server.close()
+
+
+def test_nine_images_in_one_message_are_too_many(make_pixtral: CheckpointFactory) -> None:
+    server = start(make_pixtral("native"))
+    try:
+        shot = data_uri(screenshot(16, 16, 0))
+        reply = ask(server, "many", image_turn(*[shot] * 9))
+        assert reply["error"] == {"code": -32803, "message": (
+            "image refused: message 1 has 9 images; at most 8 per message")}
     finally:
         server.close()

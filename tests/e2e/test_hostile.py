@@ -72,11 +72,6 @@ def send_raw(server: RawServer, data: bytes) -> None:
 
 
 def reply_to(server: RawServer, msg_id: int | str | None) -> dict[str, Any]:
-    """The reply to `msg_id`, also when it came while a test waited for another."""
-    early = [f for f in server.notifications if "method" not in f and f.get("id") == msg_id]
-    if early:
-        server.notifications.remove(early[0])
-        return early[0]
     return server.response(msg_id, timeout=30)
 
 

@@ -229,3 +229,21 @@ def test_debounce_skips_requests_superseded_while_waiting(tmp_path: Path) -> Non
         assert cancelled  # the editor is told why the first came back empty
     finally:
         server.close()
+
+
+def test_completions_while_loading_come_back_empty_and_the_status_says_why() -> None:
+    """A client that asks before the model is ready (Microsoft's LSP client library sent ten
+    requests in its first 20 s) gets empty replies, each followed by a status naming why."""
+    server = RawServer(FAKE_SERVER, env={"FAKE_LOADING": "1"})
+    try:
+        server.initialize()
+        assert server.wait_for_status("loading")["message"] == "Loading the scripted model"
+        open_doc(server)
+        for _ in range(3):
+            assert server.response(inline(server))["result"] == {"items": []}
+            status = server.wait_for_status("loading")
+            assert status == {"state": "loading", "message": "Loading the scripted model",
+                              "reason": "loading"}
+        assert_clean(server)
+    finally:
+        server.close()

@@ -25,6 +25,8 @@ PLUGIN = ROOT / "editors" / "nvim"
 SERVER = Path(sys.executable).parent / "lsp_server"
 MODEL_SHAPE: dict[str, Any] = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=128)
 RUN_TIMEOUT_S = 90
+# The chat scripts load the model and run a dozen turns: minutes on a loaded 2-core machine.
+CHAT_TIMEOUT_S = 300
 
 
 def nvim_binary() -> Path:
@@ -44,7 +46,7 @@ def model(make_checkpoint: CheckpointFactory) -> Path:
     return make_checkpoint("native", seed=3, **MODEL_SHAPE)
 
 
-def run_script(name: str, model: Path, tmp_path: Path) -> str:
+def run_script(name: str, model: Path, tmp_path: Path, timeout_s: int = RUN_TIMEOUT_S) -> str:
     """Run editors/nvim/tests/<name> headless; return its output, fail with it on error."""
     script = PLUGIN / "tests" / name
     state = tmp_path / "state"
@@ -59,7 +61,8 @@ def run_script(name: str, model: Path, tmp_path: Path) -> str:
         "TRAMONTANE_SERVER": str(SERVER),
         "TRAMONTANE_MODEL": str(model),
         "TRAMONTANE_SCRIPT": str(script),
-        "TRAMONTANE_TIMEOUT_MS": str((RUN_TIMEOUT_S - 10) * 1000),
+        "TRAMONTANE_TIMEOUT_MS": str((timeout_s - 10) * 1000),
+        "TRAMONTANE_PYTHON": sys.executable,
     }
     command = [str(nvim_binary()), "--headless", "--clean",
                "-c", "lua dofile(os.getenv('TRAMONTANE_SCRIPT'))"]
@@ -68,11 +71,11 @@ def run_script(name: str, model: Path, tmp_path: Path) -> str:
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             start_new_session=True)
     try:
-        raw, _ = proc.communicate(timeout=RUN_TIMEOUT_S)
+        raw, _ = proc.communicate(timeout=timeout_s)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         raw, _ = proc.communicate()
-        pytest.fail(f"{name} did not finish within {RUN_TIMEOUT_S} s:\n"
+        pytest.fail(f"{name} did not finish within {timeout_s} s:\n"
                     f"{raw.decode('utf-8', 'replace')}{lsp_log(state)}")
     output = raw.decode("utf-8", "replace")
     assert proc.returncode == 0, (f"{name} failed (exit code {proc.returncode}):\n{output}"
@@ -122,3 +125,27 @@ def test_without_a_model_the_status_says_why(model: Path, tmp_path: Path) -> Non
     report = health_report(output)
     assert "model: not set" in report
     assert "status: error: No model configured" in report
+
+
+def test_chat_streams_cancels_and_attaches(model: Path, tmp_path: Path) -> None:
+    """:TramontaneChat opens a Markdown buffer; <CR> sends what is below the last "## You"; the
+    deltas stream into the buffer, which ends up holding exactly the server's final message; a
+    follow-up sends the server's userMessage and messages back (the chat's cache is reused);
+    :'<,'>TramontaneChat attaches the selection (lines, or characters in UTF-8 columns) and the
+    server's userMessage holds its text; an image for a model without vision: the server's
+    error is shown and the buffer keeps the message; image size, format and clipboard (a fake
+    wl-paste, then none); :TramontaneChat new sends chatClose; <C-c> sends $/cancelRequest,
+    nothing is drawn after it and the server answers the next turn."""
+    run_script("chat.lua", model, tmp_path, CHAT_TIMEOUT_S)
+
+
+def test_chat_tool_steps_and_edit_proposals(model: Path, tmp_path: Path) -> None:
+    """Against the server with a scripted model (tests/editors/chat_server.py): the plugin
+    answers tramontane/runTool for its diagnostics tool, the step folds, a refused call shows
+    as an error step; workspace/applyEdit (as propose_edit sends it) shows the diff and asks
+    with vim.ui.select: rejected, nothing changes; accepted, the buffer changes (not the file)
+    and undo restores it; an edit of an older version is refused without asking."""
+    output = run_script("chat_tools.lua", model, tmp_path, CHAT_TIMEOUT_S)
+    report = health_report(output)
+    assert "tramontane: chat" in report
+    assert "server tools: all; editor tools: diagnostics" in report

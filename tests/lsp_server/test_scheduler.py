@@ -8,7 +8,7 @@ import time
 
 import engine
 from lsp_server.backends.base import End, TextDelta
-from lsp_server.backends.local import StreamJob
+from lsp_server.backends.jobs import StreamJob
 from lsp_server.scheduler import Priority, Scheduler
 from tests.conftest import CheckpointFactory
 

@@ -1,15 +1,13 @@
 -- For Neovim 0.11+: vim.lsp.config("tramontane", { init_options = { model = "..." } }) then
--- vim.lsp.enable("tramontane"). Ghost text and keys come with on_attach (options: setup()).
+-- vim.lsp.enable("tramontane"). Ghost text and keys come with on_attach (options: setup()); the
+-- handlers stream the chat and confirm its edits.
 ---@type vim.lsp.Config
 return {
   cmd = { "lsp_server", "--stdio" },
   filetypes = require("tramontane.config").defaults.filetypes,
   root_markers = { ".git" },
-  handlers = {
-    ["tramontane/status"] = function(...)
-      return require("tramontane.status").handler(...)
-    end,
-  },
+  capabilities = require("tramontane").capabilities(),
+  handlers = require("tramontane").handlers(),
   on_attach = function(client, bufnr)
     require("tramontane").attach(client, bufnr)
   end,

@@ -3,12 +3,15 @@
 -- autocommands, LSP messages and timers, exactly as for a user). Every wait is bounded.
 --
 -- Environment: TRAMONTANE_PLUGIN (editors/nvim), TRAMONTANE_SERVER (the lsp_server program),
--- TRAMONTANE_MODEL (a checkpoint folder), TRAMONTANE_TIMEOUT_MS (whole-run limit).
+-- TRAMONTANE_MODEL (a checkpoint folder), TRAMONTANE_TIMEOUT_MS (whole-run limit),
+-- TRAMONTANE_PYTHON (the Python of the server, for scripted servers under tests/editors/).
 local H = {}
 
 H.plugin = assert(os.getenv("TRAMONTANE_PLUGIN"), "TRAMONTANE_PLUGIN is not set")
 H.server = assert(os.getenv("TRAMONTANE_SERVER"), "TRAMONTANE_SERVER is not set")
 H.model = assert(os.getenv("TRAMONTANE_MODEL"), "TRAMONTANE_MODEL is not set")
+H.python = os.getenv("TRAMONTANE_PYTHON")
+H.root = vim.fn.fnamemodify(H.plugin, ":p:h:h:h") -- the repository
 local TOTAL_MS = tonumber(os.getenv("TRAMONTANE_TIMEOUT_MS") or "") or 90000
 
 vim.opt.rtp:prepend(H.plugin)

@@ -24,6 +24,14 @@ H.run(function()
   H.eq(client.config.root_dir, vim.uv.fs_realpath(project), "root_dir from root_markers")
   H.truthy(vim.tbl_contains(client.config.filetypes, "python"), "python is a default filetype")
   H.eq(client.config.init_options.model, H.model, "initializationOptions.model")
+  for _, method in ipairs({ "tramontane/status", "tramontane/chatDelta", "tramontane/runTool",
+                            "workspace/applyEdit" }) do
+    H.truthy(client.handlers[method], "lsp/tramontane.lua's handler for " .. method)
+  end
+  H.truthy(client.handlers["workspace/applyEdit"] ~= vim.lsp.handlers["workspace/applyEdit"],
+    "workspace/applyEdit: the plugin's for this client, Neovim's for the others")
+  H.eq(client.config.capabilities.workspace.workspaceEdit.changeAnnotationSupport,
+    { groupsOnLabel = false }, "the client says it honours change annotations")
 
   H.step("on_attach from lsp/tramontane.lua gives ghost text and the <Tab> key")
   local completion = require("tramontane.completion")

@@ -20,6 +20,16 @@ H.run(function()
   H.eq(setup_error({ keymaps = { accept_all = "<C-y>" } }), "tramontane: option "
     .. "keymaps.accept_all = \"<C-y>\" is invalid (expected one of accept, accept_word, "
     .. "accept_line, dismiss)", "keymaps.accept_all")
+  H.eq(setup_error({ chat = { window = "float" } }), "tramontane: option chat.window = \"float\" "
+    .. "is invalid (expected \"vsplit\", \"split\" or \"tab\")", "chat.window")
+  H.eq(setup_error({ chat = { client_tools = { "shell" } } }), "tramontane: option "
+    .. "chat.client_tools = { \"shell\" } is invalid (expected a list of tools the plugin runs: "
+    .. "diagnostics (or {}))", "chat.client_tools")
+  H.eq(setup_error({ chat = { tools = "all" } }), "tramontane: option chat.tools = \"all\" is "
+    .. "invalid (expected true (every built-in tool), false (none) or a list of tool names)",
+    "chat.tools")
+  H.eq(setup_error({ chat = { keymaps = { stop = "q" } } }), "tramontane: option "
+    .. "chat.keymaps.stop = \"q\" is invalid (expected one of send, cancel)", "chat.keymaps.stop")
 
   H.step("without a model the status says why, and no ghost text appears")
   local notified = {}

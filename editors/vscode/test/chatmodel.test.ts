@@ -81,6 +81,18 @@ describe('conversation model', () => {
       { role: 'user', content: [{ type: 'image_url', image_url: { url: PNG } }] });
   });
 
+  test('the user message goes back as the model read it (the server\'s userMessage, with the context)', () => {
+    const answered = turn('q1', 'a1');
+    answered.messages = [{ role: 'assistant', content: 'a1' }];
+    answered.sent = { role: 'user', content: '/w/a.py:\n```python\nx = 1\n```\n\nq1' };
+    assert.deepEqual(history([answered]), [answered.sent, { role: 'assistant', content: 'a1' }]);
+    const result = parseResult({ chatId: 'c', message: { content: 'a1' }, finishReason: 'stop',
+      messages: answered.messages, userMessage: answered.sent });
+    assert.deepEqual(result.userMessage, answered.sent);
+    assert.equal(parseResult({ chatId: 'c', message: { content: 'a1' },
+      userMessage: { role: 'assistant', content: 'not a user message' } }).userMessage, undefined);
+  });
+
   test('titles: first line, shortened; an image alone is "Image"', () => {
     assert.equal(titleOf({ text: '  Why does\nthis fail?', images: [] }), 'Why does');
     assert.equal(titleOf({ text: 'x'.repeat(80), images: [] }), `${'x'.repeat(59)}…`);

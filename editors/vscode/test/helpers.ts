@@ -9,7 +9,7 @@
 import { type ChildProcess, execFileSync, spawn } from 'node:child_process';
 import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
-import { join, resolve } from 'node:path';
+import { dirname, join, resolve } from 'node:path';
 import {
   createProtocolConnection,
   type ProtocolConnection,
@@ -84,21 +84,30 @@ export class Session {
   }
 
   /** Spawns the server, sends initialize (VS Code's relevant capabilities) and initialized. */
-  static async start(options: InitializationOptions): Promise<Session> {
-    const proc = spawn(SERVER, ['--stdio'], { stdio: ['pipe', 'pipe', 'pipe'] });
+  /** The server on `options`; `scripted` runs the repository's scripted-model server instead
+   * (tests/e2e/fake_server.py: the real server with a backend replaying `env`'s script) in a
+   * workspace folder `rootUri`. */
+  static async start(options: InitializationOptions,
+    scripted?: { env: Record<string, string>; rootUri: string }): Promise<Session> {
+    const proc = scripted === undefined
+      ? spawn(SERVER, ['--stdio'], { stdio: ['pipe', 'pipe', 'pipe'] })
+      : spawn(join(dirname(SERVER), 'python'), ['-m', 'tests.e2e.fake_server'],
+        { stdio: ['pipe', 'pipe', 'pipe'], cwd: REPO_ROOT, env: { ...process.env, ...scripted.env } });
     const connection = createProtocolConnection(new StreamMessageReader(proc.stdout),
       new StreamMessageWriter(proc.stdin));
     const session = new Session(connection, proc);
     await within(30_000, `initialize (server stderr: ${session.stderr})`,
       connection.sendRequest('initialize', {
         processId: process.pid,
-        rootUri: null,
+        rootUri: scripted?.rootUri ?? null,
+        workspaceFolders: scripted === undefined ? null : [{ uri: scripted.rootUri, name: 'work' }],
         capabilities: {
           textDocument: {
             synchronization: { dynamicRegistration: false },
             inlineCompletion: { dynamicRegistration: false },
           },
           window: { showMessage: {} },
+          workspace: { applyEdit: true },
         },
         initializationOptions: options,
       }));

@@ -3,14 +3,18 @@
  *
  * Against a scripted JSON-RPC peer (test/chatpeer.ts) while the server's chat is being built;
  * the last block runs the protocol-level claims against the real server on a tiny checkpoint
- * when TRAMONTANE_CHAT_E2E=1 (once the server has `tramontane/chat`).
+ * (and, for an edit proposal, against the real server with a scripted model).
  */
 
 import assert from 'node:assert/strict';
+import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
 import { after, afterEach, describe, test } from 'node:test';
+import { pathToFileURL } from 'node:url';
 
 import { needsConfirmation, type WorkspaceEdit } from '../src/chat/edits';
-import { applyDelta, type AssistantEntry } from '../src/chat/model';
+import { applyDelta, type AssistantEntry, type ToolStep } from '../src/chat/model';
 import type { ChatDelta } from '../src/chat/protocol';
 import { CancelSource, ChatSession, type ClientTool, type EditOutcome, type TurnRequest } from '../src/chat/session';
 import { ScriptedPeer, type Script } from './chatpeer';
@@ -226,9 +230,7 @@ describe('chat session against a scripted server', () => {
 });
 
 // The same claims against the real server, once it speaks the chat protocol.
-describe('chat session against the real server (TRAMONTANE_CHAT_E2E=1)', {
-  skip: process.env.TRAMONTANE_CHAT_E2E === '1' ? false : 'the server has no tramontane/chat yet',
-}, () => {
+describe('chat session against the real server', () => {
   let tiny: { dir: string; remove: () => void } | undefined;
   let server: Session | undefined;
   let session: ChatSession;
@@ -267,5 +269,46 @@ describe('chat session against the real server (TRAMONTANE_CHAT_E2E=1)', {
     setTimeout(() => { source.cancel(); }, 50);
     assert.equal((await within(30_000, 'the cancelled turn', stopped)).kind, 'cancelled');
     await session.close('chat-1');
+  });
+
+  test('a proposed edit reaches the editor as an edit needing confirmation, and the model reads the verdict', async () => {
+    // The real server with a scripted model (its turns encoded and decoded by mistral-common
+    // and the server's own tool-call decoder) that proposes an edit, then answers.
+    const folder = mkdtempSync(join(tmpdir(), 'tramontane-chat-'));
+    writeFileSync(join(folder, 'app.py'), 'x = 1\n');
+    const script = join(folder, 'script.json');
+    writeFileSync(script, JSON.stringify([
+      { calls: [{ name: 'propose_edit', arguments: { path: 'app.py', edits: [{
+        range: { start: { line: 0, character: 4 }, end: { line: 0, character: 5 } }, newText: '2' }] } }] },
+      { text: 'Done.' }]));
+    const scripted = await Session.start({ compile: false, completion: {}, cache: {}, chat: {} },
+      { env: { FAKE_CHAT_FILE: script }, rootUri: pathToFileURL(folder).href });
+    try {
+      await scripted.waitForStatus((s) => s.state === 'ready');
+      const connection = scripted.connection;
+      const confirmed: WorkspaceEdit[] = [];
+      const chat = new ChatSession({
+        sendRequest: (method, params, token) => connection.sendRequest(method, params, token),
+        sendNotification: (method, params) => connection.sendNotification(method, params),
+      }, { confirmEdit: (edit) => { confirmed.push(edit); return Promise.resolve({ applied: true }); } });
+      chat.attach({
+        onNotification: (method, handler) => connection.onNotification(method, handler),
+        onRequest: (method, handler) => connection.onRequest(method,
+          (params: unknown, token: Parameters<typeof handler>[1]) => handler(params, token)),
+      });
+      const entry: AssistantEntry = { steps: [], status: 'streaming' };
+      const outcome = await chat.turn({ chatId: 'edit', messages: [{ role: 'user', content: 'Make it 2.' }] },
+        (d: ChatDelta) => { applyDelta(entry, d); }, new CancelSource().token);
+      assert.equal(outcome.kind, 'done');
+      assert.equal(confirmed.length, 1);
+      const [edit] = confirmed;
+      assert.ok(edit !== undefined && needsConfirmation(edit));
+      const tool = entry.steps.find((step): step is ToolStep => step.kind === 'tool');
+      assert.equal(tool?.result, 'the user reviewed and applied the 1 edit to app.py');
+      assert.equal(readFileSync(join(folder, 'app.py'), 'utf8'), 'x = 1\n'); // the server writes nothing
+    } finally {
+      await scripted.close();
+      rmSync(folder, { recursive: true, force: true });
+    }
   });
 });

@@ -26,12 +26,24 @@ M.defaults = {
     accept_line = "<M-C-Right>",
     dismiss = "<C-]>",
   },
+  chat = {
+    window = "vsplit",
+    tools = true,
+    client_tools = { "diagnostics" },
+    keymaps = {
+      send = "<CR>",
+      cancel = "<C-c>",
+    },
+  },
 }
 
 ---@type tramontane.Config
 M.options = vim.deepcopy(M.defaults)
 
 local PROVIDERS = { plugin = true, builtin = true }
+local WINDOWS = { vsplit = true, split = true, tab = true }
+-- The tools the plugin runs itself when the model asks (lua/tramontane/chat/tools.lua).
+M.CLIENT_TOOLS = { "diagnostics" }
 
 local function is_string_list(value)
   if type(value) ~= "table" then
@@ -102,6 +114,35 @@ local function validate(opts)
       end
     end
   end
+  local chat = opts.chat
+  if type(chat) ~= "table" then
+    fail("chat", "a table")
+  end
+  if not WINDOWS[chat.window] then
+    fail("chat.window", "\"vsplit\", \"split\" or \"tab\"")
+  end
+  if type(chat.tools) ~= "boolean" and not is_string_list(chat.tools) then
+    fail("chat.tools", "true (every built-in tool), false (none) or a list of tool names")
+  end
+  local known = is_string_list(chat.client_tools)
+  for _, name in ipairs(known and chat.client_tools or {}) do
+    known = known and vim.tbl_contains(M.CLIENT_TOOLS, name)
+  end
+  if not known then
+    fail("chat.client_tools", "a list of tools the plugin runs: "
+      .. table.concat(M.CLIENT_TOOLS, ", ") .. " (or {})")
+  end
+  if type(chat.keymaps) ~= "table" then
+    fail("chat.keymaps", "a table")
+  end
+  for name, lhs in pairs(chat.keymaps) do
+    if M.defaults.chat.keymaps[name] == nil then
+      fail("chat.keymaps." .. name, "one of send, cancel")
+    end
+    if lhs ~= false and type(lhs) ~= "string" then
+      fail("chat.keymaps." .. name, "a key sequence or false")
+    end
+  end
 end
 
 --- Merge the user's options over the defaults, validate, and make them current.
@@ -121,6 +162,12 @@ function M.set(opts)
   end
   if opts.keymaps == false then
     merged.keymaps = false
+  end
+  local chat = type(opts.chat) == "table" and opts.chat or {}
+  for _, key in ipairs({ "tools", "client_tools" }) do
+    if chat[key] ~= nil then
+      merged.chat[key] = chat[key]
+    end
   end
   validate(merged)
   M.options = merged

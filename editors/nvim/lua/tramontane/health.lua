@@ -1,4 +1,4 @@
--- :checkhealth tramontane — the server command, the model, the server's status.
+-- :checkhealth tramontane — the server command, the model, the server's status, the chat.
 local config = require("tramontane.config")
 local status = require("tramontane.status")
 
@@ -62,6 +62,36 @@ local function configured()
   return cmd, model, source
 end
 
+--- The chat: its tools, the clipboard tool for images, the edit confirmation on each server.
+---@param clients vim.lsp.Client[]
+function M.check_chat(clients)
+  health.start("tramontane: chat")
+  local chat = config.options.chat
+  local tools = chat.tools == true and "all" or chat.tools == false and "none"
+    or table.concat(chat.tools, ", ")
+  health.info(string.format("server tools: %s; editor tools: %s", tools,
+    #chat.client_tools > 0 and table.concat(chat.client_tools, ", ") or "none"))
+  local clipboard = require("tramontane.chat.attach").clipboard_tool()
+  if clipboard then
+    health.ok("clipboard images: " .. clipboard.exe .. " (" .. vim.fn.exepath(clipboard.exe) .. ")")
+  else
+    health.warn("clipboard images: no wl-paste, xclip or pngpaste: :TramontaneChatImage needs "
+      .. "a file path", { "Install wl-clipboard (Wayland), xclip (X11) or pngpaste (macOS)" })
+  end
+  for _, client in ipairs(clients) do
+    local handler = client.handlers["workspace/applyEdit"]
+    if handler == nil then
+      health.info(string.format("client %d: edits proposed in the chat are confirmed (the "
+        .. "handler is installed when the chat first uses the server)", client.id))
+    elseif not debug.getinfo(handler, "S").source:find("/lua/tramontane/", 1, true) then
+      health.warn(string.format("client %d: its workspace/applyEdit handler is not the plugin's: "
+        .. "edits proposed in the chat may apply without asking", client.id))
+    else
+      health.ok(string.format("client %d: edits proposed in the chat are confirmed", client.id))
+    end
+  end
+end
+
 function M.check()
   health.start("tramontane: Neovim")
   local v = vim.version()
@@ -113,6 +143,7 @@ function M.check()
     end
     health.info("recent statuses:\n" .. table.concat(lines, "\n"))
   end
+  M.check_chat(clients)
 end
 
 return M

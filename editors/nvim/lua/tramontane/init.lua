@@ -1,6 +1,6 @@
 -- Tramontane for Neovim: starts the `lsp_server` language server, shows its inline completions
--- as ghost text. All the intelligence is in the server; this side speaks LSP plus the
--- `tramontane/status` notification.
+-- as ghost text, and holds a chat with it (lua/tramontane/chat/). All the intelligence is in the
+-- server; this side speaks LSP plus the `tramontane/*` methods (status, chat).
 local config = require("tramontane.config")
 local status = require("tramontane.status")
 
@@ -9,6 +9,13 @@ local api = vim.api
 local M = {}
 
 M.NAME = "tramontane"
+
+-- require("tramontane").chat: the chat's functions (lua/tramontane/chat/init.lua), loaded on use.
+setmetatable(M, { __index = function(_, key)
+  if key == "chat" then
+    return require("tramontane.chat")
+  end
+end })
 
 local function builtin_available()
   return vim.lsp.inline_completion ~= nil
@@ -77,6 +84,38 @@ function M.attach(client, buf)
   map_keys(buf)
 end
 
+--- The handlers of the server's messages: `tramontane/status`; the chat's deltas, its tools
+--- (`tramontane/runTool`) and `workspace/applyEdit`, which asks before applying (for this server
+--- only: Neovim's own handler applies at once). Each loads its module on first use.
+---@return table<string, function>
+function M.handlers()
+  local function lazy(module, field)
+    return function(...)
+      return require(module)[field](...)
+    end
+  end
+  return {
+    ["tramontane/status"] = lazy("tramontane.status", "handler"),
+    ["tramontane/chatDelta"] = lazy("tramontane.chat", "on_delta"),
+    ["tramontane/runTool"] = lazy("tramontane.chat.tools", "handler"),
+    ["workspace/applyEdit"] = lazy("tramontane.chat.edits", "handler"),
+  }
+end
+
+--- Neovim's client capabilities, plus what the chat's edit handler does: it takes
+--- `documentChanges` and honours change annotations (every edit is confirmed).
+---@return lsp.ClientCapabilities
+function M.capabilities()
+  return vim.tbl_deep_extend("force", vim.lsp.protocol.make_client_capabilities(), {
+    workspace = {
+      workspaceEdit = {
+        documentChanges = true,
+        changeAnnotationSupport = { groupsOnLabel = false },
+      },
+    },
+  })
+end
+
 --- The client configuration setup() starts (also what :checkhealth reports).
 ---@param buf? integer
 ---@return vim.lsp.ClientConfig
@@ -88,7 +127,8 @@ function M.client_config(buf)
     cmd = opts.cmd,
     root_dir = root or vim.fn.getcwd(),
     init_options = config.init_options(opts),
-    handlers = { [status.METHOD] = status.handler },
+    capabilities = M.capabilities(),
+    handlers = M.handlers(),
     on_attach = M.attach,
   }
 end

@@ -12,6 +12,16 @@
 ---@field accept_line? string|false
 ---@field dismiss? string|false
 
+---@class tramontane.ChatKeymaps
+---@field send? string|false normal mode, in the chat buffer (default <CR>)
+---@field cancel? string|false normal mode, in the chat buffer (default <C-c>)
+
+---@class tramontane.ChatOptions
+---@field window? "vsplit"|"split"|"tab" where :TramontaneChat opens the chat buffer
+---@field tools? boolean|string[] the server's built-in tools: all, none, or these
+---@field client_tools? string[] tools the plugin runs for the model (default { "diagnostics" })
+---@field keymaps? tramontane.ChatKeymaps
+
 ---@class tramontane.Config
 ---@field cmd? string[] the server command (default { "lsp_server", "--stdio" })
 ---@field model? string checkpoint folder (initializationOptions.model)
@@ -23,6 +33,7 @@
 ---@field settings? table any other server setting, sent as is (e.g. { compile = false })
 ---@field ghost_text? tramontane.GhostTextOptions
 ---@field keymaps? tramontane.Keymaps|false false = map no key
+---@field chat? tramontane.ChatOptions
 
 ---@class tramontane.Status
 ---@field state "loading"|"ready"|"busy"|"error"
@@ -51,3 +62,40 @@
 ---@field timer? uv.uv_timer_t
 ---@field pending? tramontane.Pending
 ---@field suggestion? tramontane.Suggestion
+
+---@class tramontane.Attachment
+---@field kind "context"|"image"
+---@field label string what the attachment line shows
+---@field buf? integer context: the buffer the selection is in
+---@field mark? integer context: the extmark spanning the selection in that buffer
+---@field url? string image: a data: URI
+---@field bytes? integer image: its size
+
+---@class tramontane.ChatToolStep
+---@field mark integer extmark on the step's heading line
+---@field name string
+
+---@class tramontane.ChatTurn
+---@field request_id? integer
+---@field client_id integer
+---@field state "running"|"done"|"cancelled"|"failed"
+---@field user table the user's message as sent (without the attached context)
+---@field text string[] the answer's text pieces so far
+---@field heading integer extmark on the "## Tramontane" line
+---@field tail integer extmark where the answer goes on
+---@field steps table<string, tramontane.ChatToolStep> tool steps by call id
+---@field after_step boolean the last thing drawn was a tool step
+
+---@class tramontane.ChatSession
+---@field buf integer the chat buffer
+---@field chat_id string
+---@field client_id? integer the server the conversation talks to
+---@field source_buf? integer the buffer :TramontaneChat was run from
+---@field history table[] the messages sent before the next user message
+---@field attachments table<string, tramontane.Attachment> by reference ("image/2")
+---@field next_id integer
+---@field input integer extmark on the last "## You" line: the input is below it
+---@field turn? tramontane.ChatTurn
+---@field cancelled? integer the id of the last request cancelled (its -32800 may be on its way)
+---@field last_request? table params of the last tramontane/chat request
+---@field last_result? table the last tramontane/chat result

@@ -224,6 +224,9 @@ export class ChatController {
       case 'done': {
         const { result } = outcome;
         turn.messages = result.messages;
+        if (result.userMessage !== undefined) {
+          turn.sent = result.userMessage;
+        }
         if (answerText(assistant) === '' && result.message.content !== '') {
           // A server that did not stream: the reply's text is the answer.
           assistant.steps.push({ kind: 'text', text: result.message.content });

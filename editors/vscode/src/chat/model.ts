@@ -58,6 +58,10 @@ export interface Turn {
   assistant: AssistantEntry;
   /** The server's `messages` for this turn, once it answered. */
   messages?: Message[];
+  /** The user's message as the model read it (the server's `userMessage`: with the attached
+   * context), sent back in place of `user` so the next prompt starts as the chat's cache
+   * remembers it. */
+  sent?: Message;
 }
 
 export interface Conversation {
@@ -119,14 +123,15 @@ export function userMessage(user: UserEntry): Message {
 }
 
 /** The messages to send before a new user message. A turn the server answered contributes its
- * user message and the server's `messages`. A stopped turn has no server messages: its partial
+ * user message as the model read it (`userMessage`, with the attached context) and the server's
+ * `messages`. A stopped turn has no server messages: its partial
  * answer stands in as the assistant's message, and a turn stopped before any text is left out
  * (two user messages in a row are not a valid conversation). Failed turns are left out. */
 export function history(turns: readonly Turn[]): Message[] {
   const messages: Message[] = [];
   for (const turn of turns) {
     if (turn.messages !== undefined) {
-      messages.push(userMessage(turn.user), ...turn.messages);
+      messages.push(turn.sent ?? userMessage(turn.user), ...turn.messages);
       continue;
     }
     const partial = answerText(turn.assistant);

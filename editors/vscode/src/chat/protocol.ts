@@ -98,6 +98,8 @@ export interface Usage {
 export interface ChatResult {
   chatId: string;
   message: { role: 'assistant'; content: string };
+  /** The user's message as the model read it (with the attached context). */
+  userMessage?: Message;
   /** Everything the turn added (assistant messages, tool calls and results): sent back as
    * they are with the next turn. */
   messages: Message[];
@@ -176,6 +178,9 @@ export function parseResult(value: unknown): ChatResult {
     messages: messages.length > 0 ? messages : [{ role: 'assistant', content: message.content }],
     finishReason,
   };
+  if (isMessage(raw.userMessage) && raw.userMessage.role === 'user') {
+    result.userMessage = raw.userMessage;
+  }
   const usage = record(raw.usage);
   if (usage !== undefined) {
     result.usage = {
