@@ -15,7 +15,8 @@ free: tests put a unique id there and find their request in the log):
     /stall-mid     headers and one event, then silence
     /endless       a valid event every 50 ms (?interval=S), forever
     /keepalive     headers, then an SSE comment every 50 ms, forever (no event)
-    /garbage       random bytes in 1 KiB lines, forever
+    /garbage       random bytes in 1 KiB lines, forever, ~6 MB/s (under the client's 64 MiB
+                   stream cap within a time budget: test_http checks the cap)
     /huge-line     `data: ` and then 100 MB without a line break
     /broken-sse    an event whose data is not JSON
     /not-object    an event whose data is a JSON array
@@ -200,6 +201,7 @@ class Server:
                 write_chunk(writer, b"\n".join(block[i:i + 1023]
                                                for i in range(0, len(block), 1023)))
                 await writer.drain()
+                await asyncio.sleep(0.01)
         if path == "/huge-line":
             start_stream(writer)
             write_chunk(writer, b"data: ")

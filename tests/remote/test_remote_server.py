@@ -137,7 +137,7 @@ def test_stalls_and_endless_streams_end_at_the_time_budget_and_close_the_stream(
     started = time.monotonic()
     texts, status = server.complete(*CURSOR, uri=DOC)
     elapsed = time.monotonic() - started
-    assert BUDGET_MS / 1000 - 0.1 < elapsed < BUDGET_MS / 1000 + 1
+    assert BUDGET_MS / 1000 - 0.1 < elapsed < BUDGET_MS / 1000 + 1, (texts, status)
     if text is None:
         assert texts == []
         assert (status["state"], status["reason"]) == ("ready", "budget exhausted")
