@@ -231,7 +231,7 @@ def test_a_chat_turn_runs_the_tool_call_of_a_recorded_vllm_stream(
                            "required": ["path"]}}
     reply = server.chat({"chatId": "t1", "messages": [{"role": "user",
                                                         "content": "Show me main.py"}],
-                         "clientTools": [tool]}, run_tool)
+                         "tools": False, "clientTools": [tool]}, run_tool)
     result = reply["result"]
     [call] = calls
     assert (call["name"], call["arguments"], call["chatId"]) == \
