@@ -275,6 +275,37 @@ class RemoteClient:
         log.info("%s; retrying in %.2f s", error, wait)
         await asyncio.sleep(wait)
 
+    async def get_json(self, path: str, *, deadline: float = 5.0,
+                       max_bytes: int = MiB) -> Any:
+        """GET `path` and decode its JSON body (read up to `max_bytes`): a cheap check such as
+        `models`. Never retried; `RemoteError` for anything but a 200 with JSON."""
+        clock = _Clock(deadline, self.label)
+        headers = {"Accept": "application/json"}
+        if self._key is not None:
+            headers["Authorization"] = f"Bearer {self._key}"
+        request = self._client.build_request("GET", path.lstrip("/"), headers=headers)
+        try:
+            response = await clock.wait(self._client.send(request, stream=True), deadline,
+                                        f"{self.label}: no response within {deadline:g} s")
+        except httpx.TransportError as e:
+            raise self._transport_error(e) from None
+        if response.status_code != 200:
+            raise await self._status_error(response, clock)
+        try:
+            body = await self._read_some(response, clock, max_bytes + 1)
+        except httpx.TransportError as e:
+            raise self._transport_error(e) from None
+        finally:
+            await response.aclose()
+        if len(body) > max_bytes:
+            raise RemoteError(f"{self.label}: the answer to GET {path} is over "
+                              f"{max_bytes // 1024} KiB")
+        try:
+            return json.loads(body)
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise RemoteError(self._redact(f"{self.label}: GET {path} did not answer JSON: "
+                                           f"{_excerpt(body)}")) from None
+
     def _transport_error(self, e: httpx.TransportError) -> RemoteError:
         cause: BaseException | None = e
         for _ in range(8):  # the chain of causes is short; a cycle must not hang us

@@ -243,7 +243,7 @@ describe('chat session against the real server', () => {
   test('a turn streams deltas that concatenate to the reply; Stop cancels; close is accepted', async () => {
     tiny = makeTiny();
     server = await Session.start({ model: tiny.dir, compile: false, completion: {}, cache: {},
-      chat: { maxTokens: 256 } });
+      chat: { maxTokens: 256 }, backend: {} });
     await server.waitForStatus((s) => s.state === 'ready');
     const connection = server.connection;
     session = new ChatSession({
