@@ -153,7 +153,7 @@ def test_a_chat_with_tools_streams_through_vllm_as_through_the_engine(
     exactly the prompt mistral-common encodes for these messages and tools. The answer streams
     in deltas that add up to the message, and (greedy, float32) equals the local engine's."""
     messages: list[dict[str, Any]] = [{"role": "user", "content": "What does main.py do?"}]
-    params = {"chatId": "v1", "messages": messages, "clientTools": [READ_FILE]}
+    params = {"chatId": "v1", "messages": messages, "tools": False, "clientTools": [READ_FILE]}
     reply = remote.chat(params)
     result = reply["result"]
     deltas = remote.deltas()
