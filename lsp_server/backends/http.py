@@ -228,7 +228,7 @@ class RemoteClient:
         try:
             yield self._events(response, clock)
         finally:
-            await response.aclose()
+            await _close(response)
 
     async def _open(self, path: str, body: Mapping[str, Any], retries: int,
                     superseded: Callable[[], bool] | None, clock: _Clock) -> httpx.Response:
@@ -451,6 +451,23 @@ class RemoteClient:
         if self._key:
             message = message.replace(self._key, "***")
         return message
+
+
+async def _close(response: httpx.Response) -> None:
+    """Close a streamed response and its connection, whatever state the reading was left in.
+
+    A stream is left before its body's end (at `[DONE]`, or cut short: a stop rule, a newer
+    keystroke, the time budget), so httpcore never reuses its connection and closes it in
+    `response.aclose()`. On a machine with every core busy, that close after a cancelled read
+    was seen to leave the socket open and unread (the server's loop idle), and vLLM generated
+    on to max_tokens. The socket is therefore aborted first, synchronously inside the network
+    stream's `aclose()` (before its first await), which does not depend on httpcore's path."""
+    network = response.extensions.get("network_stream")
+    try:
+        if network is not None:
+            await network.aclose()
+    finally:
+        await response.aclose()
 
 
 def _find_newline(buffer: bytearray, start: int) -> int:
