@@ -281,7 +281,7 @@ describe('chat session against the real server', () => {
       { calls: [{ name: 'propose_edit', arguments: { path: 'app.py', edits: [{
         range: { start: { line: 0, character: 4 }, end: { line: 0, character: 5 } }, newText: '2' }] } }] },
       { text: 'Done.' }]));
-    const scripted = await Session.start({ compile: false, completion: {}, cache: {}, chat: {} },
+    const scripted = await Session.start({ compile: false, completion: {}, cache: {}, chat: {}, backend: {} },
       { env: { FAKE_CHAT_FILE: script }, rootUri: pathToFileURL(folder).href });
     try {
       await scripted.waitForStatus((s) => s.state === 'ready');
