@@ -9,7 +9,7 @@ compiled step, prefix cache, sampling), `model.py` ties a loaded network to its 
 
 from .arch.config import TransformerConfig
 from .cancel import CancellationToken
-from .checkpoints.tokenizer import TextStream, encode_fim
+from .checkpoints.tokenizer import TextStream, encode_fim, find_tokenizer_file, load_tokenizer
 from .errors import EngineError, GenerationError, ImageError, ModelLoadError
 from .images import (
     ImageLimits,
@@ -46,9 +46,11 @@ __all__ = [
     "compile_decode_step",
     "enable_fast_decode",
     "encode_fim",
+    "find_tokenizer_file",
     "generate",
     "image_from_data_uri",
     "load",
+    "load_tokenizer",
     "read_image",
     "read_image_file",
     "stream",

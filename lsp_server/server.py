@@ -21,12 +21,14 @@ from pygls.lsp.server import LanguageServer
 from . import __version__
 from .backends.base import Backend, BackendError, BackendStatus
 from .backends.local import LocalBackend
+from .backends.mistral import MistralBackend
+from .backends.openai import OpenAIBackend
 from .chat.service import ChatService
 from .completions import NO_MODEL, CompletionService, Outcome
 from .documents import DocumentStore
 from .protocol import TramontaneProtocol, is_parse_error
 from .scheduler import Scheduler
-from .settings import Settings
+from .settings import BackendKind, Settings
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +37,7 @@ METRICS = "tramontane/metrics"
 
 LOAD_HELP = ("Set `model` to a Mistral checkpoint folder (params.json or config.json, "
              "safetensors and the tokenizer file); `tramontane download` fetches one.")
+REMOTE_HELP = "Check the `backend` settings (kind, url, model, tokenizer, apiKeyEnv, caBundle)."
 
 
 class TramontaneServer(LanguageServer):
@@ -57,6 +60,7 @@ class TramontaneServer(LanguageServer):
         self._progress: str | None = None
         self._progress_task: asyncio.Future[None] | None = None
         self._last_status: BackendStatus | None = None
+        self._backend_kind: BackendKind = "local"
 
     # --- talking to the client -------------------------------------------------------------
 
@@ -125,21 +129,39 @@ class TramontaneServer(LanguageServer):
 
     def configure_backend(self) -> None:
         """Bring the backend in line with the settings, in the background (one configuration
-        at a time; a change that arrives meanwhile is applied right after)."""
+        at a time; a change that arrives meanwhile is applied right after). `backend.kind`
+        picks the implementation; a new kind closes the old backend first."""
         if self._fixed_backend:
             if self._last_status is None and self.backend is not None:
                 self._on_backend_status(self.backend.status)
             return
         if self.backend is None:
-            self.backend = LocalBackend(self.scheduler, self._on_backend_status)
+            self.backend = self._new_backend(self.settings.backend.kind)
         if self._configuring is not None and not self._configuring.done():
             self._configure_again = True
             return
         self._configuring = asyncio.ensure_future(self._configure())
 
+    def _new_backend(self, kind: BackendKind) -> Backend:
+        """Remote backends stream on the event loop: only the local one starts the engine
+        thread."""
+        self._backend_kind = kind
+        if kind == "openai":
+            return OpenAIBackend(self._on_backend_status)
+        if kind == "mistral":
+            return MistralBackend(self._on_backend_status)
+        return LocalBackend(self.scheduler, self._on_backend_status)
+
     async def _configure(self) -> None:
         while True:
             self._configure_again = False
+            kind = self.settings.backend.kind
+            if self.backend is None or kind != self._backend_kind:
+                old, self.backend = self.backend, self._new_backend(kind)
+                if old is not None:
+                    self.completions.cancel_all()
+                    log.info("backend: %s -> %s", old.name, kind)
+                    await old.close()
             backend = self.backend
             assert backend is not None
             try:
@@ -158,7 +180,8 @@ class TramontaneServer(LanguageServer):
         elif previous is not None and previous.state == "loading":
             self._progress_end("ready" if status.state == "ready" else "failed")
         if status.state == "error":
-            message = f"Tramontane {status.message}. {LOAD_HELP}"
+            help_text = LOAD_HELP if self._backend_kind == "local" else REMOTE_HELP
+            message = f"Tramontane {status.message}. {help_text}"
             log.error("%s", message)
             self.show(types.MessageType.Error, message)
             self.status("error", message, reason=NO_MODEL)

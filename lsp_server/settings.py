@@ -8,7 +8,9 @@ The wire names are camelCase and fixed (editors and users depend on them):
                     "temperature", "enabledLanguages", "adapter"},
      "cache": {"enabled", "budgetMiB"},
      "chat": {"maxTokens", "temperature", "maxToolSteps", "toolTimeoutMs", "toolOutputChars",
-              "deniedPaths", "maxImageMiB"}}
+              "deniedPaths", "maxImageMiB"},
+     "backend": {"kind": "local"|"openai"|"mistral", "url", "model", "tokenizer", "apiKeyEnv",
+                 "maxRequestsPerSecond", "caBundle"}}
 
 Unknown keys are ignored. An invalid value leaves that one setting at its previous value (the
 default at first) and produces a warning that names the key, the value and what is expected; the
@@ -19,12 +21,16 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields, replace
-from typing import Any
+from typing import Any, Literal
+from urllib.parse import urlsplit
 
 DTYPES = ("float32", "bfloat16", "float16")
 QUANTIZE = ("int8", "int4")
+BackendKind = Literal["local", "openai", "mistral"]
+BACKEND_KINDS: tuple[BackendKind, ...] = ("local", "openai", "mistral")
 
 
 @dataclass(frozen=True)
@@ -70,6 +76,24 @@ class ChatSettings:
 
 
 @dataclass(frozen=True)
+class BackendSettings:
+    """What runs the model: the in-process engine ("local"), an OpenAI-compatible server such as
+    vLLM ("openai"), or Mistral's API ("mistral"). The remote fields are unused by "local".
+
+    The API key is never a setting: `api_key_env` names the environment variable holding it."""
+
+    kind: BackendKind = "local"
+    url: str = "http://127.0.0.1:8000/v1"  # the API's base, ending in /v1
+    model: str | None = None  # the served model name (vLLM's --served-model-name)
+    # The served model's tokenizer file, or a folder holding it: prompts are built locally.
+    # None: the one mistral-common ships, when `model` names a known Mistral model.
+    tokenizer: str | None = None
+    api_key_env: str | None = None
+    max_requests_per_second: float | None = None  # None: no client-side rate limit
+    ca_bundle: str | None = None  # a PEM file of a private CA (replaces the system's store)
+
+
+@dataclass(frozen=True)
 class Settings:
     model: str | None = None
     device: str = "cpu"
@@ -86,6 +110,7 @@ class Settings:
     completion: CompletionSettings = field(default_factory=CompletionSettings)
     cache: CacheSettings = field(default_factory=CacheSettings)
     chat: ChatSettings = field(default_factory=ChatSettings)
+    backend: BackendSettings = field(default_factory=BackendSettings)
 
 
 def default_cache_budget_mib() -> int:
@@ -195,6 +220,62 @@ def _globs(value: Any) -> tuple[str, ...]:
     raise ValueError('a list of glob patterns, e.g. ["secrets/**", "*.sqlite"]')
 
 
+def _kind(value: Any) -> BackendKind:
+    for kind in BACKEND_KINDS:
+        if value == kind:
+            return kind
+    raise ValueError(" or ".join(f'"{k}"' for k in BACKEND_KINDS))
+
+
+def _url(value: Any) -> str:
+    if isinstance(value, str):
+        try:
+            parts = urlsplit(value.strip())
+            port_ok = parts.port is None or parts.port > 0
+        except ValueError:  # a bad port or IPv6 literal
+            port_ok = False
+        else:
+            if parts.scheme in ("http", "https") and parts.hostname and port_ok and \
+                    not parts.query and not parts.fragment:
+                return value.strip()
+    raise ValueError('an http:// or https:// URL of the API\'s base, e.g. '
+                     '"http://127.0.0.1:8000/v1"')
+
+
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
+
+
+def _env_name(value: Any) -> str | None:
+    """The name of an environment variable (never the key itself: a value that does not look
+    like a name is refused, and the warning does not repeat it)."""
+    if value is None or (isinstance(value, str) and _ENV_NAME.fullmatch(value)):
+        return value
+    raise ValueError("the name of an environment variable holding the key, e.g. "
+                     '"MISTRAL_API_KEY", or null; never the key itself')
+
+
+def _optional_rate(value: Any) -> float | None:
+    if value is None:
+        return None
+    try:
+        return float(_float_range(0.1, 1000.0)(value))
+    except ValueError:
+        raise ValueError("a number of requests per second from 0.1 to 1000, or null for no "
+                         "limit") from None
+
+
+# Settings whose invalid values are not repeated in warnings (a key pasted in by mistake).
+_HIDDEN = {"api_key_env"}
+
+BACKEND_CHECKS: dict[str, Check] = {
+    "kind": _kind,
+    "url": _url,
+    "model": _optional_str,
+    "tokenizer": _optional_str,
+    "api_key_env": _env_name,
+    "max_requests_per_second": _optional_rate,
+    "ca_bundle": _optional_str,
+}
 CHAT_CHECKS: dict[str, Check] = {
     "max_tokens": _int_range(1, 32768),
     "temperature": _float_range(0.0, 5.0),
@@ -219,7 +300,8 @@ def _merge(current: Any, raw: Mapping[str, Any], checks: dict[str, Check], where
         try:
             changes[f.name] = checks[f.name](raw[key])
         except ValueError as expected:
-            warnings.append(f"setting {where}{key} = {raw[key]!r} is invalid (expected "
+            shown = "(the value is not repeated here)" if f.name in _HIDDEN else repr(raw[key])
+            warnings.append(f"setting {where}{key} = {shown} is invalid (expected "
                             f"{expected}); keeping {getattr(current, f.name)!r}")
     return replace(current, **changes)
 
@@ -233,7 +315,7 @@ def merge_settings(current: Settings, raw: Any) -> tuple[Settings, list[str]]:
         return current, [f"settings must be a JSON object, got {type(raw).__name__}; ignored"]
     settings = _merge(current, raw, TOP_CHECKS, "", warnings)
     for part, checks in (("completion", COMPLETION_CHECKS), ("cache", CACHE_CHECKS),
-                         ("chat", CHAT_CHECKS)):
+                         ("chat", CHAT_CHECKS), ("backend", BACKEND_CHECKS)):
         section = raw.get(part)
         if section is None:
             continue

@@ -228,7 +228,7 @@ class RemoteClient:
         try:
             yield self._events(response, clock)
         finally:
-            await response.aclose()
+            await _close(response)
 
     async def _open(self, path: str, body: Mapping[str, Any], retries: int,
                     superseded: Callable[[], bool] | None, clock: _Clock) -> httpx.Response:
@@ -274,6 +274,37 @@ class RemoteClient:
             raise error
         log.info("%s; retrying in %.2f s", error, wait)
         await asyncio.sleep(wait)
+
+    async def get_json(self, path: str, *, deadline: float = 5.0,
+                       max_bytes: int = MiB) -> Any:
+        """GET `path` and decode its JSON body (read up to `max_bytes`): a cheap check such as
+        `models`. Never retried; `RemoteError` for anything but a 200 with JSON."""
+        clock = _Clock(deadline, self.label)
+        headers = {"Accept": "application/json"}
+        if self._key is not None:
+            headers["Authorization"] = f"Bearer {self._key}"
+        request = self._client.build_request("GET", path.lstrip("/"), headers=headers)
+        try:
+            response = await clock.wait(self._client.send(request, stream=True), deadline,
+                                        f"{self.label}: no response within {deadline:g} s")
+        except httpx.TransportError as e:
+            raise self._transport_error(e) from None
+        if response.status_code != 200:
+            raise await self._status_error(response, clock)
+        try:
+            body = await self._read_some(response, clock, max_bytes + 1)
+        except httpx.TransportError as e:
+            raise self._transport_error(e) from None
+        finally:
+            await response.aclose()
+        if len(body) > max_bytes:
+            raise RemoteError(f"{self.label}: the answer to GET {path} is over "
+                              f"{max_bytes // 1024} KiB")
+        try:
+            return json.loads(body)
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise RemoteError(self._redact(f"{self.label}: GET {path} did not answer JSON: "
+                                           f"{_excerpt(body)}")) from None
 
     def _transport_error(self, e: httpx.TransportError) -> RemoteError:
         cause: BaseException | None = e
@@ -420,6 +451,23 @@ class RemoteClient:
         if self._key:
             message = message.replace(self._key, "***")
         return message
+
+
+async def _close(response: httpx.Response) -> None:
+    """Close a streamed response and its connection, whatever state the reading was left in.
+
+    A stream is left before its body's end (at `[DONE]`, or cut short: a stop rule, a newer
+    keystroke, the time budget), so httpcore never reuses its connection and closes it in
+    `response.aclose()`. On a machine with every core busy, that close after a cancelled read
+    was seen to leave the socket open and unread (the server's loop idle), and vLLM generated
+    on to max_tokens. The socket is therefore aborted first, synchronously inside the network
+    stream's `aclose()` (before its first await), which does not depend on httpcore's path."""
+    network = response.extensions.get("network_stream")
+    try:
+        if network is not None:
+            await network.aclose()
+    finally:
+        await response.aclose()
 
 
 def _find_newline(buffer: bytearray, start: int) -> int:

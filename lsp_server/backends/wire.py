@@ -84,6 +84,9 @@ class TextDelta:
 class Usage:
     prompt_tokens: int
     completion_tokens: int
+    # Prompt tokens the server took from its prefix cache, when it says so (vLLM with
+    # `--enable-prompt-tokens-details`: `usage.prompt_tokens_details.cached_tokens`).
+    cached_tokens: int = 0
 
 
 @dataclass(frozen=True)
@@ -125,7 +128,10 @@ def usage_of(chunk: Mapping[str, Any], label: str) -> Usage | None:
     prompt, completion = usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0)
     if not (_is_count(prompt) and _is_count(completion)):
         raise malformed(label, f"usage counts are not integers: {json.dumps(usage)[:80]}")
-    return Usage(prompt, completion)
+    details = usage.get("prompt_tokens_details")
+    cached = details.get("cached_tokens") if isinstance(details, dict) else None
+    return Usage(prompt, completion, cached if isinstance(cached, int) and _is_count(cached)
+                 else 0)
 
 
 def error_of(chunk: Mapping[str, Any], label: str) -> RemoteError | None:

@@ -22,7 +22,7 @@ from .errors import ToolError
 from .filetools import OpenDocument
 from .sandbox import Workspace
 from .service import ToolOutcome
-from .tools import BUILTIN_TOOLS, cap_output, run_tool, validate_arguments
+from .tools import cap_output, run_tool, validate_arguments
 
 # Runs one of the editor's tools: (name, call id, arguments) -> outcome.
 ClientRunner = Callable[[str, str, dict[str, Any]], Awaitable[ToolOutcome]]
@@ -38,7 +38,8 @@ class ToolBox:
                  timeout_s: float, output_chars: int,
                  open_document: OpenDocument | None = None) -> None:
         self._builtin = {t.name: t for t in builtin}
-        self._client = {t.name: t for t in client if t.name not in BUILTIN_TOOLS}
+        # A built-in tool offered takes its name; one not offered leaves it to the editor's.
+        self._client = {t.name: t for t in client if t.name not in self._builtin}
         self._workspace = workspace
         self._run_client = run_client
         self._apply_edit = apply_edit

@@ -30,17 +30,22 @@ async def complete_at(ls: TramontaneServer, uri: str, position: types.Position) 
     ready = ls.backend is not None and ls.backend.status.state == "ready"
     if ready:
         ls.status("busy", f"Completing in {uri.rsplit('/', 1)[-1]}")
+    failure: str | None = None
     try:
         outcome = await ls.completions.complete(document, cursor, ls.settings.completion)
     except asyncio.CancelledError:
         ls.status("ready", "Completion cancelled", reason=CANCELLED)
         raise
     except (BackendError, engine.EngineError) as e:
-        # e.g. a tokenizer without FIM: say so once per request in the client's log
+        # e.g. a tokenizer without FIM, a remote server's HTTP error: say so once per request
+        # in the client's log, and in the status
         log.error("completion failed: %s", e)
         ls.log_to_client(types.MessageType.Error, f"Tramontane: {e}")
         outcome = Outcome("", ERROR)
-    if not ready:
+        failure = str(e)
+    if failure is not None and ready:
+        ls.status("error", failure, reason=ERROR)
+    elif not ready:
         # Loading, or no model: the reply is empty, and the status says why.
         ls.backend_status(reason=outcome.reason)
     elif outcome.typed_through:

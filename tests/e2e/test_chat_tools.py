@@ -220,6 +220,36 @@ def test_a_client_tool_runs_in_the_editor(workspace: Path) -> None:
         server.close()
 
 
+@pytest.mark.parametrize("offered", [["list_files"], True])
+def test_a_client_tool_may_take_the_name_of_a_built_in_not_offered(
+        workspace: Path, offered: list[str] | bool) -> None:
+    """The editor's read_file (e.g. one reading unsaved buffers) runs when the built-in one is
+    not offered; when it is, the built-in runs and the editor is not asked."""
+    server = start(workspace, [
+        {"calls": [{"name": "read_file", "arguments": {"path": "src/add.py"}}]}, ANSWER])
+    asked: list[dict[str, Any]] = []
+
+    def run_tool(params: dict[str, Any]) -> dict[str, Any]:
+        asked.append(params)
+        return {"content": "from the editor's buffer"}
+
+    try:
+        ask(server, "shadow", {"tramontane/runTool": run_tool}, tools=offered, clientTools=[
+            {"name": "read_file", "description": "Read a buffer of the editor",
+             "parameters": {"type": "object", "properties": {"path": {"type": "string"}},
+                            "required": ["path"]}}])
+        [result] = tool_results(server)
+        if offered is True:
+            assert asked == []
+            assert result["isError"] is False and "def add" in result["content"]
+        else:
+            assert [a["name"] for a in asked] == ["read_file"]
+            assert result == {"id": asked[0]["id"], "isError": False,
+                              "content": "from the editor's buffer"}
+    finally:
+        server.close()
+
+
 @pytest.mark.parametrize("accept", [True, False])
 def test_propose_edit_asks_the_editor_and_writes_nothing(workspace: Path, accept: bool) -> None:
     edit = {"path": "src/add.py", "edits": [{"range": {

@@ -18,7 +18,7 @@ import pytest
 from .vllm import VllmServer, ensure_installed, start
 
 # ~18 M parameters: head_dim 64 (the CPU attention kernels' sizes), float32 weights.
-VLLM_TINY_SHAPE = {"dim": 256, "n_heads": 4, "n_kv_heads": 2, "hidden_dim": 512}
+VLLM_TINY_SHAPE: dict[str, Any] = {"dim": 256, "n_heads": 4, "n_kv_heads": 2, "hidden_dim": 512}
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -15,16 +15,27 @@ free: tests put a unique id there and find their request in the log):
     /stall-mid     headers and one event, then silence
     /endless       a valid event every 50 ms (?interval=S), forever
     /keepalive     headers, then an SSE comment every 50 ms, forever (no event)
-    /garbage       random bytes in 1 KiB lines, forever
+    /garbage       random bytes in 1 KiB lines, forever, ~6 MB/s (under the client's 64 MiB
+                   stream cap within a time budget: test_http checks the cap)
     /huge-line     `data: ` and then 100 MB without a line break
     /broken-sse    an event whose data is not JSON
     /not-object    an event whose data is a JSON array
     /no-done       one event, then the connection closes without [DONE]
     /html          200 with an HTML page
     /gzip          200 event stream with Content-Encoding: gzip
+    /tool-call     a chat stream recorded from vLLM 0.32 (fixtures/vllm_tool_call.sse): a forced
+                   `read_file` call, arguments with vLLM's stray leading ':'; the next request
+                   with the same `id=` gets /ok's answer (the tool result was read)
     GET /_log      JSON: every request seen so far (target, method, arrival time,
                    Authorization, body) and, per target, when the client disconnected
                    (times: the server's monotonic clock, and `now`)
+
+As a backend's `url`: the API path a client appends (`/completions`, `/chat/completions`,
+`/fim/completions`, `/models`) is taken off before the route is chosen, and path segments
+`key=value` are read as the query (a base URL cannot carry a query):
+`http://127.0.0.1:N/status/429/retry_after=7` + `/completions` is `/status/429?retry_after=7`.
+`/ok` then answers in the API's shape (`choices[].text` for completions, `choices[].delta` for
+chat and Mistral's FIM), and `GET .../models` lists one model, "tiny".
 
 "Forever" ends when the client goes away (or with the server's lifetime).
 """
@@ -40,10 +51,31 @@ import os
 import ssl
 import sys
 import time
+from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 CHUNKS = ["def", " add", "(a, b)"]
+API_PATHS = ("/chat/completions", "/fim/completions", "/completions", "/models")
+RECORDED = Path(__file__).resolve().parent / "fixtures" / "vllm_tool_call.sse"
+
+
+def split_api_path(target: str) -> tuple[str, dict[str, str], str | None]:
+    """(route path, query, API path or None): see the module's docstring."""
+    url = urlsplit(target)
+    query = {k: v[0] for k, v in parse_qs(url.query).items()}
+    path = url.path
+    api = next((a for a in API_PATHS if path.endswith(a)), None)
+    if api is None:
+        return path, query, None
+    segments = []
+    for segment in path[:-len(api)].split("/"):
+        key, equals, value = segment.partition("=")
+        if equals:
+            query[key] = value
+        else:
+            segments.append(segment)
+    return "/".join(segments) or "/", query, api.lstrip("/")
 
 
 class Server:
@@ -93,9 +125,10 @@ class Server:
         self.disconnects.setdefault(target, time.monotonic())
 
     async def respond(self, method: str, target: str, writer: asyncio.StreamWriter) -> None:
-        url = urlsplit(target)
-        query = {k: v[0] for k, v in parse_qs(url.query).items()}
-        path = url.path
+        path, query, api = split_api_path(target)
+        if method == "GET" and api == "models":
+            return send(writer, 200, "application/json",
+                        json.dumps({"object": "list", "data": [{"id": "tiny"}]}).encode())
         if method == "GET" and path == "/_log":
             body = json.dumps({"requests": self.requests, "disconnects": self.disconnects,
                                "now": time.monotonic()})
@@ -124,11 +157,19 @@ class Server:
                 return send(writer, int(query.get("code", "503")), "application/json",
                             error_body("overloaded"), extra)
             path = "/ok"
+        if path == "/tool-call":
+            seen = self.flaky[target] = self.flaky.get(target, 0) + 1
+            if seen == 1:
+                start_stream(writer)
+                write_chunk(writer, RECORDED.read_bytes())
+                return end_stream(writer)
+            path = "/ok"
         if path == "/ok":
             start_stream(writer)
+            chunk = completion_chunk if api in (None, "completions") else delta_chunk
             for text in CHUNKS:
-                write_event(writer, completion_chunk(text))
-            write_event(writer, completion_chunk("", finish="stop"))
+                write_event(writer, chunk(text))
+            write_event(writer, chunk("", finish="stop"))
             write_event(writer, {"choices": [], "usage": {"prompt_tokens": 5,
                                                           "completion_tokens": 3,
                                                           "total_tokens": 8}})
@@ -160,6 +201,7 @@ class Server:
                 write_chunk(writer, b"\n".join(block[i:i + 1023]
                                                for i in range(0, len(block), 1023)))
                 await writer.drain()
+                await asyncio.sleep(0.01)
         if path == "/huge-line":
             start_stream(writer)
             write_chunk(writer, b"data: ")
@@ -199,6 +241,11 @@ def error_body(message: str) -> bytes:
 def completion_chunk(text: str, finish: str | None = None) -> dict[str, Any]:
     return {"id": "cmpl-1", "object": "text_completion", "model": "tiny",
             "choices": [{"index": 0, "text": text, "finish_reason": finish}], "usage": None}
+
+
+def delta_chunk(text: str, finish: str | None = None) -> dict[str, Any]:
+    return {"id": "chatcmpl-1", "object": "chat.completion.chunk", "model": "tiny",
+            "choices": [{"index": 0, "delta": {"content": text}, "finish_reason": finish}]}
 
 
 REASONS = {200: "OK", 401: "Unauthorized", 403: "Forbidden", 404: "Not Found",

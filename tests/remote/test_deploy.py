@@ -56,7 +56,7 @@ def test_compose_serves_a_mistral_model_with_tools_and_a_health_check() -> None:
     command = [with_defaults(a) for a in vllm["command"]]
     for flag in ("--tokenizer-mode=mistral", "--load-format=mistral", "--config-format=mistral",
                  "--enable-auto-tool-choice", "--tool-call-parser=mistral",
-                 "--tensor-parallel-size=1"):
+                 "--tensor-parallel-size=1", "--enable-prompt-tokens-details"):
         assert flag in command
     assert vllm["healthcheck"]["test"] == ["CMD", "curl", "-fsS",
                                            "http://127.0.0.1:8000/health"]
@@ -75,10 +75,11 @@ def test_compose_command_is_accepted_by_vllms_own_parser() -> None:
         "a = make_arg_parser(FlexibleArgumentParser()).parse_args(json.loads(sys.argv[1]))\n"
         "print(json.dumps([a.model, a.served_model_name, a.tokenizer_mode, a.load_format,\n"
         "                  a.config_format, a.tensor_parallel_size, a.enable_auto_tool_choice,\n"
-        "                  a.tool_call_parser, a.max_model_len, a.host, a.port]))\n")
+        "                  a.tool_call_parser, a.max_model_len, a.host, a.port,\n"
+        "                  a.enable_prompt_tokens_details]))\n")
     result = subprocess.run([str(ensure_installed()), "-c", probe, json.dumps(command)],
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     assert json.loads(result.stdout.strip().splitlines()[-1]) == [
         "/models/codestral", ["codestral"], "mistral", "mistral", "mistral", 1, True, "mistral",
-        32768, "0.0.0.0", 8000]
+        32768, "0.0.0.0", 8000, True]

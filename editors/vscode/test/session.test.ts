@@ -243,7 +243,7 @@ describe('chat session against the real server', () => {
   test('a turn streams deltas that concatenate to the reply; Stop cancels; close is accepted', async () => {
     tiny = makeTiny();
     server = await Session.start({ model: tiny.dir, compile: false, completion: {}, cache: {},
-      chat: { maxTokens: 256 } });
+      chat: { maxTokens: 256 }, backend: {} });
     await server.waitForStatus((s) => s.state === 'ready');
     const connection = server.connection;
     session = new ChatSession({
@@ -281,7 +281,7 @@ describe('chat session against the real server', () => {
       { calls: [{ name: 'propose_edit', arguments: { path: 'app.py', edits: [{
         range: { start: { line: 0, character: 4 }, end: { line: 0, character: 5 } }, newText: '2' }] } }] },
       { text: 'Done.' }]));
-    const scripted = await Session.start({ compile: false, completion: {}, cache: {}, chat: {} },
+    const scripted = await Session.start({ compile: false, completion: {}, cache: {}, chat: {}, backend: {} },
       { env: { FAKE_CHAT_FILE: script }, rootUri: pathToFileURL(folder).href });
     try {
       await scripted.waitForStatus((s) => s.state === 'ready');

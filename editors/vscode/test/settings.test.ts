@@ -54,6 +54,15 @@ describe('settings', () => {
         deniedPaths: [],
         maxImageMiB: 20,
       },
+      backend: {
+        kind: 'local',
+        url: 'http://127.0.0.1:8000/v1',
+        model: null,
+        tokenizer: null,
+        apiKeyEnv: null,
+        maxRequestsPerSecond: null,
+        caBundle: null,
+      },
     });
   });
 
@@ -105,6 +114,7 @@ describe('settings', () => {
     assert.equal(concernsServer(changed(['tramontane.completion.maxTokens'])), true);
     assert.equal(concernsServer(changed(['tramontane.cache.budgetMiB'])), true);
     assert.equal(concernsServer(changed(['tramontane.chat.maxImageMiB'])), true);
+    assert.equal(concernsServer(changed(['tramontane.backend.url'])), true);
     assert.equal(concernsServer(changed(['tramontane.enable'])), false);
   });
 

@@ -9,8 +9,8 @@
 
 export const SECTION = 'tramontane';
 
-/** The server's nested settings, by section: `completion.*`, `cache.*` and `chat.*` on both
- * sides. */
+/** The server's nested settings, by section: `completion.*`, `cache.*`, `chat.*` and
+ * `backend.*` on both sides. */
 export const SECTIONS = {
   completion: [
     'maxTokens',
@@ -32,6 +32,7 @@ export const SECTIONS = {
     'deniedPaths',
     'maxImageMiB',
   ],
+  backend: ['kind', 'url', 'model', 'tokenizer', 'apiKeyEnv', 'maxRequestsPerSecond', 'caBundle'],
 } as const satisfies Record<string, readonly string[]>;
 
 export type Section = keyof typeof SECTIONS;
@@ -64,6 +65,7 @@ export interface InitializationOptions {
   completion: Record<string, unknown>;
   cache: Record<string, unknown>;
   chat: Record<string, unknown>;
+  backend: Record<string, unknown>;
 }
 
 export interface ServerCommand {
@@ -91,7 +93,7 @@ export function modelPath(value: unknown, home: string): unknown {
 
 /** The server's settings tree, sent as `initializationOptions` and on every change. */
 export function initializationOptions(get: SettingsGetter, home: string): InitializationOptions {
-  const options: InitializationOptions = { completion: {}, cache: {}, chat: {} };
+  const options: InitializationOptions = { completion: {}, cache: {}, chat: {}, backend: {} };
   for (const key of SERVER_KEYS) {
     const value = get(key);
     if (value !== undefined) {

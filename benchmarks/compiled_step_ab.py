@@ -1,0 +1,87 @@
+"""The compiled one-token decode step of this checkout against another's, alternately.
+
+Each sample is a fresh process of one checkout (`PYTHONPATH=<checkout>`): it loads the model,
+builds the compiled step as the server does (batch 1, 2304 positions, rewind 16), prefills
+1500 random tokens and times 3 x 40 steps after 10 warm-up steps. Samples alternate between
+the two checkouts (`--pairs` times), so a change in the machine's load falls on both; the
+medians and their ratio are printed. Works with checkouts from before the engine's layout
+changed (`engine/fast_decode.py`) and after (`engine/runtime/compiled.py`).
+
+    .venv/bin/python benchmarks/compiled_step_ab.py --model-dir /tmp/bench-model \\
+        --baseline /tmp/before [--dtype float32] [--pairs 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+SAMPLE = r"""
+import json, sys, time, torch
+from pathlib import Path
+import engine
+checkout = Path(sys.argv[3])
+if (checkout / "engine" / "fast_decode.py").exists():
+    from engine.fast_decode import FastDecoder
+else:
+    from engine.runtime.compiled import FastDecoder
+assert Path(engine.__file__).resolve().is_relative_to(checkout.resolve()), engine.__file__
+model = engine.load(sys.argv[1], dtype=getattr(torch, sys.argv[2]))
+decoder = FastDecoder(model, 1, 2304, 16)
+torch.manual_seed(0)
+with torch.inference_mode():
+    model.forward(torch.randint(100, 30000, (1, 1500)), torch.arange(1500)[None], decoder.cache)
+token = torch.tensor([5])
+for p in range(1500, 1510):
+    decoder.step(token, torch.tensor([p]))
+times = []
+for rep in range(3):
+    start = time.perf_counter()
+    for p in range(1510 + rep * 40, 1550 + rep * 40):
+        decoder.step(token, torch.tensor([p]))
+    times.append((time.perf_counter() - start) / 40 * 1000)
+print(json.dumps(times))
+"""
+
+
+def sample(checkout: Path, model: Path, dtype: str) -> list[float]:
+    # From the checkout itself: `-c` puts the working directory first on sys.path.
+    env = {**os.environ, "PYTHONPATH": str(checkout)}
+    done = subprocess.run([sys.executable, "-c", SAMPLE, str(model), dtype, str(checkout)],
+                          env=env, cwd=checkout, capture_output=True, text=True, timeout=600,
+                          check=True)
+    return list(json.loads(done.stdout.splitlines()[-1]))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model-dir", required=True, type=Path,
+                        help="a dense checkpoint (e.g. decode.py's bench model, native layout)")
+    parser.add_argument("--baseline", required=True, type=Path, help="the other checkout")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    parser.add_argument("--pairs", type=int, default=3)
+    args = parser.parse_args()
+    sides = {"baseline": args.baseline, "current": ROOT}
+    results: dict[str, list[float]] = {name: [] for name in sides}
+    for pair in range(args.pairs):
+        order = list(sides) if pair % 2 == 0 else list(reversed(sides))
+        for name in order:
+            ms = sample(sides[name], args.model_dir, args.dtype)
+            results[name] += ms
+            print(f"pair {pair + 1}, {name}: " + ", ".join(f"{m:.1f}" for m in ms) + " ms/step",
+                  flush=True)
+    base, cur = (statistics.median(results[n]) for n in ("baseline", "current"))
+    print(f"\ncompiled decode step at ~1.5k positions, {args.dtype}, median of "
+          f"{len(results['current'])} samples: baseline {base:.1f} ms, current {cur:.1f} ms, "
+          f"ratio {cur / base:.2f}")
+
+
+if __name__ == "__main__":
+    main()
