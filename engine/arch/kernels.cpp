@@ -21,21 +21,14 @@
 #include <cstring>
 #include <vector>
 
-#if defined(__x86_64__) || defined(_M_X64)
-#include <immintrin.h>
-#define TRAMONTANE_X86 1
-#endif
+#include "simd.h"
 
 namespace {
 
+using namespace tramontane;
+
 constexpr int64_t kGrain = 16;  // rows per task, at least
 
-inline float bf16_to_float(uint16_t v) {
-  uint32_t bits = static_cast<uint32_t>(v) << 16;
-  float out;
-  std::memcpy(&out, &bits, sizeof(out));
-  return out;
-}
 
 // ------------------------------------------------------------------------------------------
 // Portable loops
@@ -58,9 +51,6 @@ void int8_rows(const int8_t* w, const float* scale, const float* x, float* y, in
     y[r] = acc * scale[r];
   }
 }
-
-inline float to_float(float v) { return v; }
-inline float to_float(uint16_t v) { return bf16_to_float(v); }
 
 // xe/xo: the even and odd inputs; gsum: the sum of the inputs of each group. Scales and zeros
 // are float32 or bfloat16 (S = uint16_t): a float32 pair per group of 32 would add 0.25 byte
@@ -89,18 +79,6 @@ void int4_rows(const uint8_t* w, const S* scale, const S* zero, const float* xe,
 // AVX2 + FMA
 
 #ifdef TRAMONTANE_X86
-
-__attribute__((target("avx2,fma"))) inline float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
-
-__attribute__((target("avx2,fma"))) inline __m256 load_bf16(const uint16_t* p) {
-  __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(v), 16));
-}
 
 __attribute__((target("avx2,fma"))) void bf16_rows_avx2(const uint16_t* w, const float* x,
                                                        float* y, int64_t k, int64_t r0,
@@ -172,13 +150,6 @@ __attribute__((target("avx2,fma"))) inline __m256 group_dot(const uint8_t* bytes
 // Groups of 32 inputs: 16 bytes, their low nibbles the even inputs, their high ones the odd
 // (xe16/xo16: the even and odd inputs as int16). Per group: 8 int32 lanes of at most 4
 // products of |15 * 32767|, to float, times the group's scale.
-__attribute__((target("avx2,fma"))) inline __m256 load8(const float* p) {
-  return _mm256_loadu_ps(p);
-}
-__attribute__((target("avx2,fma"))) inline __m256 load8(const uint16_t* p) {
-  return load_bf16(p);
-}
-
 template <typename S>
 __attribute__((target("avx2,fma"))) void int4_rows_avx2(const uint8_t* w, const S* scale,
                                                        const S* zero, const int16_t* xe16,
@@ -220,15 +191,6 @@ __attribute__((target("avx2,fma"))) void int4_rows_avx2(const uint8_t* w, const 
   }
 }
 
-bool has_avx2() {
-  static const bool yes = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return yes;
-}
-
-#else
-
-bool has_avx2() { return false; }
-
 #endif
 
 // ------------------------------------------------------------------------------------------
@@ -260,43 +222,92 @@ void check_weight(const at::Tensor& w, at::ScalarType dtype, const char* what) {
               w.scalar_type(), " ", w.sizes());
 }
 
-at::Tensor gemv_bf16(const at::Tensor& x, const at::Tensor& w) {
-  check_weight(w, at::kBFloat16, "gemv_bf16");
-  const int64_t n = w.size(0), k = w.size(1);
+// Several matrices of the same input row (a layer's query, key and value projections; the
+// gate and up projections of a feed-forward) in one call: their rows are one range shared
+// among the threads, so the call pays one fork and join, and the input row is converted (and
+// for int8 and int4 quantized) once. fn(i, r0, r1) runs rows r0..r1 of matrix i.
+template <typename F>
+void for_rows(const std::vector<int64_t>& rows, const F& fn) {
+  std::vector<int64_t> start(rows.size() + 1, 0);
+  for (size_t i = 0; i < rows.size(); ++i) start[i + 1] = start[i] + rows[i];
+  at::parallel_for(0, start.back(), kGrain, [&](int64_t r0, int64_t r1) {
+    for (size_t i = 0; i < rows.size(); ++i) {
+      const int64_t a = std::max(r0, start[i]), b = std::min(r1, start[i + 1]);
+      if (a < b) fn(i, a - start[i], b - start[i]);
+    }
+  });
+}
+
+std::vector<at::Tensor> outputs(const at::Tensor& x, const std::vector<int64_t>& rows) {
+  std::vector<at::Tensor> ys;
+  for (int64_t n : rows) ys.push_back(at::empty({n}, x.options().dtype(at::kFloat)));
+  return ys;
+}
+
+std::vector<at::Tensor> in_dtype(std::vector<at::Tensor> ys, const at::Tensor& x) {
+  for (at::Tensor& y : ys) y = y.to(x.scalar_type());
+  return ys;
+}
+
+int64_t common_inputs(at::TensorList ws, int64_t per_column, const char* what) {
+  TORCH_CHECK(!ws.empty(), what, ": no weights");
+  const int64_t k = ws[0].size(1) * per_column;
+  for (const at::Tensor& w : ws) {
+    TORCH_CHECK(w.dim() == 2 && w.size(1) * per_column == k, what,
+                ": the weights take different numbers of inputs");
+  }
+  return k;
+}
+
+std::vector<at::Tensor> gemv_bf16_many(const at::Tensor& x, at::TensorList ws) {
+  const int64_t k = common_inputs(ws, 1, "gemv_bf16");
+  std::vector<int64_t> rows;
+  for (const at::Tensor& w : ws) {
+    check_weight(w, at::kBFloat16, "gemv_bf16");
+    rows.push_back(w.size(0));
+  }
   std::vector<float> xf = float_row(x, k);
-  at::Tensor y = at::empty({n}, x.options().dtype(at::kFloat));
-  const uint16_t* wp = reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>());
-  float* yp = y.data_ptr<float>();
+  std::vector<at::Tensor> ys = outputs(x, rows);
   const bool avx2 = has_avx2();
-  at::parallel_for(0, n, kGrain, [&](int64_t r0, int64_t r1) {
+  for_rows(rows, [&](size_t i, int64_t r0, int64_t r1) {
+    const uint16_t* wp = reinterpret_cast<const uint16_t*>(ws[i].data_ptr<at::BFloat16>());
+    float* yp = ys[i].data_ptr<float>();
 #ifdef TRAMONTANE_X86
     if (avx2) return bf16_rows_avx2(wp, xf.data(), yp, k, r0, r1);
 #endif
     bf16_rows(wp, xf.data(), yp, k, r0, r1);
   });
-  return y.to(x.scalar_type());
+  return in_dtype(std::move(ys), x);
 }
 
-at::Tensor gemv_int8(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scale) {
-  check_weight(q, at::kChar, "gemv_int8");
-  const int64_t n = q.size(0), k = q.size(1);
-  TORCH_CHECK(scale.numel() == n && scale.scalar_type() == at::kFloat && scale.is_contiguous(),
-              "gemv_int8: expected ", n, " float32 scales");
+std::vector<at::Tensor> gemv_int8_many(const at::Tensor& x, at::TensorList qs,
+                                       at::TensorList scales) {
+  const int64_t k = common_inputs(qs, 1, "gemv_int8");
+  TORCH_CHECK(scales.size() == qs.size(), "gemv_int8: one scale tensor per weight");
+  std::vector<int64_t> rows;
+  for (size_t i = 0; i < qs.size(); ++i) {
+    check_weight(qs[i], at::kChar, "gemv_int8");
+    const int64_t n = qs[i].size(0);
+    TORCH_CHECK(scales[i].numel() == n && scales[i].scalar_type() == at::kFloat &&
+                    scales[i].is_contiguous(),
+                "gemv_int8: expected ", n, " float32 scales");
+    rows.push_back(n);
+  }
   std::vector<float> xf = float_row(x, k);
-  at::Tensor y = at::empty({n}, x.options().dtype(at::kFloat));
-  const int8_t* qp = q.data_ptr<int8_t>();
-  const float* sp = scale.data_ptr<float>();
-  float* yp = y.data_ptr<float>();
+  std::vector<at::Tensor> ys = outputs(x, rows);
   const bool avx2 = has_avx2();
   float xscale = 0.f;
   std::vector<int16_t> x16 = avx2 ? quantize_row(xf, &xscale) : std::vector<int16_t>();
-  at::parallel_for(0, n, kGrain, [&](int64_t r0, int64_t r1) {
+  for_rows(rows, [&](size_t i, int64_t r0, int64_t r1) {
+    const int8_t* qp = qs[i].data_ptr<int8_t>();
+    const float* sp = scales[i].data_ptr<float>();
+    float* yp = ys[i].data_ptr<float>();
 #ifdef TRAMONTANE_X86
     if (avx2) return int8_rows_avx2(qp, sp, x16.data(), xscale, yp, k, r0, r1);
 #endif
     int8_rows(qp, sp, xf.data(), yp, k, r0, r1);
   });
-  return y.to(x.scalar_type());
+  return in_dtype(std::move(ys), x);
 }
 
 void check_int4(const at::Tensor& q, const at::Tensor& scale, const at::Tensor& zero,
@@ -313,10 +324,19 @@ void check_int4(const at::Tensor& q, const at::Tensor& scale, const at::Tensor& 
   }
 }
 
-at::Tensor gemv_int4(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scale,
-                     const at::Tensor& zero, int64_t group) {
-  check_int4(q, scale, zero, group);
-  const int64_t n = q.size(0), k = q.size(1) * 2;
+std::vector<at::Tensor> gemv_int4_many(const at::Tensor& x, at::TensorList qs,
+                                       at::TensorList scales, at::TensorList zeros,
+                                       int64_t group) {
+  const int64_t k = common_inputs(qs, 2, "gemv_int4");
+  TORCH_CHECK(scales.size() == qs.size() && zeros.size() == qs.size(),
+              "gemv_int4: one scale and one zero tensor per weight");
+  std::vector<int64_t> rows;
+  for (size_t i = 0; i < qs.size(); ++i) {
+    check_int4(qs[i], scales[i], zeros[i], group);
+    TORCH_CHECK(scales[i].scalar_type() == scales[0].scalar_type(),
+                "gemv_int4: the scales of all weights must have one dtype");
+    rows.push_back(qs[i].size(0));
+  }
   std::vector<float> xf = float_row(x, k);
   std::vector<float> xe(k / 2), xo(k / 2), gsum(k / group, 0.f);
   for (int64_t j = 0; j < k / 2; ++j) {
@@ -324,9 +344,7 @@ at::Tensor gemv_int4(const at::Tensor& x, const at::Tensor& q, const at::Tensor&
     xo[j] = xf[2 * j + 1];
   }
   for (int64_t i = 0; i < k; ++i) gsum[i / group] += xf[i];
-  at::Tensor y = at::empty({n}, x.options().dtype(at::kFloat));
-  const uint8_t* qp = q.data_ptr<uint8_t>();
-  float* yp = y.data_ptr<float>();
+  std::vector<at::Tensor> ys = outputs(x, rows);
   const bool avx2 = has_avx2() && group == 32;
   float xscale = 0.f;
   std::vector<int16_t> xe16, xo16;
@@ -339,24 +357,38 @@ at::Tensor gemv_int4(const at::Tensor& x, const at::Tensor& q, const at::Tensor&
       xo16[j] = x16[2 * j + 1];
     }
   }
-  auto run = [&](const auto* sp, const auto* zp) {
-    at::parallel_for(0, n, kGrain, [&](int64_t r0, int64_t r1) {
+  auto run = [&](const uint8_t* qp, const auto* sp, const auto* zp, float* yp, int64_t r0,
+                 int64_t r1) {
 #ifdef TRAMONTANE_X86
-      if (avx2) {
-        return int4_rows_avx2(qp, sp, zp, xe16.data(), xo16.data(), xscale, gsum.data(), yp, k,
-                              r0, r1);
-      }
+    if (avx2) {
+      return int4_rows_avx2(qp, sp, zp, xe16.data(), xo16.data(), xscale, gsum.data(), yp, k,
+                            r0, r1);
+    }
 #endif
-      int4_rows(qp, sp, zp, xe.data(), xo.data(), gsum.data(), yp, k, group, r0, r1);
-    });
+    int4_rows(qp, sp, zp, xe.data(), xo.data(), gsum.data(), yp, k, group, r0, r1);
   };
-  if (scale.scalar_type() == at::kFloat) {
-    run(scale.data_ptr<float>(), zero.data_ptr<float>());
-  } else {
-    run(reinterpret_cast<const uint16_t*>(scale.data_ptr<at::BFloat16>()),
-        reinterpret_cast<const uint16_t*>(zero.data_ptr<at::BFloat16>()));
-  }
-  return y.to(x.scalar_type());
+  const bool f32 = scales[0].scalar_type() == at::kFloat;
+  for_rows(rows, [&](size_t i, int64_t r0, int64_t r1) {
+    const uint8_t* qp = qs[i].data_ptr<uint8_t>();
+    float* yp = ys[i].data_ptr<float>();
+    if (f32) return run(qp, scales[i].data_ptr<float>(), zeros[i].data_ptr<float>(), yp, r0, r1);
+    run(qp, reinterpret_cast<const uint16_t*>(scales[i].data_ptr<at::BFloat16>()),
+        reinterpret_cast<const uint16_t*>(zeros[i].data_ptr<at::BFloat16>()), yp, r0, r1);
+  });
+  return in_dtype(std::move(ys), x);
+}
+
+at::Tensor gemv_bf16(const at::Tensor& x, const at::Tensor& w) {
+  return gemv_bf16_many(x, {w})[0];
+}
+
+at::Tensor gemv_int8(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scale) {
+  return gemv_int8_many(x, {q}, {scale})[0];
+}
+
+at::Tensor gemv_int4(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scale,
+                     const at::Tensor& zero, int64_t group) {
+  return gemv_int4_many(x, {q}, {scale}, {zero}, group)[0];
 }
 
 at::Tensor dequantize_int4(const at::Tensor& q, const at::Tensor& scale, const at::Tensor& zero,
@@ -397,6 +429,10 @@ TORCH_LIBRARY(tramontane, m) {
   m.def("gemv_bf16(Tensor x, Tensor w) -> Tensor");
   m.def("gemv_int8(Tensor x, Tensor q, Tensor scale) -> Tensor");
   m.def("gemv_int4(Tensor x, Tensor q, Tensor scale, Tensor zero, int group) -> Tensor");
+  m.def("gemv_bf16_many(Tensor x, Tensor[] ws) -> Tensor[]");
+  m.def("gemv_int8_many(Tensor x, Tensor[] qs, Tensor[] scales) -> Tensor[]");
+  m.def("gemv_int4_many(Tensor x, Tensor[] qs, Tensor[] scales, Tensor[] zeros, int group) "
+        "-> Tensor[]");
   m.def("dequantize_int4(Tensor q, Tensor scale, Tensor zero, int group) -> Tensor");
 }
 
@@ -404,5 +440,8 @@ TORCH_LIBRARY_IMPL(tramontane, CPU, m) {
   m.impl("gemv_bf16", &gemv_bf16);
   m.impl("gemv_int8", &gemv_int8);
   m.impl("gemv_int4", &gemv_int4);
+  m.impl("gemv_bf16_many", &gemv_bf16_many);
+  m.impl("gemv_int8_many", &gemv_int8_many);
+  m.impl("gemv_int4_many", &gemv_int4_many);
   m.impl("dequantize_int4", &dequantize_int4);
 }

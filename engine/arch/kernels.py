@@ -1,5 +1,10 @@
-"""The C++ one-row kernels of `kernels.cpp` (`torch.ops.tramontane.*`): building, loading, and
-the pure-PyTorch path used where they are not built.
+"""The C++ kernels of the decode step (`torch.ops.tramontane.*`): building, loading, and the
+pure-PyTorch paths used where they are not built.
+
+- `kernels.cpp`: one-row products of bfloat16, int8 and int4 weights (`gemv_*`), and their
+  `_many` forms, several weights of the same input row in one call (`layers.linear_many`).
+- `decode_attention.cpp`: one new token per row written into the key/value cache, and its
+  grouped-query attention over the slots in use.
 
 Why a C++ extension: decoding one token streams every weight once, and on the AVX2 CPUs here
 neither inductor's loops nor PyTorch's kernels stream at the memory limit. Measured with one
@@ -12,12 +17,13 @@ bottleneck). These kernels: see the benchmark and README's Performance section.
 
 Built once at install (`make` runs `python -m engine.arch.kernels`; ~1 minute, needs a C++
 compiler and the `ninja` package), into torch's extension cache (`~/.cache/torch_extensions`).
-At run time the built library is loaded if it is there (torch rebuilds it if this source
+At run time the built library is loaded if it is there (torch rebuilds it if a source
 changed); if it is not, nothing is compiled behind the user's back: the fallbacks run, and one
 log line says how to build. `TRAMONTANE_KERNELS=0` forces the fallbacks (tests compare both).
 
 The ops have shapes registered for torch.compile (`register_fake`): the compiled decode step
-calls them as extern kernels, one call per linear layer.
+calls them as extern kernels (per layer: query, key and value in one call, the output
+projection, gate and up in one call, down; then the attention).
 """
 
 from __future__ import annotations
@@ -33,7 +39,9 @@ import torch
 log = logging.getLogger(__name__)
 
 NAME = "tramontane_kernels"
-SOURCE = Path(__file__).with_name("kernels.cpp")
+HERE = Path(__file__).parent
+# The one-row products, and the decode step's attention; `simd.h` is shared by both.
+SOURCES = (HERE / "kernels.cpp", HERE / "decode_attention.cpp")
 _state: dict[str, bool] = {}
 
 
@@ -47,8 +55,8 @@ def build(verbose: bool = False) -> None:
     """Compile (or load, when up to date) the library and register its ops."""
     from torch.utils.cpp_extension import load
 
-    load(name=NAME, sources=[str(SOURCE)], extra_cflags=["-O3"], is_python_module=False,
-         verbose=verbose)
+    load(name=NAME, sources=[str(p) for p in SOURCES], extra_cflags=["-O3"],
+         extra_include_paths=[str(HERE)], is_python_module=False, verbose=verbose)
     _register_fakes()
 
 
@@ -66,10 +74,29 @@ def _register_fakes() -> None:
           group: int) -> torch.Tensor:
         return x.new_empty(q.shape[0])
 
+    @torch.library.register_fake("tramontane::gemv_bf16_many")  # type: ignore[misc]
+    def _(x: torch.Tensor, ws: list[torch.Tensor]) -> list[torch.Tensor]:
+        return [x.new_empty(w.shape[0]) for w in ws]
+
+    @torch.library.register_fake("tramontane::gemv_int8_many")  # type: ignore[misc]
+    def _(x: torch.Tensor, qs: list[torch.Tensor],
+          scales: list[torch.Tensor]) -> list[torch.Tensor]:
+        return [x.new_empty(q.shape[0]) for q in qs]
+
+    @torch.library.register_fake("tramontane::gemv_int4_many")  # type: ignore[misc]
+    def _(x: torch.Tensor, qs: list[torch.Tensor], scales: list[torch.Tensor],
+          zeros: list[torch.Tensor], group: int) -> list[torch.Tensor]:
+        return [x.new_empty(q.shape[0]) for q in qs]
+
     @torch.library.register_fake("tramontane::dequantize_int4")  # type: ignore[misc]
     def _(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
           group: int) -> torch.Tensor:
         return q.new_empty(q.shape[0], q.shape[1] * 2, dtype=torch.float32)
+
+    @torch.library.register_fake("tramontane::decode_attention")  # type: ignore[misc]
+    def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keys: torch.Tensor,
+          values: torch.Tensor, slot: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+        return q.new_empty(q.shape, dtype=torch.float32)
 
 
 def available() -> bool:

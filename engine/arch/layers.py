@@ -55,7 +55,41 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return F.linear(x, weight)
 
 
-class Linear(nn.Linear):
+# How a layer's one-row product runs in the C++ kernels: the kernel's name and its operands
+# (`Linear.kernel_operands`; the quantized layers have their own).
+KernelOperands = tuple[str, tuple[torch.Tensor, ...]]
+MANY_KERNELS = {"bf16": "gemv_bf16_many", "int8": "gemv_int8_many", "int4": "gemv_int4_many"}
+
+
+def linear_many(x: torch.Tensor, modules: tuple[nn.Module, ...]) -> list[torch.Tensor]:
+    """`[m(x) for m in modules]`, in one kernel call when x is one row on the CPU and every
+    module runs the same C++ kernel (a layer's query, key and value projections; a
+    feed-forward's gate and up projections): one fork and join of the threads instead of one
+    per module (`kernels.cpp`, `for_rows`). Anything else, an adapter-wrapped layer among
+    them, runs each module's own forward."""
+    if x.numel() == x.shape[-1] and x.device.type == "cpu" and kernels.available():
+        plans = [m.kernel_operands() if isinstance(m, KernelLayer) else None for m in modules]
+        kind = plans[0][0] if plans[0] is not None else None
+        if kind is not None and all(p is not None and p[0] == kind for p in plans):
+            operands = [cast(KernelOperands, p)[1] for p in plans]
+            columns = [list(c) for c in zip(*operands, strict=True)]
+            name, _, group = kind.partition(":")
+            extra = [int(group)] if group else []  # int4's group size
+            ys = getattr(torch.ops.tramontane, MANY_KERNELS[name])(x, *columns, *extra)
+            return [y.view(*x.shape[:-1], -1) for y in ys]
+    return [m(x) for m in modules]
+
+
+class KernelLayer(nn.Module):
+    """A layer whose one-row product may run in a C++ kernel together with others
+    (`linear_many`)."""
+
+    def kernel_operands(self) -> KernelOperands | None:
+        """The kernel and operands of a one-row product on the CPU, or None (no kernel)."""
+        raise NotImplementedError
+
+
+class Linear(nn.Linear, KernelLayer):
     """A bias-free linear layer whose one-row product compiles to a weight-streaming loop
     (`linear`). Adapters (`lora.LoRALinear`) and quantized layers keep this interface: a
     module called on activations, so the compiled step needs no special case for them."""
@@ -67,6 +101,9 @@ class Linear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return linear(x, self.weight)
+
+    def kernel_operands(self) -> KernelOperands | None:
+        return ("bf16", (self.weight,)) if self.weight.dtype == torch.bfloat16 else None
 
 
 class RMSNorm(nn.Module):
@@ -135,7 +172,8 @@ class FeedForward(nn.Module):
         self.act = F.gelu if activation == "gelu" else F.silu
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(self.act(self.w1(x)) * self.w3(x))
+        gate, up = linear_many(x, (self.w1, self.w3))
+        return self.w2(self.act(gate) * up)
 
 
 class Attention(nn.Module):

@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import kernels
-from .layers import Linear, native_bf16_matmul
+from .layers import KernelLayer, KernelOperands, Linear, native_bf16_matmul
 
 QuantMode = Literal["int8", "int4"]
 QUANT_MODES: tuple[QuantMode, ...] = ("int8", "int4")
@@ -87,7 +87,7 @@ def _cpu_upcast(x: torch.Tensor) -> bool:
     return x.dtype == torch.float32 or not native_bf16_matmul()
 
 
-class Int8Linear(nn.Module):
+class Int8Linear(KernelLayer):
     """`y = x W^T` with `W = q * scale[:, None]`; `q` int8, one scale per output row.
 
     CPU: one row by the C++ kernel (`kernels.py`; else PyTorch's `_weight_int8pack_mm`); many
@@ -119,6 +119,9 @@ class Int8Linear(nn.Module):
             y = F.linear(rows.float(), self.q.float() * self.scale[:, None]).to(x.dtype)
         return cast(torch.Tensor, y).view(*x.shape[:-1], self.out_features)
 
+    def kernel_operands(self) -> KernelOperands | None:
+        return ("int8", (self.q, self.scale))
+
     def weight_bytes(self) -> int:
         return int(self.q.numel() + self.scale.numel() * self.scale.element_size())
 
@@ -126,7 +129,7 @@ class Int8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, int8"
 
 
-class Int4Linear(nn.Module):
+class Int4Linear(KernelLayer):
     """`y = x W^T` with `W = (q - 8) * scale + zero` per group of `group` inputs.
 
     CPU with the C++ kernels: the portable codes, scales and zeros in the model dtype; one row
@@ -178,6 +181,11 @@ class Int4Linear(nn.Module):
             y = F.linear(rows, q * self.scale.to(x.dtype).repeat_interleave(g, dim=1)
                          + self.zero.to(x.dtype).repeat_interleave(g, dim=1))
         return cast(torch.Tensor, y).view(*x.shape[:-1], self.out_features)
+
+    def kernel_operands(self) -> KernelOperands | None:
+        if self.aten:
+            return None
+        return (f"int4:{self.group}", (self.packed, self.scale, self.zero))
 
     def weight_bytes(self) -> int:
         extra = (self.scales_zeros if self.aten else self.scale)

@@ -51,13 +51,14 @@ import torch
 
 from ..arch import kernels
 from ..arch.cache import KVCache
-from ..arch.layers import FeedForward, apply_rotary, rotary_cos_sin
+from ..arch.layers import FeedForward, apply_rotary, linear_many, rotary_cos_sin
 from ..arch.transformer import Transformer, TransformerBlock
 from ..errors import EngineError
 
 # The two halves of a decoder layer, as compile regions: traced once, reused for every layer
-# (and by every decoder of the same shapes). The key/value writes happen between them, in the
-# outer graph: a region must not mutate its inputs. `shape` = (B, H, Hkv, hd).
+# (and by every decoder of the same shapes). The key/value writes and the attention happen
+# between them, in the outer graph: a region must not mutate its inputs, and what it reads is
+# copied into buffers of its own. `shape` = (B, H, Hkv, hd).
 
 
 @torch.compiler.nested_compile_region
@@ -66,25 +67,33 @@ def _qkv(block: TransformerBlock, h: torch.Tensor, cos: torch.Tensor, sin: torch
     bsz, n_heads, hkv, hd = shape
     attention = block.attention
     x = block.attention_norm(h)  # (B, dim)
-    q = apply_rotary(attention.wq(x).view(bsz, 1, n_heads, hd), cos, sin)
-    k = apply_rotary(attention.wk(x).view(bsz, 1, hkv, hd), cos, sin)
-    v = attention.wv(x)
+    q, k, v = linear_many(x, (attention.wq, attention.wk, attention.wv))
+    q = apply_rotary(q.view(bsz, 1, n_heads, hd), cos, sin)
+    k = apply_rotary(k.view(bsz, 1, hkv, hd), cos, sin)
     return (q.view(bsz, hkv, n_heads // hkv, hd), k.view(bsz, hkv, hd),
             v.view(bsz, hkv, hd))  # q: (B, Hkv, G, hd)
 
 
-@torch.compiler.nested_compile_region
-def _attend_and_feed_forward(block: TransformerBlock, h: torch.Tensor, q: torch.Tensor,
-                             keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
-                             shape: tuple[int, int, int, int]) -> torch.Tensor:
-    bsz, n_heads, _, hd = shape
+def _attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+            mask: torch.Tensor) -> torch.Tensor:
+    """Attention of q `(B, Hkv, G, hd)` over the cache's first S slots, float32 `(B, Hkv, G,
+    hd)`, where the C++ kernels are not built (`tramontane::decode_attention` writes the cache
+    and attends in one call otherwise). In the outer graph, not in a region: a region's inputs
+    are fresh buffers, so the cache, written just before, would be copied into one for every
+    layer."""
     # Query heads h*G .. h*G+G-1 share kv head h (SDPA's enable_gqa). Scores and softmax in
     # float32 as SDPA's CPU kernel accumulates them; broadcast-and-sum, so inductor reads the
-    # bfloat16 cache once, converting as it goes.
+    # bfloat16 cache converting as it goes.
     qg = q[:, :, :, None, :].float()  # (B, Hkv, G, 1, hd)
-    scores = (qg * keys[:, :, None].float()).sum(-1) / math.sqrt(hd)  # (B, Hkv, G, S)
+    scores = (qg * keys[:, :, None].float()).sum(-1) / math.sqrt(q.shape[-1])  # (B, Hkv, G, S)
     probs = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1)
-    out = (probs[..., None] * values[:, :, None].float()).sum(-2)  # (B, Hkv, G, hd)
+    return (probs[..., None] * values[:, :, None].float()).sum(-2)  # (B, Hkv, G, hd)
+
+
+@torch.compiler.nested_compile_region
+def _output_and_feed_forward(block: TransformerBlock, h: torch.Tensor, out: torch.Tensor,
+                             shape: tuple[int, int, int, int]) -> torch.Tensor:
+    bsz, n_heads, _, hd = shape
     h = h + block.attention.wo(out.to(h.dtype).reshape(bsz, n_heads * hd))
     return h + block.feed_forward(block.ffn_norm(h))
 
@@ -140,15 +149,22 @@ class _DecodeStep(torch.nn.Module):
         cos, sin = rotary_cos_sin(positions[:, None], self.head_dim, self.rope_theta,
                                   model.tok_embeddings.weight.dtype)  # (B, 1, 1, hd)
         keep = valid[:, None, None]
+        native = tokens.device.type == "cpu" and kernels.available()
+        write_slots = [torch.where(valid, slot, -1) for slot in slots]  # -1: no write
 
         h = model.tok_embeddings(tokens)  # (B, dim)
         for i, layer in enumerate(model.layers):
             block = cast(TransformerBlock, layer)
             g = self.layer_group[i]
             q, k, v = _qkv(block, h, cos, sin, self.shape)
-            keys[i][rows, :, slots[g]] = torch.where(keep, k, keys[i][rows, :, 0])
-            values[i][rows, :, slots[g]] = torch.where(keep, v, values[i][rows, :, 0])
-            h = _attend_and_feed_forward(block, h, q, keys[i], values[i], masks[g], self.shape)
+            if native:  # the op writes the new key and value, then attends
+                out = torch.ops.tramontane.decode_attention(q, k, v, keys[i], values[i],
+                                                            write_slots[g], masks[g])
+            else:
+                keys[i][rows, :, slots[g]] = torch.where(keep, k, keys[i][rows, :, 0])
+                values[i][rows, :, slots[g]] = torch.where(keep, v, values[i][rows, :, 0])
+                out = _attend(q, keys[i], values[i], masks[g])
+            h = _output_and_feed_forward(block, h, out, self.shape)
         return cast(torch.Tensor, model.output(model.norm(h))).float()  # (B, V)
 
 
@@ -180,7 +196,12 @@ class FastDecoder:
         self.compiled = compile  # False: the same code run eagerly (tests)
         self.compile_seconds = 0.0
         if compile:
-            self._fn = torch.compile(self._graph, fullgraph=True)
+            # Elementwise kernels of fewer than 4096 elements a thread run on one thread:
+            # the step's norms, rotary and residuals are 1-3k values, and a parallel region
+            # costs more than it saves there (the weight products and the attention, our C++
+            # kernels, share their work among the threads by themselves).
+            self._fn = torch.compile(self._graph, fullgraph=True,
+                                     options={"cpp.min_chunk_size": 4096})
             t0 = time.perf_counter()
             self._warm_up()
             self.compile_seconds = time.perf_counter() - t0

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from engine.arch import kernels, layers, quant
+from engine.arch import kernels, layers, lora, quant
 
 needs_kernels = pytest.mark.skipif(not kernels.available(),
                                    reason="the C++ kernels are not built here "
@@ -99,3 +99,99 @@ def test_many_bfloat16_rows_run_in_float32_where_bfloat16_is_emulated() -> None:
         assert torch.equal(got, F.linear(x, w))
     else:
         assert torch.equal(got, F.linear(x.float(), w.float()).to(torch.bfloat16))
+
+
+def attention_reference(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                        allowed: torch.Tensor) -> torch.Tensor:
+    """softmax(q k^T / sqrt(hd)) v over the allowed slots, in float64."""
+    scores = (q.double()[:, :, :, None, :] * keys.double()[:, :, None]).sum(-1)
+    scores = scores / q.shape[-1] ** 0.5
+    probs = torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1)
+    return (probs[..., None] * values.double()[:, :, None]).sum(-2)
+
+
+@needs_kernels
+@pytest.mark.parametrize("cache_dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize(("slots", "groups", "hd"), [
+    (37, 4, 64),    # Mistral 7B's grouping: one block of four query heads
+    (600, 6, 128),  # Codestral 22B's six: a block of four and one of two
+    (5, 3, 64),
+    (9, 1, 16),
+    (20, 4, 24),    # a head size the AVX2 loops do not take: the portable loops
+])
+def test_decode_attention_is_float32_softmax_attention_over_the_allowed_slots(
+        cache_dtype: torch.dtype, slots: int, groups: int, hd: int) -> None:
+    """The kernel reads the first `slots` slots of a larger cache (a strided view, as the
+    compiled step passes it) and skips the masked ones; float32 roundings from float64."""
+    torch.manual_seed(slots)
+    q = torch.randn(2, 3, groups, hd).to(torch.bfloat16)
+    keys = torch.randn(2, 3, slots + 11, hd).to(cache_dtype)[:, :, :slots]
+    values = torch.randn(2, 3, slots + 11, hd).to(cache_dtype)[:, :, :slots]
+    allowed = torch.rand(2, 1, 1, slots) > 0.3
+    allowed[..., 0] = True
+    values.masked_fill_(~allowed.view(2, 1, slots, 1), float("nan"))  # never read
+    k, v = torch.randn(2, 3, hd), torch.randn(2, 3, hd)
+    slot = torch.tensor([0, -1])  # row 0 writes its new key and value to slot 0, row 1 nothing
+    before = keys.clone(), values.clone()
+    got = torch.ops.tramontane.decode_attention(q, k, v, keys, values, slot, allowed)
+    assert got.shape == (2, 3, groups, hd) and got.dtype == torch.float32
+    assert torch.equal(keys[0, :, 0], k[0].to(cache_dtype))
+    assert torch.equal(values[0, :, 0], v[0].to(cache_dtype))
+    assert torch.equal(keys[0, :, 1:], before[0][0, :, 1:]) and torch.equal(keys[1], before[0][1])
+    assert torch.equal(values[1].nan_to_num(), before[1][1].nan_to_num())
+    want = attention_reference(q, keys, values.nan_to_num(), allowed)
+    assert float((got.double() - want).abs().max()) <= 2e-6
+
+
+@needs_kernels
+def test_decode_attention_with_nothing_allowed_is_zero_and_bad_shapes_are_refused() -> None:
+    q, kv, new = torch.randn(1, 2, 4, 64), torch.randn(1, 2, 8, 64), torch.randn(1, 2, 64)
+    nothing, no_write = torch.zeros(1, 8, dtype=torch.bool), torch.tensor([-1])
+    attend = torch.ops.tramontane.decode_attention
+    assert torch.equal(attend(q, new, new, kv, kv, no_write, nothing), torch.zeros(1, 2, 4, 64))
+    with pytest.raises(RuntimeError, match=r"keys \[1, 2, 8, 64\] and values \[1, 2, 8, 32\] "
+                                           r"do not match q \[1, 2, 4, 64\]"):
+        attend(q, new, new, kv, kv[..., :32], no_write, nothing)
+    with pytest.raises(RuntimeError, match="must both be float32 or bfloat16"):
+        attend(q, new, new, kv, kv.double(), no_write, nothing)
+    with pytest.raises(RuntimeError, match=r"expected a \(B, S\) boolean mask of 8 values"):
+        attend(q, new, new, kv, kv, no_write, nothing[:, :4])
+    with pytest.raises(RuntimeError, match="slot 8 is past the 8 slots in use"):
+        attend(q, new, new, kv, kv, torch.tensor([8]), nothing)
+
+
+@needs_kernels
+@pytest.mark.parametrize("mode", ["bf16", "int8", "int4"])
+def test_linear_many_is_each_layers_own_product_in_one_call(
+        mode: quant.QuantMode | str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A query, key and value projection of one row: one call of the `_many` kernel, the same
+    values as each layer's own forward (the same loops over the same rows)."""
+    torch.manual_seed(0)
+    linears = [layers.Linear(64, n, dtype=torch.bfloat16) for n in (64, 32, 32)]
+    if mode == "bf16":
+        modules: tuple[torch.nn.Module, ...] = tuple(linears)
+    else:
+        modules = tuple(quant.build(quant.quantize(layer.weight.detach(), mode, torch.bfloat16),
+                                    torch.bfloat16, "cpu") for layer in linears)
+    x = torch.randn(1, 1, 64).to(torch.bfloat16)
+    want = [m(x) for m in modules]
+    calls: list[str] = []
+    op = getattr(torch.ops.tramontane, layers.MANY_KERNELS[mode])
+    monkeypatch.setattr(torch.ops.tramontane, layers.MANY_KERNELS[mode],
+                        lambda *a: calls.append(mode) or op(*a))
+    got = layers.linear_many(x, modules)
+    assert calls == [mode]
+    assert [tuple(y.shape) for y in got] == [(1, 1, 64), (1, 1, 32), (1, 1, 32)]
+    for y, w in zip(got, want, strict=True):
+        assert torch.equal(y, w)
+
+
+def test_linear_many_runs_each_forward_for_mixed_layers_and_many_rows() -> None:
+    torch.manual_seed(0)
+    a = layers.Linear(64, 16, dtype=torch.bfloat16)
+    b = lora.LoRALinear(layers.Linear(64, 16, dtype=torch.bfloat16), lora.ActiveAdapter())
+    x = torch.randn(1, 64).to(torch.bfloat16)
+    got = layers.linear_many(x, (a, b))  # an adapter-wrapped layer: each its own forward
+    assert torch.equal(got[0], a(x)) and torch.equal(got[1], b(x))
+    rows = torch.randn(3, 64).to(torch.bfloat16)
+    assert torch.equal(layers.linear_many(rows, (a, a))[1], a(rows))
