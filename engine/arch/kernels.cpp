@@ -27,7 +27,9 @@ namespace {
 
 using namespace tramontane;
 
-constexpr int64_t kGrain = 16;  // rows per task, at least
+constexpr int64_t kGrain = 16;   // weight rows per task, at least
+constexpr int64_t kBlock = 4;    // weight rows read once for all the input rows (<= 24 KiB)
+constexpr int64_t kMaxRows = 16;  // input rows per call: beyond, a matmul is faster
 
 
 // ------------------------------------------------------------------------------------------
@@ -196,22 +198,31 @@ __attribute__((target("avx2,fma"))) void int4_rows_avx2(const uint8_t* w, const 
 // ------------------------------------------------------------------------------------------
 // Ops
 
-std::vector<float> float_row(const at::Tensor& x, int64_t k) {
-  TORCH_CHECK(x.numel() == k, "expected one row of ", k, " values, got ", x.sizes());
-  at::Tensor row = x.reshape({k}).to(at::kFloat).contiguous();
-  const float* p = row.data_ptr<float>();
-  return std::vector<float>(p, p + k);
+// The input rows, float32: x holds `rows` rows of k values (1 when decoding; a few when a
+// keystroke's prompt grows by a few tokens).
+struct Rows {
+  int64_t count, k;
+  std::vector<float> values;  // count x k
+  const float* row(int64_t m) const { return values.data() + m * k; }
+};
+
+Rows float_rows(const at::Tensor& x, int64_t k) {
+  TORCH_CHECK(k > 0 && x.numel() % k == 0 && x.numel() / k >= 1 &&
+                  x.numel() / k <= kMaxRows,
+              "expected 1 to ", kMaxRows, " rows of ", k, " values, got ", x.sizes());
+  const int64_t count = x.numel() / k;
+  at::Tensor flat = x.reshape({count * k}).to(at::kFloat).contiguous();
+  const float* p = flat.data_ptr<float>();
+  return Rows{count, k, std::vector<float>(p, p + count * k)};
 }
 
-// The row as int16 codes of one scale: x ~ code * scale.
-std::vector<int16_t> quantize_row(const std::vector<float>& x, float* scale) {
+// A row as int16 codes of one scale: x ~ code * scale.
+std::vector<int16_t> quantize_row(const float* x, int64_t k, float* scale) {
   float amax = 0.f;
-  for (float v : x) amax = std::max(amax, std::fabs(v));
+  for (int64_t i = 0; i < k; ++i) amax = std::max(amax, std::fabs(x[i]));
   *scale = amax > 0.f ? amax / 32767.f : 1.f;
-  std::vector<int16_t> out(x.size());
-  for (size_t i = 0; i < x.size(); ++i) {
-    out[i] = static_cast<int16_t>(std::nearbyint(x[i] / *scale));
-  }
+  std::vector<int16_t> out(k);
+  for (int64_t i = 0; i < k; ++i) out[i] = static_cast<int16_t>(std::nearbyint(x[i] / *scale));
   return out;
 }
 
@@ -222,25 +233,31 @@ void check_weight(const at::Tensor& w, at::ScalarType dtype, const char* what) {
               w.scalar_type(), " ", w.sizes());
 }
 
-// Several matrices of the same input row (a layer's query, key and value projections; the
+// Several matrices of the same input rows (a layer's query, key and value projections; the
 // gate and up projections of a feed-forward) in one call: their rows are one range shared
-// among the threads, so the call pays one fork and join, and the input row is converted (and
-// for int8 and int4 quantized) once. fn(i, r0, r1) runs rows r0..r1 of matrix i.
+// among the threads, so the call pays one fork and join, and the input rows are converted
+// (and for int8 and int4 quantized) once. fn(i, m, r0, r1): rows r0..r1 of matrix i against
+// input row m. With several input rows, each block of kBlock weight rows is read from memory
+// once and from L1 for the other input rows: the weights are streamed once per call.
 template <typename F>
-void for_rows(const std::vector<int64_t>& rows, const F& fn) {
+void for_rows(const std::vector<int64_t>& rows, int64_t inputs, const F& fn) {
   std::vector<int64_t> start(rows.size() + 1, 0);
   for (size_t i = 0; i < rows.size(); ++i) start[i + 1] = start[i] + rows[i];
   at::parallel_for(0, start.back(), kGrain, [&](int64_t r0, int64_t r1) {
     for (size_t i = 0; i < rows.size(); ++i) {
-      const int64_t a = std::max(r0, start[i]), b = std::min(r1, start[i + 1]);
-      if (a < b) fn(i, a - start[i], b - start[i]);
+      const int64_t a = std::max(r0, start[i]) - start[i];
+      const int64_t b = std::min(r1, start[i + 1]) - start[i];
+      for (int64_t r = a; r < b; r += kBlock) {
+        for (int64_t m = 0; m < inputs; ++m) fn(i, m, r, std::min(r + kBlock, b));
+      }
     }
   });
 }
 
-std::vector<at::Tensor> outputs(const at::Tensor& x, const std::vector<int64_t>& rows) {
+std::vector<at::Tensor> outputs(const at::Tensor& x, const std::vector<int64_t>& rows,
+                                int64_t inputs) {
   std::vector<at::Tensor> ys;
-  for (int64_t n : rows) ys.push_back(at::empty({n}, x.options().dtype(at::kFloat)));
+  for (int64_t n : rows) ys.push_back(at::empty({inputs, n}, x.options().dtype(at::kFloat)));
   return ys;
 }
 
@@ -266,16 +283,16 @@ std::vector<at::Tensor> gemv_bf16_many(const at::Tensor& x, at::TensorList ws) {
     check_weight(w, at::kBFloat16, "gemv_bf16");
     rows.push_back(w.size(0));
   }
-  std::vector<float> xf = float_row(x, k);
-  std::vector<at::Tensor> ys = outputs(x, rows);
+  const Rows xs = float_rows(x, k);
+  std::vector<at::Tensor> ys = outputs(x, rows, xs.count);
   const bool avx2 = has_avx2();
-  for_rows(rows, [&](size_t i, int64_t r0, int64_t r1) {
+  for_rows(rows, xs.count, [&](size_t i, int64_t m, int64_t r0, int64_t r1) {
     const uint16_t* wp = reinterpret_cast<const uint16_t*>(ws[i].data_ptr<at::BFloat16>());
-    float* yp = ys[i].data_ptr<float>();
+    float* yp = ys[i].data_ptr<float>() + m * rows[i];
 #ifdef TRAMONTANE_X86
-    if (avx2) return bf16_rows_avx2(wp, xf.data(), yp, k, r0, r1);
+    if (avx2) return bf16_rows_avx2(wp, xs.row(m), yp, k, r0, r1);
 #endif
-    bf16_rows(wp, xf.data(), yp, k, r0, r1);
+    bf16_rows(wp, xs.row(m), yp, k, r0, r1);
   });
   return in_dtype(std::move(ys), x);
 }
@@ -293,19 +310,22 @@ std::vector<at::Tensor> gemv_int8_many(const at::Tensor& x, at::TensorList qs,
                 "gemv_int8: expected ", n, " float32 scales");
     rows.push_back(n);
   }
-  std::vector<float> xf = float_row(x, k);
-  std::vector<at::Tensor> ys = outputs(x, rows);
+  const Rows xs = float_rows(x, k);
+  std::vector<at::Tensor> ys = outputs(x, rows, xs.count);
   const bool avx2 = has_avx2();
-  float xscale = 0.f;
-  std::vector<int16_t> x16 = avx2 ? quantize_row(xf, &xscale) : std::vector<int16_t>();
-  for_rows(rows, [&](size_t i, int64_t r0, int64_t r1) {
+  std::vector<std::vector<int16_t>> x16(xs.count);
+  std::vector<float> xscale(xs.count, 0.f);
+  if (avx2) {
+    for (int64_t m = 0; m < xs.count; ++m) x16[m] = quantize_row(xs.row(m), k, &xscale[m]);
+  }
+  for_rows(rows, xs.count, [&](size_t i, int64_t m, int64_t r0, int64_t r1) {
     const int8_t* qp = qs[i].data_ptr<int8_t>();
     const float* sp = scales[i].data_ptr<float>();
-    float* yp = ys[i].data_ptr<float>();
+    float* yp = ys[i].data_ptr<float>() + m * rows[i];
 #ifdef TRAMONTANE_X86
-    if (avx2) return int8_rows_avx2(qp, sp, x16.data(), xscale, yp, k, r0, r1);
+    if (avx2) return int8_rows_avx2(qp, sp, x16[m].data(), xscale[m], yp, k, r0, r1);
 #endif
-    int8_rows(qp, sp, xf.data(), yp, k, r0, r1);
+    int8_rows(qp, sp, xs.row(m), yp, k, r0, r1);
   });
   return in_dtype(std::move(ys), x);
 }
@@ -324,6 +344,36 @@ void check_int4(const at::Tensor& q, const at::Tensor& scale, const at::Tensor& 
   }
 }
 
+// One input row as the int4 loops take it: its even and odd inputs (float32, and int16 codes
+// of one scale for AVX2) and the sum of each group's inputs.
+struct Int4Row {
+  std::vector<float> xe, xo, gsum;
+  std::vector<int16_t> xe16, xo16;
+  float xscale = 0.f;
+};
+
+Int4Row int4_row(const float* x, int64_t k, int64_t group, bool codes) {
+  Int4Row row;
+  row.xe.resize(k / 2);
+  row.xo.resize(k / 2);
+  row.gsum.assign(k / group, 0.f);
+  for (int64_t j = 0; j < k / 2; ++j) {
+    row.xe[j] = x[2 * j];
+    row.xo[j] = x[2 * j + 1];
+  }
+  for (int64_t i = 0; i < k; ++i) row.gsum[i / group] += x[i];
+  if (codes) {
+    const std::vector<int16_t> x16 = quantize_row(x, k, &row.xscale);
+    row.xe16.resize(k / 2);
+    row.xo16.resize(k / 2);
+    for (int64_t j = 0; j < k / 2; ++j) {
+      row.xe16[j] = x16[2 * j];
+      row.xo16[j] = x16[2 * j + 1];
+    }
+  }
+  return row;
+}
+
 std::vector<at::Tensor> gemv_int4_many(const at::Tensor& x, at::TensorList qs,
                                        at::TensorList scales, at::TensorList zeros,
                                        int64_t group) {
@@ -337,42 +387,30 @@ std::vector<at::Tensor> gemv_int4_many(const at::Tensor& x, at::TensorList qs,
                 "gemv_int4: the scales of all weights must have one dtype");
     rows.push_back(qs[i].size(0));
   }
-  std::vector<float> xf = float_row(x, k);
-  std::vector<float> xe(k / 2), xo(k / 2), gsum(k / group, 0.f);
-  for (int64_t j = 0; j < k / 2; ++j) {
-    xe[j] = xf[2 * j];
-    xo[j] = xf[2 * j + 1];
-  }
-  for (int64_t i = 0; i < k; ++i) gsum[i / group] += xf[i];
-  std::vector<at::Tensor> ys = outputs(x, rows);
+  const Rows xs = float_rows(x, k);
+  std::vector<at::Tensor> ys = outputs(x, rows, xs.count);
   const bool avx2 = has_avx2() && group == 32;
-  float xscale = 0.f;
-  std::vector<int16_t> xe16, xo16;
-  if (avx2) {
-    std::vector<int16_t> x16 = quantize_row(xf, &xscale);
-    xe16.resize(k / 2);
-    xo16.resize(k / 2);
-    for (int64_t j = 0; j < k / 2; ++j) {
-      xe16[j] = x16[2 * j];
-      xo16[j] = x16[2 * j + 1];
-    }
-  }
-  auto run = [&](const uint8_t* qp, const auto* sp, const auto* zp, float* yp, int64_t r0,
-                 int64_t r1) {
+  std::vector<Int4Row> in;
+  for (int64_t m = 0; m < xs.count; ++m) in.push_back(int4_row(xs.row(m), k, group, avx2));
+  auto run = [&](const Int4Row& x4, const uint8_t* qp, const auto* sp, const auto* zp,
+                 float* yp, int64_t r0, int64_t r1) {
 #ifdef TRAMONTANE_X86
     if (avx2) {
-      return int4_rows_avx2(qp, sp, zp, xe16.data(), xo16.data(), xscale, gsum.data(), yp, k,
-                            r0, r1);
+      return int4_rows_avx2(qp, sp, zp, x4.xe16.data(), x4.xo16.data(), x4.xscale,
+                            x4.gsum.data(), yp, k, r0, r1);
     }
 #endif
-    int4_rows(qp, sp, zp, xe.data(), xo.data(), gsum.data(), yp, k, group, r0, r1);
+    int4_rows(qp, sp, zp, x4.xe.data(), x4.xo.data(), x4.gsum.data(), yp, k, group, r0, r1);
   };
   const bool f32 = scales[0].scalar_type() == at::kFloat;
-  for_rows(rows, [&](size_t i, int64_t r0, int64_t r1) {
+  for_rows(rows, xs.count, [&](size_t i, int64_t m, int64_t r0, int64_t r1) {
     const uint8_t* qp = qs[i].data_ptr<uint8_t>();
-    float* yp = ys[i].data_ptr<float>();
-    if (f32) return run(qp, scales[i].data_ptr<float>(), zeros[i].data_ptr<float>(), yp, r0, r1);
-    run(qp, reinterpret_cast<const uint16_t*>(scales[i].data_ptr<at::BFloat16>()),
+    float* yp = ys[i].data_ptr<float>() + m * rows[i];
+    if (f32) {
+      return run(in[m], qp, scales[i].data_ptr<float>(), zeros[i].data_ptr<float>(), yp, r0,
+                 r1);
+    }
+    run(in[m], qp, reinterpret_cast<const uint16_t*>(scales[i].data_ptr<at::BFloat16>()),
         reinterpret_cast<const uint16_t*>(zeros[i].data_ptr<at::BFloat16>()), yp, r0, r1);
   });
   return in_dtype(std::move(ys), x);

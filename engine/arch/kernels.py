@@ -39,6 +39,10 @@ import torch
 log = logging.getLogger(__name__)
 
 NAME = "tramontane_kernels"
+# The most input rows a product call takes (`kMaxRows` in kernels.cpp): it streams the weights
+# once for all of them, so a prompt that grew by a few tokens costs about one decode step.
+# Beyond, a matmul is faster (the kernels' loops are per input row).
+MAX_ROWS = 16
 HERE = Path(__file__).parent
 # The one-row products, and the decode step's attention; `simd.h` is shared by both.
 SOURCES = (HERE / "kernels.cpp", HERE / "decode_attention.cpp")
@@ -63,30 +67,30 @@ def build(verbose: bool = False) -> None:
 def _register_fakes() -> None:
     @torch.library.register_fake("tramontane::gemv_bf16")  # type: ignore[misc]
     def _(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        return x.new_empty(w.shape[0])
+        return x.new_empty(x.numel() // w.shape[1], w.shape[0])
 
     @torch.library.register_fake("tramontane::gemv_int8")  # type: ignore[misc]
     def _(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-        return x.new_empty(q.shape[0])
+        return x.new_empty(x.numel() // q.shape[1], q.shape[0])
 
     @torch.library.register_fake("tramontane::gemv_int4")  # type: ignore[misc]
     def _(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
           group: int) -> torch.Tensor:
-        return x.new_empty(q.shape[0])
+        return x.new_empty(x.numel() // (2 * q.shape[1]), q.shape[0])
 
     @torch.library.register_fake("tramontane::gemv_bf16_many")  # type: ignore[misc]
     def _(x: torch.Tensor, ws: list[torch.Tensor]) -> list[torch.Tensor]:
-        return [x.new_empty(w.shape[0]) for w in ws]
+        return [x.new_empty(x.numel() // w.shape[1], w.shape[0]) for w in ws]
 
     @torch.library.register_fake("tramontane::gemv_int8_many")  # type: ignore[misc]
     def _(x: torch.Tensor, qs: list[torch.Tensor],
           scales: list[torch.Tensor]) -> list[torch.Tensor]:
-        return [x.new_empty(q.shape[0]) for q in qs]
+        return [x.new_empty(x.numel() // q.shape[1], q.shape[0]) for q in qs]
 
     @torch.library.register_fake("tramontane::gemv_int4_many")  # type: ignore[misc]
     def _(x: torch.Tensor, qs: list[torch.Tensor], scales: list[torch.Tensor],
           zeros: list[torch.Tensor], group: int) -> list[torch.Tensor]:
-        return [x.new_empty(q.shape[0]) for q in qs]
+        return [x.new_empty(x.numel() // (2 * q.shape[1]), q.shape[0]) for q in qs]
 
     @torch.library.register_fake("tramontane::dequantize_int4")  # type: ignore[misc]
     def _(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,

@@ -26,13 +26,21 @@ def native_bf16_matmul() -> bool:
 UPCAST_ROWS = 16
 
 
+def few_rows(x: torch.Tensor) -> bool:
+    """Whether `x` has at most `kernels.MAX_ROWS` rows: the C++ kernels' share of products."""
+    return x.numel() <= kernels.MAX_ROWS * x.shape[-1]
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """`F.linear(x, weight)` (no bias), fast for one row (decode) and for many (prefill).
 
     One row reads every weight once: its speed is memory traffic. With a bfloat16 weight on
     the CPU it is the C++ kernel `tramontane::gemv_bf16` (`kernels.py`), eagerly and in the
     compiled step alike (86% of one thread's read bandwidth against 50-60% for the paths
-    below). Otherwise, under `torch.compile`, one row is a broadcast multiply and a float32
+    below), and so are up to `kernels.MAX_ROWS` rows (a keystroke's few new prompt tokens):
+    the weights streamed once for all of them, where oneDNN's emulated bfloat16 product took
+    10-20x longer for 2-4 rows on the AVX2 machine here. Otherwise, under `torch.compile`, one
+    row is a broadcast multiply and a float32
     sum over the input dimension, which inductor turns into one vectorised, threaded loop over
     the weight rows (faster than oneDNN's packed kernels, no packed copy of the weights); it
     accumulates in float32 like the eager matmul and rounds to the input's dtype.
@@ -44,7 +52,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """
     one_row = x.numel() == x.shape[-1]
     cpu_bf16 = x.device.type == "cpu" and weight.dtype == torch.bfloat16
-    if one_row and cpu_bf16 and kernels.available():
+    if cpu_bf16 and few_rows(x) and kernels.available():
         return cast(torch.Tensor, torch.ops.tramontane.gemv_bf16(x, weight)).view(
             *x.shape[:-1], -1)
     if torch.compiler.is_compiling() and one_row:
@@ -67,7 +75,7 @@ def linear_many(x: torch.Tensor, modules: tuple[nn.Module, ...]) -> list[torch.T
     feed-forward's gate and up projections): one fork and join of the threads instead of one
     per module (`kernels.cpp`, `for_rows`). Anything else, an adapter-wrapped layer among
     them, runs each module's own forward."""
-    if x.numel() == x.shape[-1] and x.device.type == "cpu" and kernels.available():
+    if few_rows(x) and x.device.type == "cpu" and kernels.available():
         plans = [m.kernel_operands() if isinstance(m, KernelLayer) else None for m in modules]
         kind = plans[0][0] if plans[0] is not None else None
         if kind is not None and all(p is not None and p[0] == kind for p in plans):

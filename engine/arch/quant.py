@@ -111,7 +111,7 @@ class Int8Linear(KernelLayer):
         rows = x.reshape(-1, self.in_features)
         if x.device.type != "cpu":
             y = F.linear(rows, self.q.to(x.dtype) * self.scale.to(x.dtype)[:, None])
-        elif rows.shape[0] == 1 and kernels.available():
+        elif rows.shape[0] <= kernels.MAX_ROWS and kernels.available():
             y = torch.ops.tramontane.gemv_int8(rows, self.q, self.scale)
         elif rows.shape[0] == 1 or not _cpu_upcast(x):
             y = torch.ops.aten._weight_int8pack_mm(rows, self.q, self.scale.to(x.dtype))
@@ -168,7 +168,7 @@ class Int4Linear(KernelLayer):
         if self.aten:
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(rows, self.packed, self.group,
                                                            self.scales_zeros.to(x.dtype))
-        elif x.device.type == "cpu" and rows.shape[0] == 1:
+        elif x.device.type == "cpu" and rows.shape[0] <= kernels.MAX_ROWS:
             y = torch.ops.tramontane.gemv_int4(rows, self.packed, self.scale, self.zero,
                                                self.group)
         elif x.device.type == "cpu":

@@ -15,7 +15,7 @@ needs_kernels = pytest.mark.skipif(not kernels.available(),
 
 
 def reference(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    return (x.double() @ w.double().t()).view(-1)
+    return x.double() @ w.double().t()
 
 
 @needs_kernels
@@ -26,7 +26,7 @@ def test_gemv_bf16_is_the_float32_sum_of_products(k: int, xdtype: torch.dtype) -
     w = torch.randn(37, k).to(torch.bfloat16)
     x = torch.randn(1, k).to(xdtype)
     y = torch.ops.tramontane.gemv_bf16(x, w)
-    assert y.shape == (37,) and y.dtype == xdtype
+    assert y.shape == (1, 37) and y.dtype == xdtype
     want = reference(x, w)
     tol = 2**-8 if xdtype == torch.bfloat16 else 1e-5  # one rounding of the output
     assert float(((y.double() - want).abs() / want.abs().clamp(min=1)).max()) <= tol
@@ -68,10 +68,34 @@ def test_gemv_int4_and_dequantize_int4_match_the_portable_form(
 
 
 @needs_kernels
+@pytest.mark.parametrize("mode", ["bf16", "int8", "int4"])
+def test_several_rows_are_each_rows_own_product(mode: str) -> None:
+    """Up to 16 input rows in one call (a keystroke's new prompt tokens): each row's result is
+    bitwise the one-row call's (the same loops; the weights read once for all rows)."""
+    torch.manual_seed(0)
+    w = torch.randn(80, 96)
+    if mode == "bf16":
+        operands: tuple[torch.Tensor | int, ...] = (w.to(torch.bfloat16),)
+    elif mode == "int8":
+        operands = quant.quantize_int8(w, torch.bfloat16)
+    else:
+        packed, scale, zero = quant.quantize_int4(w, torch.bfloat16)
+        operands = (packed, scale.to(torch.bfloat16), zero.to(torch.bfloat16), quant.INT4_GROUP)
+    op = getattr(torch.ops.tramontane, f"gemv_{mode}")
+    for count in (2, 5, 16):
+        x = torch.randn(count, 96).to(torch.bfloat16)
+        got = op(x, *operands)
+        assert got.shape == (count, 80)
+        assert torch.equal(got, torch.cat([op(row[None], *operands) for row in x]))
+
+
+@needs_kernels
 def test_bad_shapes_are_refused_with_a_message() -> None:
     w = torch.zeros(4, 8, dtype=torch.bfloat16)
-    with pytest.raises(RuntimeError, match="expected one row of 8 values"):
-        torch.ops.tramontane.gemv_bf16(torch.zeros(2, 8), w)
+    with pytest.raises(RuntimeError, match=r"expected 1 to 16 rows of 8 values, got \[17, 8\]"):
+        torch.ops.tramontane.gemv_bf16(torch.zeros(17, 8), w)
+    with pytest.raises(RuntimeError, match=r"expected 1 to 16 rows of 8 values, got \[2, 9\]"):
+        torch.ops.tramontane.gemv_bf16(torch.zeros(2, 9), w)
     with pytest.raises(RuntimeError, match="gemv_int8: expected a contiguous 2-D CPU tensor"):
         torch.ops.tramontane.gemv_int8(torch.zeros(8), w, torch.ones(4))
     with pytest.raises(RuntimeError, match="int4: group 32 does not divide 48 inputs"):
@@ -86,7 +110,7 @@ def test_linear_takes_the_kernel_for_one_bfloat16_row_and_matches_f_linear() -> 
     x = torch.randn(1, 1, 64).to(torch.bfloat16)
     got = layers.linear(x, w)
     assert got.shape == (1, 1, 96)
-    assert torch.equal(got.view(-1), torch.ops.tramontane.gemv_bf16(x, w))
+    assert torch.equal(got.view(1, -1), torch.ops.tramontane.gemv_bf16(x, w))
     torch.testing.assert_close(got, F.linear(x, w), atol=2e-2, rtol=2**-7)
 
 
