@@ -70,8 +70,10 @@ def sample(checkout: Path, model: Path, dtype: str) -> list[float]:
     # From the checkout itself: `-c` puts the working directory first on sys.path.
     env = checkout_env(checkout)
     done = subprocess.run([sys.executable, "-c", SAMPLE, str(model), dtype, str(checkout)],
-                          env=env, cwd=checkout, capture_output=True, text=True, timeout=600,
-                          check=True)
+                          env=env, cwd=checkout, capture_output=True, text=True, timeout=600)
+    if done.returncode != 0:
+        sys.exit(f"the sample of {checkout} failed (exit {done.returncode}):\n"
+                 + "\n".join(done.stderr.splitlines()[-15:]))
     return list(json.loads(done.stdout.splitlines()[-1]))
 
 
