@@ -28,6 +28,8 @@ projection, gate and up in one call, down; then the attention).
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import logging
 import os
 import subprocess
@@ -101,6 +103,17 @@ def _register_fakes() -> None:
     def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keys: torch.Tensor,
           values: torch.Tensor, slot: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
         return q.new_empty(q.shape, dtype=torch.float32)
+
+
+@functools.cache
+def cache_tag() -> str:
+    """A digest of the kernels' sources and of this file (their registered shapes): part of the
+    key under which torch.compile caches a compiled step, so that a step compiled against
+    other kernels is never loaded from the cache."""
+    digest = hashlib.sha256()
+    for path in (*SOURCES, HERE / "simd.h", Path(__file__)):
+        digest.update(path.read_bytes())
+    return f"tramontane-kernels-{digest.hexdigest()[:16]}"
 
 
 def available() -> bool:

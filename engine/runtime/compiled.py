@@ -203,7 +203,12 @@ class FastDecoder:
             self._fn = torch.compile(self._graph, fullgraph=True,
                                      options={"cpp.min_chunk_size": 4096})
             t0 = time.perf_counter()
-            self._warm_up()
+            # The compile happens here, and inductor's on-disk cache must not hand back a step
+            # compiled against other kernels (the ops' output shapes are fixed in it): their
+            # sources' digest goes into its key.
+            with torch.compiler.config.patch(  # type: ignore[attr-defined]
+                    cache_key_tag=kernels.cache_tag()):
+                self._warm_up()
             self.compile_seconds = time.perf_counter() - t0
 
     def _warm_up(self) -> None:
