@@ -6,6 +6,10 @@ Compiling takes 10-40 s per model on 2 cores: one decoder per model, shared by t
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+import uuid
 from collections.abc import Iterator
 
 import pytest
@@ -13,6 +17,7 @@ import torch
 from torch._dynamo.utils import counters
 
 import engine
+from engine.arch import kernels
 from engine.runtime.compiled import FastDecoder
 from tests.conftest import CheckpointFactory
 
@@ -148,3 +153,39 @@ def test_the_compiled_step_of_a_bfloat16_model_stays_within_two_roundings_of_eag
             token = want.argmax(-1)
     assert worst <= 2 * 2**-7 * largest
     assert agree >= 20
+
+
+COMPILE_WITH_TAG = """
+import json, sys
+import engine
+from engine.arch import kernels
+from engine.runtime.compiled import FastDecoder
+from torch._dynamo.utils import counters
+kernels.cache_tag = lambda: sys.argv[2]
+FastDecoder(engine.load(sys.argv[1]), 1, 64, 0)
+inductor, aot = counters["inductor"], counters["aot_autograd"]
+print(json.dumps([inductor["fxgraph_cache_hit"] + aot["autograd_cache_hit"],
+                  inductor["fxgraph_cache_miss"] + aot["autograd_cache_miss"]]))
+"""
+
+
+@pytest.mark.skipif(not kernels.available(), reason="the C++ kernels are not built here")
+def test_a_step_compiled_against_other_kernels_is_not_taken_from_the_cache(
+        make_checkpoint: CheckpointFactory) -> None:
+    """The kernels' digest is in the key of torch.compile's on-disk cache: a later process
+    with the same kernels finds the step there; one with other kernels (a new version, other
+    output shapes) compiles it anew. Three processes, as three launches of the server."""
+    folder = make_checkpoint("native", seed=5, dtype=torch.bfloat16, **SHAPE)
+
+    def launch(tag: str) -> tuple[int, int]:
+        done = subprocess.run([sys.executable, "-c", COMPILE_WITH_TAG, str(folder), tag],
+                              capture_output=True, text=True, timeout=300, check=True)
+        hits, misses = json.loads(done.stdout.splitlines()[-1])
+        return hits, misses
+
+    tag = f"tramontane-kernels-{uuid.uuid4().hex}"
+    assert launch(tag)[0] == 0  # never seen: compiled
+    hits, misses = launch(tag)
+    assert hits > 0 and misses == 0
+    hits, misses = launch(f"tramontane-kernels-{uuid.uuid4().hex}")
+    assert hits == 0 and misses > 0
