@@ -5,8 +5,9 @@ builds the compiled step as the server does (batch 1, 2304 positions, rewind 16)
 1500 random tokens and times 3 x 40 steps after 10 warm-up steps. Samples alternate between
 the two checkouts (`--pairs` times), so a change in the machine's load falls on both; the
 medians and their ratio are printed. Each checkout's C++ kernels (`engine/arch/kernels.py`,
-where it has them) are built first, into `<checkout>/.torch_extensions`. Works with checkouts from before the engine's layout
-changed (`engine/fast_decode.py`) and after (`engine/runtime/compiled.py`).
+where it has them) are built first, into `<checkout>/.torch_extensions`. Works with checkouts
+from before the engine's layout changed (`engine/fast_decode.py`) and after
+(`engine/runtime/compiled.py`).
 
     .venv/bin/python benchmarks/compiled_step_ab.py --model-dir /tmp/bench-model \\
         --baseline /tmp/before [--dtype float32] [--pairs 3]
