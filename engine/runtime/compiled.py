@@ -9,15 +9,18 @@ hundreds of small ops from Python, `KVCache.plan` building masks on the way. `Fa
 
 - calls the model's own layers (`block.attention.wq(x)`, `block.feed_forward(x)`, the norms),
   so what a layer computes is its own business: `arch.layers.Linear` turns a one-row product
-  into a weight-streaming loop under compilation, a LoRA-wrapped or quantized layer brings its
-  own forward, and nothing here special-cases them;
+  into the C++ weight-streaming kernel (or, without it, inductor's loop), a LoRA-wrapped or
+  quantized layer brings its own forward, and nothing here special-cases them (projections of
+  the same input go through `linear_many`, one kernel call where the layers share a kernel);
 - attends over the first `span` slots of the preallocated cache, a dimension the compiled graph
   takes as dynamic, so one graph serves every length up to `max_seq_len` and attention costs
   what the tokens written so far cost (sliding-window layers attend over their whole rotating
   buffer, a static size: see `step`); its inputs are copied to fresh contiguous tensors and
   caches are always ordinary tensors (`Model.new_cache`), so no call fails a guard: one
   compile per decoder, none after it (`tests/engine/test_compiled_step.py` counts them);
-- does the cache bookkeeping (slot map, mask, key/value writes) inside the graph;
+- does the cache bookkeeping (slot map, mask) inside the graph, and the key/value writes with
+  the attention in one C++ op on the cache itself (`tramontane::decode_attention`; without the
+  kernels, index_put writes and inductor's loops);
 - compiles one decoder layer once and reuses it for every layer (`nested_compile_region`, the
   layer passed as an argument): a fraction of the compile time of the unrolled graph.
 
