@@ -71,7 +71,8 @@ def main() -> None:
         ("int8, inductor broadcast-sum", bytes8,
          lambda: [stream8(x, q, s) for q, s in q8]),
         ("int8, aten._weight_int8pack_mm", bytes8,
-         lambda: [torch.ops.aten._weight_int8pack_mm(x, m.q, m.scale) for m in layers8]),
+         lambda: [torch.ops.aten._weight_int8pack_mm(x, m.q, m.scale.to(x.dtype))
+                  for m in layers8]),
         ("int4, aten._weight_int4pack_mm_for_cpu", bytes4,
          lambda: [torch.ops.aten._weight_int4pack_mm_for_cpu(x, p, 32, s)
                   for p, s in zip(packed4, sz4, strict=True)]),
