@@ -138,6 +138,13 @@ def available() -> bool:
     return ok
 
 
+def instruction_set() -> str:
+    """Which loops the kernels run here: "avx2" (AVX2 + FMA, chosen at run time) or "portable".
+    They differ in how int4 products take their activations: the AVX2 loops round them to int8
+    per group of 32 (one scale per group), the portable ones keep them in float32."""
+    return str(torch.ops.tramontane.instruction_set())
+
+
 def main() -> int:
     """`python -m engine.arch.kernels`: build the library now (the Makefile runs this)."""
     try:
@@ -146,7 +153,8 @@ def main() -> int:
         print(f"engine.arch.kernels: not built ({e}); the pure-PyTorch kernels will run",
               file=sys.stderr)
         return 1
-    print(f"engine.arch.kernels: built in {_build_dir()}", file=sys.stderr)
+    print(f"engine.arch.kernels: built in {_build_dir()} ({instruction_set()} loops)",
+          file=sys.stderr)
     return 0
 
 

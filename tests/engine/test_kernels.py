@@ -47,24 +47,53 @@ def test_gemv_int8_matches_the_dequantized_weight(k: int) -> None:
     assert float((y.double() - want).abs().max() / want.abs().max()) <= 2e-4
 
 
+def int4_weight(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    g = quant.INT4_GROUP
+    return ((quant.unpack_int4(packed).double() - 8) * scale.double().repeat_interleave(g, 1)
+            + zero.double().repeat_interleave(g, 1))
+
+
+def int4_product(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor,
+                 zero: torch.Tensor) -> torch.Tensor:
+    """What `gemv_int4` computes, in float64: with the AVX2 loops, the activations rounded to
+    int8 per group of 32 (scale max|x| / 127) in the codes' term, float in the zeros' term:
+    y = sum_g s_g <q_g, x~_g> + (z_g - 8 s_g) sum(x_g); with the portable loops, x W^T."""
+    if kernels.instruction_set() != "avx2":
+        return reference(x, int4_weight(packed, scale, zero))
+    g = quant.INT4_GROUP
+    xg = x.double().reshape(x.shape[0], -1, g)
+    amax = xg.abs().amax(-1, keepdim=True)
+    rounded = torch.round(xg * (127 / amax.clamp(min=1e-300))) * (amax / 127)
+    codes = quant.unpack_int4(packed).double() * scale.double().repeat_interleave(g, 1)
+    return (rounded.reshape(x.shape) @ codes.t()
+            + xg.sum(-1) @ (zero.double() - 8 * scale.double()).t())
+
+
 @needs_kernels
-@pytest.mark.parametrize("k", [32, 96, 1024])
+@pytest.mark.parametrize("k", [32, 96, 256, 288, 320, 1024])  # tails: 1 group, 1 pair, 1 + 1
 @pytest.mark.parametrize("scale_dtype", [torch.float32, torch.bfloat16])
 def test_gemv_int4_and_dequantize_int4_match_the_portable_form(
         k: int, scale_dtype: torch.dtype) -> None:
     torch.manual_seed(k)
     packed, scale, zero = quant.quantize_int4(torch.randn(64, k) + 0.5, scale_dtype)
     s, z = scale.to(scale_dtype), zero.to(scale_dtype)
-    g = quant.INT4_GROUP
-    w = ((quant.unpack_int4(packed) - 8) * scale.repeat_interleave(g, 1)
-         + zero.repeat_interleave(g, 1))
+    w = int4_weight(packed, scale, zero).float()
     # q * s + (z - 8 s) there, (q - 8) * s + z here: float32 roundings apart.
-    torch.testing.assert_close(torch.ops.tramontane.dequantize_int4(packed, s, z, g), w,
+    torch.testing.assert_close(torch.ops.tramontane.dequantize_int4(packed, s, z, 32), w,
                                atol=1e-6, rtol=1e-6)
-    x = torch.randn(1, k)
-    y = torch.ops.tramontane.gemv_int4(x, packed, s, z, g)
-    want = reference(x, w)  # the activations in int16, as for int8
-    assert float((y.double() - want).abs().max() / want.abs().max()) <= 2e-4
+    x = torch.randn(3, k)
+    x[1, :32] = 0  # a group of zeros: its scale is 0, its codes 0
+    y = torch.ops.tramontane.gemv_int4(x, packed, s, z, 32)
+    want = int4_product(x, packed, scale, zero)
+    assert float((y.double() - want).abs().max() / want.abs().max()) <= 2e-6  # float32 sums
+    # Against the exact product: each activation is off by at most half a step of its group,
+    # so each output by at most sum_g s_g max|x_g| / 254 sum(q_g) (a bound 1-2% of the
+    # largest output here; the int4 weights themselves are ~5% off).
+    exact = reference(x, w)
+    q = quant.unpack_int4(packed).double().reshape(64, -1, 32).sum(-1)  # [rows, groups]
+    step = x.double().reshape(3, -1, 32).abs().amax(-1) / 254  # [3, groups]
+    bound = step @ (q * scale.double()).t()
+    assert bool(((y.double() - exact).abs() <= bound + 1e-5 * exact.abs().max()).all())
 
 
 @needs_kernels
