@@ -214,8 +214,7 @@ class _Exchange:
     flight and closes every response the request got in tasks that nobody cancels. It returns
     what is still closing; the caller may wait for it, and if a further cancellation stops that
     wait, the closing goes on (the client keeps the tasks in `background` and waits for them in
-    `aclose()`). Cost: a task per call and one per body (a reader that is behind the stream
-    takes queued chunks without a loop iteration).
+    `aclose()`). Cost: a task per call and one per body.
     """
 
     def __init__(self, background: set[asyncio.Future[Any]]) -> None:
@@ -312,6 +311,11 @@ async def _read_body(response: httpx.Response, chunks: asyncio.Queue[bytes | Exc
 
 
 async def _next_chunk(chunks: asyncio.Queue[bytes | Exception]) -> bytes:
+    """One chunk per loop iteration, even when several are queued: a reader behind a fast
+    stream lets timers (the time budget) and other requests run between them, as reading the
+    socket itself does."""
+    if not chunks.empty():
+        await asyncio.sleep(0)
     chunk = await chunks.get()
     if isinstance(chunk, Exception):
         raise chunk
