@@ -16,9 +16,12 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q -U pip
 
+# The engine's C++ decode kernels are built once here (about a minute; without a compiler the
+# engine runs its pure-PyTorch kernels, and says so).
 $(VENV)/.runtime: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e .
+	-$(BIN)/python -m engine.arch.kernels
 	touch $@
 
 $(VENV)/.test: pyproject.toml $(VENV)/.runtime

@@ -4,8 +4,10 @@ Each sample is a fresh process of one checkout (`PYTHONPATH=<checkout>`): it loa
 builds the compiled step as the server does (batch 1, 2304 positions, rewind 16), prefills
 1500 random tokens and times 3 x 40 steps after 10 warm-up steps. Samples alternate between
 the two checkouts (`--pairs` times), so a change in the machine's load falls on both; the
-medians and their ratio are printed. Works with checkouts from before the engine's layout
-changed (`engine/fast_decode.py`) and after (`engine/runtime/compiled.py`).
+medians and their ratio are printed. Each checkout's C++ kernels (`engine/arch/kernels.py`,
+where it has them) are built first, into `<checkout>/.torch_extensions`. Works with checkouts
+from before the engine's layout changed (`engine/fast_decode.py`) and after
+(`engine/runtime/compiled.py`).
 
     .venv/bin/python benchmarks/compiled_step_ab.py --model-dir /tmp/bench-model \\
         --baseline /tmp/before [--dtype float32] [--pairs 3]
@@ -51,12 +53,28 @@ print(json.dumps(times))
 """
 
 
+def checkout_env(checkout: Path) -> dict[str, str]:
+    """The checkout first on the path; its C++ kernels, if it has any, in a folder of its own
+    (the two checkouts' sources differ, and one folder would rebuild them at each switch)."""
+    return {**os.environ, "PYTHONPATH": str(checkout),
+            "TORCH_EXTENSIONS_DIR": str(checkout / ".torch_extensions")}
+
+
+def build_kernels(checkout: Path) -> None:
+    """Build a checkout's C++ kernels before its first sample (loading never builds them)."""
+    if (checkout / "engine" / "arch" / "kernels.py").exists():
+        subprocess.run([sys.executable, "-m", "engine.arch.kernels"], env=checkout_env(checkout),
+                       cwd=checkout, timeout=900, check=True)
+
+
 def sample(checkout: Path, model: Path, dtype: str) -> list[float]:
     # From the checkout itself: `-c` puts the working directory first on sys.path.
-    env = {**os.environ, "PYTHONPATH": str(checkout)}
+    env = checkout_env(checkout)
     done = subprocess.run([sys.executable, "-c", SAMPLE, str(model), dtype, str(checkout)],
-                          env=env, cwd=checkout, capture_output=True, text=True, timeout=600,
-                          check=True)
+                          env=env, cwd=checkout, capture_output=True, text=True, timeout=600)
+    if done.returncode != 0:
+        sys.exit(f"the sample of {checkout} failed (exit {done.returncode}):\n"
+                 + "\n".join(done.stderr.splitlines()[-15:]))
     return list(json.loads(done.stdout.splitlines()[-1]))
 
 
@@ -70,6 +88,8 @@ def main() -> None:
     args = parser.parse_args()
     sides = {"baseline": args.baseline, "current": ROOT}
     results: dict[str, list[float]] = {name: [] for name in sides}
+    for checkout in sides.values():
+        build_kernels(checkout)
     for pair in range(args.pairs):
         order = list(sides) if pair % 2 == 0 else list(reversed(sides))
         for name in order:

@@ -33,6 +33,7 @@ from mistral_common.protocol.instruct.messages import (
 from mistral_common.protocol.instruct.request import ChatCompletionRequest
 from PIL import Image
 
+from .arch.quant import QUANT_MODES
 from .checkpoints import hub, tiny
 from .checkpoints.files import DTYPE_NAMES
 from .checkpoints.tokenizer import encode_fim
@@ -117,7 +118,8 @@ def load_model(args: argparse.Namespace) -> Model:
     spec = args.model or os.environ.get(MODEL_ENV)
     if not spec:
         raise CliError(f"no model given: pass MODEL or set {MODEL_ENV}", EXIT_USAGE)
-    model = load(hub.resolve_model(spec), device=args.device, dtype=args.dtype)
+    model = load(hub.resolve_model(spec), device=args.device, dtype=args.dtype,
+                 quantize=args.quantize)
     log.info("%r", model)
     return model
 
@@ -395,6 +397,10 @@ def _model_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dtype", choices=sorted(DTYPE_NAMES), metavar="DTYPE",
                         help=f"weight dtype: {', '.join(sorted(DTYPE_NAMES))} "
                              "(default: the checkpoint's)")
+    parser.add_argument("--quantize", choices=QUANT_MODES,
+                        help="weight-only quantization of the linear layers (transformers): "
+                             "int8 (per-channel scales) or int4 (groups of 32); quantized on "
+                             "the first load, then read from the user's cache folder")
     return parser
 
 

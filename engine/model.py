@@ -14,10 +14,11 @@ from torch import nn
 from .arch.cache import Cache
 from .arch.config import MambaConfig, TransformerConfig
 from .arch.lora import LoraAdapters
+from .arch.quant import Int4Linear, Int8Linear
 from .arch.transformer import EmbeddingOverride
 from .checkpoints.loading import load_checkpoint
 from .checkpoints.lora import read_adapter
-from .errors import GenerationError
+from .errors import EngineError, GenerationError
 
 T = TypeVar("T")
 
@@ -47,11 +48,13 @@ class Model:
     """
 
     def __init__(self, module: nn.Module, config: TransformerConfig | MambaConfig,
-                 tokenizer: MistralTokenizer, path: Path) -> None:
+                 tokenizer: MistralTokenizer, path: Path, quantize: str | None = None) -> None:
         self.module = module
         self.config = config
         self.tokenizer = tokenizer
         self.path = path
+        # "int8" / "int4": the linear layers hold weight-only quantized weights (`arch.quant`).
+        self.quantize = quantize
         self._loras = LoraAdapters(module)
         # A compiled one-token step that the generation loop uses for caches of its geometry
         # (`engine.enable_fast_decode`); None = the eager forward for every step.
@@ -78,13 +81,21 @@ class Model:
         return int(self.tokenizer.instruct_tokenizer.tokenizer.bos_id)
 
     def num_parameters(self) -> int:
-        return sum(p.numel() for p in self.module.parameters())
+        """Weights of the network, quantized layers' counted as the weights they stand for."""
+        quantized = sum(m.in_features * m.out_features for m in self.module.modules()
+                        if isinstance(m, (Int8Linear, Int4Linear)))
+        return sum(p.numel() for p in self.module.parameters()) + quantized
 
     def new_cache(self, batch_size: int, max_seq_len: int, rewind: int = 0) -> Cache:
         """An empty cache for `batch_size` sequences of up to `max_seq_len` positions, of the
-        kind the architecture keeps (`rewind`: spare slots for cutting back, see `KVCache`)."""
-        return self.module.new_cache(  # type: ignore[operator, no-any-return]
-            batch_size, max_seq_len, rewind=rewind, device=self.device, dtype=self.dtype)
+        kind the architecture keeps (`rewind`: spare slots for cutting back, see `KVCache`).
+
+        Always ordinary tensors, even when asked for inside `torch.inference_mode` (`generate`
+        does): the compiled decode step guards on the dispatch keys of the cache it writes, and
+        a cache of inference tensors would recompile it (seconds) for the other kind."""
+        with torch.inference_mode(False):
+            return self.module.new_cache(  # type: ignore[operator, no-any-return]
+                batch_size, max_seq_len, rewind=rewind, device=self.device, dtype=self.dtype)
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, cache: Cache,
                 output_index: torch.Tensor | None = None,
@@ -115,7 +126,11 @@ class Model:
 
         `scaling=None` takes `lora.scaling` from the `params.json` beside the adapter, else 2.0.
         The adapter runs only inside `use_lora(name)`; the base weights are never changed.
+        Not on a quantized model (its layers hold no weight an adapter can wrap, yet).
         """
+        if self.quantize is not None:
+            raise EngineError(f"LoRA adapters are not supported on a model loaded with "
+                              f"quantize={self.quantize!r}: load it without quantize")
         adapter = read_adapter(path, self.module, scaling, name, loaded=self._loras.names)
         before = frozenset(self._loras.names)
         self._loras.attach(adapter.name, adapter.tensors, adapter.scaling)
@@ -159,12 +174,22 @@ class Model:
         return self._loras.active.name
 
     def __repr__(self) -> str:
+        weights = f", {self.quantize} weights" if self.quantize else ""
         return (f"Model({self.path.name}, {self.num_parameters() / 1e6:.1f}M parameters, "
-                f"{self.dtype}, {self.device})")
+                f"{self.dtype}{weights}, {self.device})")
 
 
 def load(path: str | Path, device: str | torch.device = "cpu",
-         dtype: str | torch.dtype | None = None) -> Model:
-    """Load a native Mistral or Hugging Face checkpoint folder (any supported architecture)."""
-    checkpoint = load_checkpoint(path, device=device, dtype=dtype)
-    return Model(checkpoint.module, checkpoint.config, checkpoint.tokenizer, checkpoint.path)
+         dtype: str | torch.dtype | None = None, *, quantize: str | None = None,
+         quantized_dir: str | Path | None = None) -> Model:
+    """Load a native Mistral or Hugging Face checkpoint folder (any supported architecture).
+
+    `quantize="int8"|"int4"` (dense and MoE transformers): weight-only quantized linear
+    layers, quantized from the checkpoint on the first load and saved to a sidecar file in
+    `quantized_dir` (default: the user's cache folder, `.../tramontane/quantized`) that the
+    next load reads instead (`checkpoints/quantized.py` says how it is keyed to the
+    checkpoint). `dtype` is then the activations' (default: the checkpoint's)."""
+    checkpoint = load_checkpoint(path, device=device, dtype=dtype, quantize=quantize,
+                                 quantized_dir=quantized_dir)
+    return Model(checkpoint.module, checkpoint.config, checkpoint.tokenizer, checkpoint.path,
+                 checkpoint.quantize)

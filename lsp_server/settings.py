@@ -3,7 +3,7 @@
 The wire names are camelCase and fixed (editors and users depend on them):
 
     {"model": path, "device": "cpu"|"cuda"|..., "dtype": "float32"|"bfloat16"|...,
-     "compile": bool, "adapters": {name: path},
+     "quantize": null|"int8"|"int4", "compile": bool, "adapters": {name: path},
      "completion": {"maxTokens", "prefixTokens", "suffixTokens", "timeBudgetMs", "debounceMs",
                     "temperature", "enabledLanguages", "adapter"},
      "cache": {"enabled", "budgetMiB"},
@@ -28,6 +28,7 @@ from typing import Any, Literal
 from urllib.parse import urlsplit
 
 DTYPES = ("float32", "bfloat16", "float16")
+QUANTIZE = ("int8", "int4")
 BackendKind = Literal["local", "openai", "mistral"]
 BACKEND_KINDS: tuple[BackendKind, ...] = ("local", "openai", "mistral")
 
@@ -97,6 +98,9 @@ class Settings:
     model: str | None = None
     device: str = "cpu"
     dtype: str | None = None
+    # Weight-only quantization of the local model's linear layers (None: the checkpoint's
+    # weights as they are); quantized on the first load, read from a cache file afterwards.
+    quantize: str | None = None
     # Compile the one-token decode step when the model loads (faster decoding; the first
     # compile takes a few tens of seconds, later launches reuse inductor's disk cache).
     compile: bool = True
@@ -167,6 +171,12 @@ def _dtype(value: Any) -> str | None:
     if value is None or value in DTYPES:
         return value
     raise ValueError(f"null (the checkpoint's) or one of {', '.join(DTYPES)}")
+
+
+def _quantize(value: Any) -> str | None:
+    if value is None or value in QUANTIZE:
+        return value
+    raise ValueError(f"null (no quantization) or one of {', '.join(QUANTIZE)}")
 
 
 def _languages(value: Any) -> tuple[str, ...]:
@@ -276,7 +286,7 @@ CHAT_CHECKS: dict[str, Check] = {
     "max_image_mib": _int_range(1, 1024),
 }
 TOP_CHECKS: dict[str, Check] = {"model": _optional_str, "device": _device, "dtype": _dtype,
-                                "compile": _bool, "adapters": _adapters}
+                                "quantize": _quantize, "compile": _bool, "adapters": _adapters}
 CACHE_CHECKS: dict[str, Check] = {"enabled": _bool, "budget_mib": _optional_budget}
 
 

@@ -3,32 +3,101 @@ attention."""
 
 from __future__ import annotations
 
+import functools
+from typing import cast
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import kernels
 from .cache import AttentionPlan, KVCache
 from .config import TransformerConfig
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """`F.linear(x, weight)` (no bias), written for the compiled decode step as well.
+@functools.cache
+def native_bf16_matmul() -> bool:
+    """Whether this CPU multiplies bfloat16 matrices natively (AVX512-BF16 or AMX): oneDNN's
+    bfloat16 kernels are fast there and emulated elsewhere."""
+    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
 
-    Decoding one token reads every weight once per token: its speed is memory traffic. Under
-    `torch.compile`, one row is a broadcast multiply and a float32 sum over the input
-    dimension, which inductor turns into one vectorised, threaded loop over the weight rows: it
-    streams bfloat16 and float32 weights faster than oneDNN's packed kernels on the CPUs here
-    (measured: ~30 vs ~20 GB/s in bfloat16) and needs no packed copy of the weights; it
-    accumulates in float32 like the eager matmul and rounds to the input's dtype. Eagerly (and
-    for several rows) it is `F.linear`: the broadcast would materialise the products.
+
+# Rows from which a bfloat16 product on a CPU without bfloat16 instructions runs in float32.
+UPCAST_ROWS = 16
+
+
+def few_rows(x: torch.Tensor) -> bool:
+    """Whether `x` has at most `kernels.MAX_ROWS` rows: the C++ kernels' share of products."""
+    return x.numel() <= kernels.MAX_ROWS * x.shape[-1]
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """`F.linear(x, weight)` (no bias), fast for one row (decode) and for many (prefill).
+
+    One row reads every weight once: its speed is memory traffic. With a bfloat16 weight on
+    the CPU it is the C++ kernel `tramontane::gemv_bf16` (`kernels.py`), eagerly and in the
+    compiled step alike (86% of one thread's read bandwidth against 50-60% for the paths
+    below), and so are up to `kernels.MAX_ROWS` rows (a keystroke's few new prompt tokens):
+    the weights streamed once for all of them, where oneDNN's emulated bfloat16 product took
+    10-20x longer for 2-4 rows on the AVX2 machine here. Otherwise, under `torch.compile`, one
+    row is a broadcast multiply and a float32
+    sum over the input dimension, which inductor turns into one vectorised, threaded loop over
+    the weight rows (faster than oneDNN's packed kernels, no packed copy of the weights); it
+    accumulates in float32 like the eager matmul and rounds to the input's dtype.
+
+    Many rows in bfloat16 on a CPU without bfloat16 instructions (AVX2, AVX-512 without BF16):
+    float32 copies and a float32 matmul, 6x faster than oneDNN's emulated bfloat16 kernel at
+    256 rows on the AVX2 machine here (the weight's conversion costs one pass over it). The
+    products are the same up to the summation order; the result is rounded once to bfloat16.
     """
-    if torch.compiler.is_compiling() and x.numel() == x.shape[-1]:
+    one_row = x.numel() == x.shape[-1]
+    cpu_bf16 = x.device.type == "cpu" and weight.dtype == torch.bfloat16
+    if cpu_bf16 and few_rows(x) and kernels.available():
+        return cast(torch.Tensor, torch.ops.tramontane.gemv_bf16(x, weight)).view(
+            *x.shape[:-1], -1)
+    if torch.compiler.is_compiling() and one_row:
         rows = x.reshape(1, 1, -1).float()
         return (rows * weight.float()).sum(-1).to(x.dtype).view(*x.shape[:-1], -1)
+    if cpu_bf16 and x.numel() >= UPCAST_ROWS * x.shape[-1] and not native_bf16_matmul():
+        return F.linear(x.float(), weight.float()).to(x.dtype)
     return F.linear(x, weight)
 
 
-class Linear(nn.Linear):
+# How a layer's one-row product runs in the C++ kernels: the kernel's name and its operands
+# (`Linear.kernel_operands`; the quantized layers have their own).
+KernelOperands = tuple[str, tuple[torch.Tensor, ...]]
+MANY_KERNELS = {"bf16": "gemv_bf16_many", "int8": "gemv_int8_many", "int4": "gemv_int4_many"}
+
+
+def linear_many(x: torch.Tensor, modules: tuple[nn.Module, ...]) -> list[torch.Tensor]:
+    """`[m(x) for m in modules]`, in one kernel call when x is one row on the CPU and every
+    module runs the same C++ kernel (a layer's query, key and value projections; a
+    feed-forward's gate and up projections): one fork and join of the threads instead of one
+    per module (`kernels.cpp`, `for_rows`). Anything else, an adapter-wrapped layer among
+    them, runs each module's own forward."""
+    if few_rows(x) and x.device.type == "cpu" and kernels.available():
+        plans = [m.kernel_operands() if isinstance(m, KernelLayer) else None for m in modules]
+        kind = plans[0][0] if plans[0] is not None else None
+        if kind is not None and all(p is not None and p[0] == kind for p in plans):
+            operands = [cast(KernelOperands, p)[1] for p in plans]
+            columns = [list(c) for c in zip(*operands, strict=True)]
+            name, _, group = kind.partition(":")
+            extra = [int(group)] if group else []  # int4's group size
+            ys = getattr(torch.ops.tramontane, MANY_KERNELS[name])(x, *columns, *extra)
+            return [y.view(*x.shape[:-1], -1) for y in ys]
+    return [m(x) for m in modules]
+
+
+class KernelLayer(nn.Module):
+    """A layer whose one-row product may run in a C++ kernel together with others
+    (`linear_many`)."""
+
+    def kernel_operands(self) -> KernelOperands | None:
+        """The kernel and operands of a one-row product on the CPU, or None (no kernel)."""
+        raise NotImplementedError
+
+
+class Linear(nn.Linear, KernelLayer):
     """A bias-free linear layer whose one-row product compiles to a weight-streaming loop
     (`linear`). Adapters (`lora.LoRALinear`) and quantized layers keep this interface: a
     module called on activations, so the compiled step needs no special case for them."""
@@ -40,6 +109,9 @@ class Linear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return linear(x, self.weight)
+
+    def kernel_operands(self) -> KernelOperands | None:
+        return ("bf16", (self.weight,)) if self.weight.dtype == torch.bfloat16 else None
 
 
 class RMSNorm(nn.Module):
@@ -108,7 +180,8 @@ class FeedForward(nn.Module):
         self.act = F.gelu if activation == "gelu" else F.silu
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(self.act(self.w1(x)) * self.w3(x))
+        gate, up = linear_many(x, (self.w1, self.w3))
+        return self.w2(self.act(gate) * up)
 
 
 class Attention(nn.Module):

@@ -15,15 +15,16 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
+from ..arch import quant
 from ..errors import ModelLoadError
-from . import dense, mamba2, pixtral
+from . import dense, mamba2, pixtral, quantized
 from .family import BlockCount, Family
 from .files import (
     TensorIndex,
@@ -54,6 +55,7 @@ class Checkpoint:
     tokenizer: MistralTokenizer
     path: Path
     family: str
+    quantize: quant.QuantMode | None = None
 
 
 def _family(path: Path, data: dict[str, Any], hf: bool) -> Family:
@@ -104,17 +106,31 @@ def _out_of_memory(e: BaseException) -> bool:
 
 
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu",
-                    dtype: str | torch.dtype | None = None) -> Checkpoint:
+                    dtype: str | torch.dtype | None = None, *,
+                    quantize: str | None = None,
+                    quantized_dir: str | Path | None = None) -> Checkpoint:
     """Load a native Mistral or Hugging Face checkpoint folder; `dtype=None` keeps the stored
     one (the first floating-point tensor's).
+
+    `quantize` ("int8", "int4"; transformers, dense or MoE) replaces the linear layers by
+    weight-only quantized ones (`arch.quant`), quantized from the checkpoint's weights as they
+    are read (one tensor at a time: the full-precision model never sits in memory), or read
+    from the sidecar a previous load saved in `quantized_dir` (default:
+    `quantized.default_cache_dir()`); `dtype` is then the activations' and the scales'.
 
     Every failure is a `ModelLoadError`, running out of memory included (it then says how much
     the weights need)."""
     folder = Path(path).expanduser()
     target_dtype = parse_dtype(dtype)
+    if quantize is not None and quantize not in quant.QUANT_MODES:
+        raise ModelLoadError(folder, f"quantize must be one of {', '.join(quant.QUANT_MODES)} "
+                             f"or None, got {quantize!r}")
     index: TensorIndex = {}
+    cache_dir = Path(quantized_dir).expanduser() if quantized_dir is not None \
+        else quantized.default_cache_dir()
     try:
-        return _load(folder, device, target_dtype, index)
+        return _load(folder, device, target_dtype, index,
+                     cast("quant.QuantMode | None", quantize), cache_dir)
     except (MemoryError, RuntimeError) as e:
         if not _out_of_memory(e):
             raise
@@ -123,7 +139,7 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu",
 
 
 def _load(folder: Path, device: str | torch.device, target_dtype: torch.dtype | None,
-          index: TensorIndex) -> Checkpoint:
+          index: TensorIndex, mode: quant.QuantMode | None, cache_dir: Path) -> Checkpoint:
     """`load_checkpoint`'s work; fills `index` as soon as the headers are read (for the
     out-of-memory message)."""
     if folder.is_file():
@@ -166,22 +182,58 @@ def _load(folder: Path, device: str | torch.device, target_dtype: torch.dtype | 
 
     if target_dtype is None:  # the stored dtype of the largest weight
         _, _, _, target_dtype = max(index.values(), key=lambda t: _numel(t[2]))
+    # Quantized layers: their weights come from the sidecar, else are quantized as read.
+    schemes: dict[str, quant.QuantMode] = {}
+    portable: dict[str, dict[str, torch.Tensor]] | None = None
+    sidecar, key = None, ""
+    if mode is not None:
+        if family is not dense.FAMILY:
+            raise ModelLoadError(folder, f"quantize={mode!r} supports the dense and MoE "
+                                 f"transformers, not the {family.name}")
+        schemes = quant.plan(module, mode)
+        key = quantized.fingerprint(config_path, files, mode, target_dtype)
+        sidecar = quantized.sidecar_path(cache_dir, folder, mode, key)
+        portable = quantized.read_sidecar(sidecar, key, schemes)
+    fresh = portable is None
+    quantized_layers = portable if portable is not None else {}
+    weights = {f"{layer}.weight": layer for layer in schemes}
     state: dict[str, torch.Tensor] = {}
     for f in files:
         try:
             with safe_open(str(f), framework="pt", device="cpu") as handle:
                 for ours, (src, stored, _, _) in index.items():
-                    if src != f:
+                    if src != f or (ours in weights and not fresh):
                         continue
                     w = family.convert(ours, handle.get_tensor(stored), config, hf)
                     want = torch.float32 if family.keeps_float32(ours) else target_dtype
-                    state[ours] = w.to(device=device, dtype=want).contiguous()
+                    w = w.to(device=device, dtype=want).contiguous()
+                    if ours in weights:
+                        layer = weights[ours]
+                        quantized_layers[layer] = quant.quantize(w, schemes[layer], want)
+                    else:
+                        state[ours] = w
         except (SafetensorError, OSError) as e:
             raise ModelLoadError(f, f"cannot read tensors ({e})") from None
     if tied is not None:
-        state[tied[0]] = state[tied[1]]
+        output_layer = tied[0].removesuffix(".weight")
+        if output_layer in schemes:  # quantized from the embedding table it shares
+            if fresh:
+                quantized_layers[output_layer] = quant.quantize(
+                    state[tied[1]], schemes[output_layer], target_dtype)
+        else:
+            state[tied[0]] = state[tied[1]]
+    if mode is not None:
+        assert sidecar is not None
+        if fresh:
+            quantized.write_sidecar(sidecar, key, quantized_layers, folder)
+        layers: dict[str, nn.Module] = {}
+        for layer in schemes:  # one layer at a time: the portable copy goes as it is built
+            layers[layer] = quant.build(quantized_layers.pop(layer), target_dtype, device)
+        quant.install(module, layers)
     module.load_state_dict(state, assign=True, strict=True)
     module.eval().requires_grad_(False)
-    log.info("loaded %s (%s, %s layout, %s, %s)", folder, family.name, "hf" if hf else "native",
-             target_dtype, device)
-    return Checkpoint(module, config, tokenizer, folder, family.name)
+    log.info("loaded %s (%s, %s layout, %s, %s%s)", folder, family.name,
+             "hf" if hf else "native", target_dtype, device,
+             f", {mode} weights {'quantized' if fresh else 'read from ' + str(sidecar)}"
+             if mode else "")
+    return Checkpoint(module, config, tokenizer, folder, family.name, mode)

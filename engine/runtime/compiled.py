@@ -9,12 +9,18 @@ hundreds of small ops from Python, `KVCache.plan` building masks on the way. `Fa
 
 - calls the model's own layers (`block.attention.wq(x)`, `block.feed_forward(x)`, the norms),
   so what a layer computes is its own business: `arch.layers.Linear` turns a one-row product
-  into a weight-streaming loop under compilation, a LoRA-wrapped or quantized layer brings its
-  own forward, and nothing here special-cases them;
+  into the C++ weight-streaming kernel (or, without it, inductor's loop), a LoRA-wrapped or
+  quantized layer brings its own forward, and nothing here special-cases them (projections of
+  the same input go through `linear_many`, one kernel call where the layers share a kernel);
 - attends over the first `span` slots of the preallocated cache, a dimension the compiled graph
   takes as dynamic, so one graph serves every length up to `max_seq_len` and attention costs
-  what the tokens written so far cost;
-- does the cache bookkeeping (slot map, mask, key/value writes) inside the graph;
+  what the tokens written so far cost (sliding-window layers attend over their whole rotating
+  buffer, a static size: see `step`); its inputs are copied to fresh contiguous tensors and
+  caches are always ordinary tensors (`Model.new_cache`), so no call fails a guard: one
+  compile per decoder, none after it (`tests/engine/test_compiled_step.py` counts them);
+- does the cache bookkeeping (slot map, mask) inside the graph, and the key/value writes with
+  the attention in one C++ op on the cache itself (`tramontane::decode_attention`; without the
+  kernels, index_put writes and inductor's loops);
 - compiles one decoder layer once and reuses it for every layer (`nested_compile_region`, the
   layer passed as an argument): a fraction of the compile time of the unrolled graph.
 
@@ -46,14 +52,16 @@ from typing import Any, cast
 
 import torch
 
+from ..arch import kernels
 from ..arch.cache import KVCache
-from ..arch.layers import FeedForward, apply_rotary, rotary_cos_sin
+from ..arch.layers import FeedForward, apply_rotary, linear_many, rotary_cos_sin
 from ..arch.transformer import Transformer, TransformerBlock
 from ..errors import EngineError
 
 # The two halves of a decoder layer, as compile regions: traced once, reused for every layer
-# (and by every decoder of the same shapes). The key/value writes happen between them, in the
-# outer graph: a region must not mutate its inputs. `shape` = (B, H, Hkv, hd).
+# (and by every decoder of the same shapes). The key/value writes and the attention happen
+# between them, in the outer graph: a region must not mutate its inputs, and what it reads is
+# copied into buffers of its own. `shape` = (B, H, Hkv, hd).
 
 
 @torch.compiler.nested_compile_region
@@ -62,25 +70,33 @@ def _qkv(block: TransformerBlock, h: torch.Tensor, cos: torch.Tensor, sin: torch
     bsz, n_heads, hkv, hd = shape
     attention = block.attention
     x = block.attention_norm(h)  # (B, dim)
-    q = apply_rotary(attention.wq(x).view(bsz, 1, n_heads, hd), cos, sin)
-    k = apply_rotary(attention.wk(x).view(bsz, 1, hkv, hd), cos, sin)
-    v = attention.wv(x)
+    q, k, v = linear_many(x, (attention.wq, attention.wk, attention.wv))
+    q = apply_rotary(q.view(bsz, 1, n_heads, hd), cos, sin)
+    k = apply_rotary(k.view(bsz, 1, hkv, hd), cos, sin)
     return (q.view(bsz, hkv, n_heads // hkv, hd), k.view(bsz, hkv, hd),
             v.view(bsz, hkv, hd))  # q: (B, Hkv, G, hd)
 
 
-@torch.compiler.nested_compile_region
-def _attend_and_feed_forward(block: TransformerBlock, h: torch.Tensor, q: torch.Tensor,
-                             keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
-                             shape: tuple[int, int, int, int]) -> torch.Tensor:
-    bsz, n_heads, _, hd = shape
+def _attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+            mask: torch.Tensor) -> torch.Tensor:
+    """Attention of q `(B, Hkv, G, hd)` over the cache's first S slots, float32 `(B, Hkv, G,
+    hd)`, where the C++ kernels are not built (`tramontane::decode_attention` writes the cache
+    and attends in one call otherwise). In the outer graph, not in a region: a region's inputs
+    are fresh buffers, so the cache, written just before, would be copied into one for every
+    layer."""
     # Query heads h*G .. h*G+G-1 share kv head h (SDPA's enable_gqa). Scores and softmax in
     # float32 as SDPA's CPU kernel accumulates them; broadcast-and-sum, so inductor reads the
-    # bfloat16 cache once, converting as it goes.
+    # bfloat16 cache converting as it goes.
     qg = q[:, :, :, None, :].float()  # (B, Hkv, G, 1, hd)
-    scores = (qg * keys[:, :, None].float()).sum(-1) / math.sqrt(hd)  # (B, Hkv, G, S)
+    scores = (qg * keys[:, :, None].float()).sum(-1) / math.sqrt(q.shape[-1])  # (B, Hkv, G, S)
     probs = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1)
-    out = (probs[..., None] * values[:, :, None].float()).sum(-2)  # (B, Hkv, G, hd)
+    return (probs[..., None] * values[:, :, None].float()).sum(-2)  # (B, Hkv, G, hd)
+
+
+@torch.compiler.nested_compile_region
+def _output_and_feed_forward(block: TransformerBlock, h: torch.Tensor, out: torch.Tensor,
+                             shape: tuple[int, int, int, int]) -> torch.Tensor:
+    bsz, n_heads, _, hd = shape
     h = h + block.attention.wo(out.to(h.dtype).reshape(bsz, n_heads * hd))
     return h + block.feed_forward(block.ffn_norm(h))
 
@@ -136,15 +152,22 @@ class _DecodeStep(torch.nn.Module):
         cos, sin = rotary_cos_sin(positions[:, None], self.head_dim, self.rope_theta,
                                   model.tok_embeddings.weight.dtype)  # (B, 1, 1, hd)
         keep = valid[:, None, None]
+        native = tokens.device.type == "cpu" and kernels.available()
+        write_slots = [torch.where(valid, slot, -1) for slot in slots]  # -1: no write
 
         h = model.tok_embeddings(tokens)  # (B, dim)
         for i, layer in enumerate(model.layers):
             block = cast(TransformerBlock, layer)
             g = self.layer_group[i]
             q, k, v = _qkv(block, h, cos, sin, self.shape)
-            keys[i][rows, :, slots[g]] = torch.where(keep, k, keys[i][rows, :, 0])
-            values[i][rows, :, slots[g]] = torch.where(keep, v, values[i][rows, :, 0])
-            h = _attend_and_feed_forward(block, h, q, keys[i], values[i], masks[g], self.shape)
+            if native:  # the op writes the new key and value, then attends
+                out = torch.ops.tramontane.decode_attention(q, k, v, keys[i], values[i],
+                                                            write_slots[g], masks[g])
+            else:
+                keys[i][rows, :, slots[g]] = torch.where(keep, k, keys[i][rows, :, 0])
+                values[i][rows, :, slots[g]] = torch.where(keep, v, values[i][rows, :, 0])
+                out = _attend(q, keys[i], values[i], masks[g])
+            h = _output_and_feed_forward(block, h, out, self.shape)
         return cast(torch.Tensor, model.output(model.norm(h))).float()  # (B, V)
 
 
@@ -165,6 +188,7 @@ class FastDecoder:
         if not isinstance(model.module, Transformer):
             raise EngineError(f"FastDecoder supports the dense transformer, not "
                               f"{type(model.module).__name__}")
+        kernels.available()  # load the C++ kernels now: not while dynamo traces the layers
         self.model = model
         self.batch_size = batch_size
         self.max_seq_len = max_seq_len
@@ -175,9 +199,19 @@ class FastDecoder:
         self.compiled = compile  # False: the same code run eagerly (tests)
         self.compile_seconds = 0.0
         if compile:
-            self._fn = torch.compile(self._graph, fullgraph=True)
+            # Elementwise kernels of fewer than 4096 elements a thread run on one thread:
+            # the step's norms, rotary and residuals are 1-3k values, and a parallel region
+            # costs more than it saves there (the weight products and the attention, our C++
+            # kernels, share their work among the threads by themselves).
+            self._fn = torch.compile(self._graph, fullgraph=True,
+                                     options={"cpp.min_chunk_size": 4096})
             t0 = time.perf_counter()
-            self._warm_up()
+            # The compile happens here, and inductor's on-disk cache must not hand back a step
+            # compiled against other kernels (the ops' output shapes are fixed in it): their
+            # sources' digest goes into its key.
+            with torch.compiler.config.patch(  # type: ignore[attr-defined]
+                    cache_key_tag=kernels.cache_tag()):
+                self._warm_up()
             self.compile_seconds = time.perf_counter() - t0
 
     def _warm_up(self) -> None:
@@ -212,26 +246,39 @@ class FastDecoder:
             raise ValueError(f"expected tokens and positions of shape ({self.batch_size},), got "
                              f"{tuple(tokens.shape)} and {tuple(positions.shape)}")
         with torch.inference_mode():
-            # Tensors made outside inference mode carry another dispatch key, and the compiled
-            # graph guards on it: copies made here always match (a copy of B ids is free).
-            tokens, positions = tokens.clone(), positions.clone()
+            # The compiled graph guards on its inputs' dispatch keys and strides. Fresh copies
+            # in inference mode, with contiguous strides, always match (a copy of B ids is
+            # free): a tensor made outside inference mode carries another dispatch key, and a
+            # column of a padded prompt (`padded[:, i]`, shape (1,), stride (T,)) keeps its
+            # stride through a plain `clone()`: each recompiled the step (seconds) once per
+            # process.
+            tokens = tokens.clone(memory_format=torch.contiguous_format)
+            positions = positions.clone(memory_format=torch.contiguous_format)
             last = int(positions.max())
             if last >= self.max_seq_len:
                 raise ValueError(f"position {last} is beyond the cache ({self.max_seq_len})")
             # Every row's positions so far live in slots [0, last], or anywhere in a rotating
             # buffer that has wrapped (then the span is its whole capacity, sink excluded).
             span = max(1, -(-(last + 1) // self.SPAN_STEP)) * self.SPAN_STEP
-            spans = [min(span, g.capacity) for g in cache.groups]
+            # Sliding-window layers attend over their whole (small) rotating buffer: a static
+            # size. Only the full-attention group's span is dynamic: two dynamic spans would be
+            # guarded equal or unequal as they were when traced (duck sizing, and the reuse of
+            # the layer region), and recompile at the first step where that changes.
+            spans = [min(span, g.capacity) if g.window is None else g.capacity
+                     for g in cache.groups]
+            dynamic = [g.window is None for g in cache.groups]
             slot_pos = [spos[:, :n] for spos, n in zip(cache.slot_pos, spans, strict=True)]
             keys = [k[:, :, : spans[g]] for k, g in zip(cache.keys, cache.layer_group,
                                                          strict=True)]
             values = [v[:, :, : spans[g]] for v, g in zip(cache.values, cache.layer_group,
                                                            strict=True)]
             if self.compiled:
-                for t in slot_pos:
-                    torch._dynamo.mark_dynamic(t, 1)
-                for t in (*keys, *values):
-                    torch._dynamo.mark_dynamic(t, 2)
+                for t, d in zip(slot_pos, dynamic, strict=True):
+                    if d:
+                        torch._dynamo.mark_dynamic(t, 1)
+                for t, g in zip((*keys, *values), cache.layer_group * 2, strict=True):
+                    if dynamic[g]:
+                        torch._dynamo.mark_dynamic(t, 2)
             return self._fn(tokens, positions, slot_pos, keys, values)
 
 

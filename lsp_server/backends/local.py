@@ -82,6 +82,7 @@ class _ModelSpec:
     path: str
     device: str
     dtype: str | None
+    quantize: str | None = None
 
 
 def _load(spec: _ModelSpec) -> engine.Model:
@@ -91,7 +92,7 @@ def _load(spec: _ModelSpec) -> engine.Model:
         if not torch.cuda.is_available():
             raise BackendError(f"device {spec.device!r} is not available (no CUDA GPU or a "
                                "CPU-only torch)")
-    return engine.load(spec.path, device=spec.device, dtype=spec.dtype)
+    return engine.load(spec.path, device=spec.device, dtype=spec.dtype, quantize=spec.quantize)
 
 
 class LocalBackend:
@@ -137,7 +138,7 @@ class LocalBackend:
         return self._model
 
     async def configure(self, settings: Settings) -> None:
-        spec = _ModelSpec(settings.model, settings.device, settings.dtype) \
+        spec = _ModelSpec(settings.model, settings.device, settings.dtype, settings.quantize) \
             if settings.model is not None else None
         self._compile = settings.compile
         self._image_limits = engine.ImageLimits(max_bytes=settings.chat.max_image_mib * 2**20)
@@ -157,7 +158,7 @@ class LocalBackend:
         """Serve `model`, already loaded (an embedding application's, or a test's), with the
         caches and compiled step `settings` ask for; its loaded adapters stay as they are."""
         self._generation += 1
-        self._spec = _ModelSpec(str(model.path), str(model.device), None)
+        self._spec = _ModelSpec(str(model.path), str(model.device), None, model.quantize)
         self._compile = settings.compile
         self._model = model
         self._tokenizer = PromptTokenizer(model.tokenizer)

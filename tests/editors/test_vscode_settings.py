@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from lsp_server.settings import DTYPES, Settings, _camel, merge_settings
+from lsp_server.settings import DTYPES, QUANTIZE, Settings, _camel, merge_settings
 
 PACKAGE = Path(__file__).resolve().parents[2] / "editors" / "vscode" / "package.json"
 SECTION = "tramontane"
@@ -89,8 +89,9 @@ def test_declared_bounds_are_the_servers(key: str) -> None:
             f"{key} = {edge + outside} (past the declared {bound}) is accepted"
 
 
-def test_dtype_choices_are_the_servers() -> None:
+def test_dtype_and_quantize_choices_are_the_servers() -> None:
     assert declared()["tramontane.dtype"]["enum"] == [None, *DTYPES]
+    assert declared()["tramontane.quantize"]["enum"] == [None, *QUANTIZE]
 
 
 @pytest.mark.parametrize("device", ["cpu", "cuda", "cuda:0", "cuda:12", "mps", "tpu", "cuda:",

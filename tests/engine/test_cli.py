@@ -198,6 +198,21 @@ def test_generate_json_gives_the_tokens_and_logprobs_of_engine_generate(
     assert result["finish_reason"] == "length"
 
 
+def test_quantize_flag_generates_what_the_quantized_engine_does_and_saves_its_sidecar(
+        tiny_path: Path, capsys: pytest.CaptureFixture[str], tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    code = cli.main(["generate", str(tiny_path), "--prompt", "fox", "--max-tokens", "6",
+                     "--json", "--quantize", "int4"])
+    result = json.loads(capsys.readouterr().out)
+    model = engine.load(tiny_path, quantize="int4", quantized_dir=tmp_path / "elsewhere")
+    tokens, _ = engine.generate([result["prompt_tokens"]], model, max_tokens=6)
+    assert code == 0
+    assert result["tokens"] == tokens[0]
+    (sidecar,) = (tmp_path / "tramontane" / "quantized").iterdir()
+    assert sidecar.name.startswith(f"{tiny_path.name}-int4-")
+
+
 def test_generate_with_a_seed_samples_the_same_tokens_as_engine_generate(
         tiny_path: Path, model: engine.Model, capsys: pytest.CaptureFixture[str]) -> None:
     flags = dict(max_tokens=8, temperature=1.0, top_p=0.9, top_k=50, seed=7)

@@ -4,8 +4,10 @@ the compiled step follow the prompt budgets), requests stream through the engine
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import pytest_asyncio
@@ -53,14 +55,25 @@ async def complete(backend: LocalBackend, key: str, tokens: list[int]) -> list[o
 @pytest.mark.asyncio
 async def test_ready_on_the_eager_path_then_the_compiled_step_is_swapped_in(
         backend: tuple[LocalBackend, list[BackendStatus]],
-        make_checkpoint: CheckpointFactory) -> None:
+        make_checkpoint: CheckpointFactory, monkeypatch: pytest.MonkeyPatch) -> None:
     local, statuses = backend
     folder = make_checkpoint("native", **SHAPE)
+    # The step is built on a thread of its own; held here until the ready status is seen (an
+    # eager step is built in no time, and could be swapped in before `configure` returns).
+    release = threading.Event()
+    build = engine.compile_decode_step
+
+    def held(*args: Any, **kwargs: Any) -> Any:
+        release.wait(60)
+        return build(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "compile_decode_step", held)
     await local.configure(Settings(model=str(folder), completion=SMALL,
                                    cache=CacheSettings(budget_mib=64)))
-    assert [s.state for s in statuses[:2]] == ["loading", "ready"]
+    assert [s.state for s in statuses] == ["loading", "ready"]
     assert statuses[1].details == {"fastDecode": False}
     assert "compiling the fast decode step" in statuses[1].message
+    release.set()
     await wait_for(statuses, fast=True)
     assert statuses[-1].message == (f"{folder.name} ready (torch.float32, cpu), fast decode "
                                     "step in use")

@@ -32,6 +32,7 @@ describe('settings', () => {
       model: null,
       device: 'cpu',
       dtype: null,
+      quantize: null,
       compile: true,
       adapters: {},
       completion: {

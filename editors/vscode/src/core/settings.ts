@@ -39,7 +39,7 @@ export type Section = keyof typeof SECTIONS;
 const SECTION_NAMES = Object.keys(SECTIONS) as Section[];
 
 /** The server's top-level settings. */
-export const SERVER_KEYS = ['model', 'device', 'dtype', 'compile', 'adapters'] as const;
+export const SERVER_KEYS = ['model', 'device', 'dtype', 'quantize', 'compile', 'adapters'] as const;
 
 /** Every server setting, as a key under `tramontane.` (e.g. `completion.maxTokens`). */
 export const SERVER_SETTING_KEYS: readonly string[] = [
@@ -60,6 +60,7 @@ export interface InitializationOptions {
   model?: unknown;
   device?: unknown;
   dtype?: unknown;
+  quantize?: unknown;
   compile?: unknown;
   adapters?: unknown;
   completion: Record<string, unknown>;

@@ -1,0 +1,300 @@
+// One new token per row: its key and value written into the cache, then its attention over the
+// cache, for grouped-query attention: the decode step's attention
+// (`torch.ops.tramontane.decode_attention`, registered by kernels.py).
+//
+//   q (B, Hkv, G, hd): the G query heads that share each key/value head
+//   k, v (B, Hkv, hd): the new token's key and value
+//   keys, values (B, Hkv, S, hd): the first S slots of the cache (any strides but the last),
+//     written in place: row b's k and v go to slot[b] (no write where slot[b] < 0: padding)
+//   allowed (B, S) bool: the slots this row attends to (after the write)
+//   -> (B, Hkv, G, hd) float32: softmax(q k^T / sqrt(hd)) v over the allowed slots
+//
+// Why the write is here: the compiled step's graph would otherwise write the cache with an
+// index_put and hand this op the written cache as a new value, which inductor materializes as
+// a copy of the keys and values in use, every layer and every step (more bytes than the
+// attention reads). An op that mutates its inputs (`Tensor(a!)`) is called on the cache itself.
+//
+// Why our own: inductor's loops for the same broadcast-and-sum read each key once per query
+// head, reduce every score horizontally, and sum the values along one dependent chain of
+// additions per 16 outputs; at the ~2k positions of a completion prompt that took a few ms
+// a step. Here each (row, key/value head) is one task: its keys and values are read once for
+// all G heads (blocks of 4 query heads, the keys of a block streamed from L1/L2), scores and
+// softmax in float32 in a buffer of G x S, and the weighted sum of the values runs 8
+// independent accumulator chains. float32 throughout, like SDPA's CPU kernel; the result
+// differs from a float64 reference by float32 roundings only.
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "simd.h"
+
+namespace {
+
+using namespace tramontane;
+
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+struct Head {
+  const float* q;       // (G, hd) float32, contiguous
+  const void* keys;     // row s at keys + s * stride (elements)
+  const void* values;
+  int64_t stride;       // elements between two slots
+  const bool* allowed;  // (S,)
+  float* out;           // (G, hd)
+};
+
+// ------------------------------------------------------------------------------------------
+// Portable loops
+
+template <typename T>
+void attend(const Head& h, int64_t groups, int64_t S, int64_t hd, float scale, float* scores) {
+  const T* keys = static_cast<const T*>(h.keys);
+  const T* values = static_cast<const T*>(h.values);
+  for (int64_t g = 0; g < groups; ++g) {
+    float* row = scores + g * S;
+    float top = kNegInf;
+    for (int64_t s = 0; s < S; ++s) {
+      if (!h.allowed[s]) {
+        row[s] = kNegInf;
+        continue;
+      }
+      float dot = 0.f;
+      for (int64_t i = 0; i < hd; ++i) dot += h.q[g * hd + i] * to_float(keys[s * h.stride + i]);
+      row[s] = dot * scale;
+      top = std::max(top, row[s]);
+    }
+    float total = 0.f;
+    for (int64_t s = 0; s < S; ++s) {
+      row[s] = h.allowed[s] ? std::exp(row[s] - top) : 0.f;
+      total += row[s];
+    }
+    float* out = h.out + g * hd;
+    std::fill(out, out + hd, 0.f);
+    if (total == 0.f) continue;  // nothing allowed: zeros
+    for (int64_t s = 0; s < S; ++s) {
+      if (row[s] == 0.f) continue;
+      const float p = row[s] / total;
+      for (int64_t i = 0; i < hd; ++i) out[i] += p * to_float(values[s * h.stride + i]);
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------------------
+// AVX2 + FMA (hd a multiple of 16)
+
+#ifdef TRAMONTANE_X86
+
+// exp(x) for x <= 0 (softmax's shifted scores): 2^n exp(r), n = round(x / ln 2), |r| <= ln2/2,
+// exp(r) by its degree-6 Taylor polynomial (relative error < 2e-7, float32's own rounding).
+TRAMONTANE_AVX2 inline __m256 exp8(__m256 x) {
+  x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));  // 2^n stays a normal float
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.f / 720);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 120));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 24));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 6));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n),
+                                                       _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+
+// Scores of up to 4 query heads (q0..: G4 of them) against every allowed key.
+template <typename T, int G4>
+TRAMONTANE_AVX2 void scores_block(const Head& h, const float* q, int64_t S, int64_t hd,
+                                  float scale, float* scores) {
+  const T* keys = static_cast<const T*>(h.keys);
+  for (int64_t s = 0; s < S; ++s) {
+    if (!h.allowed[s]) {
+      for (int g = 0; g < G4; ++g) scores[g * S + s] = kNegInf;
+      continue;
+    }
+    const T* k = keys + s * h.stride;
+    __m256 acc[G4];
+    for (int g = 0; g < G4; ++g) acc[g] = _mm256_setzero_ps();
+    for (int64_t i = 0; i < hd; i += 8) {
+      const __m256 kv = load8(k + i);
+      for (int g = 0; g < G4; ++g) {
+        acc[g] = _mm256_fmadd_ps(kv, _mm256_loadu_ps(q + g * hd + i), acc[g]);
+      }
+    }
+    for (int g = 0; g < G4; ++g) scores[g * S + s] = hsum(acc[g]) * scale;
+  }
+}
+
+// Softmax of one row of scores in place (masked slots hold -inf and get 0); returns the sum
+// of the exponentials (0 when nothing is allowed).
+TRAMONTANE_AVX2 float softmax_row(float* row, int64_t S) {
+  __m256 vmax = _mm256_set1_ps(kNegInf);
+  int64_t s = 0;
+  for (; s + 8 <= S; s += 8) vmax = _mm256_max_ps(vmax, _mm256_loadu_ps(row + s));
+  float top = hmax(vmax);
+  for (; s < S; ++s) top = std::max(top, row[s]);
+  if (top == kNegInf) {
+    std::fill(row, row + S, 0.f);
+    return 0.f;
+  }
+  const __m256 vtop = _mm256_set1_ps(top), ninf = _mm256_set1_ps(kNegInf);
+  __m256 vsum = _mm256_setzero_ps();
+  for (s = 0; s + 8 <= S; s += 8) {
+    const __m256 x = _mm256_loadu_ps(row + s);
+    const __m256 keep = _mm256_cmp_ps(x, ninf, _CMP_NEQ_OQ);
+    const __m256 e = _mm256_and_ps(exp8(_mm256_sub_ps(x, vtop)), keep);
+    _mm256_storeu_ps(row + s, e);
+    vsum = _mm256_add_ps(vsum, e);
+  }
+  float total = hsum(vsum);
+  for (; s < S; ++s) {
+    row[s] = row[s] == kNegInf ? 0.f : std::exp(row[s] - top);
+    total += row[s];
+  }
+  return total;
+}
+
+// out[g] = sum_s p[g][s] v[s] for up to 4 heads, 16 outputs at a time: 2 x G4 chains.
+template <typename T, int G4>
+TRAMONTANE_AVX2 void values_block(const Head& h, const float* probs, const float* inv_total,
+                                  int64_t S, int64_t hd, float* out) {
+  const T* values = static_cast<const T*>(h.values);
+  for (int64_t c = 0; c < hd; c += 16) {
+    __m256 acc[G4][2];
+    for (int g = 0; g < G4; ++g) acc[g][0] = acc[g][1] = _mm256_setzero_ps();
+    for (int64_t s = 0; s < S; ++s) {
+      if (!h.allowed[s]) continue;
+      const T* v = values + s * h.stride + c;
+      const __m256 v0 = load8(v), v1 = load8(v + 8);
+      for (int g = 0; g < G4; ++g) {
+        const __m256 p = _mm256_broadcast_ss(probs + g * S + s);
+        acc[g][0] = _mm256_fmadd_ps(p, v0, acc[g][0]);
+        acc[g][1] = _mm256_fmadd_ps(p, v1, acc[g][1]);
+      }
+    }
+    for (int g = 0; g < G4; ++g) {
+      const __m256 inv = _mm256_set1_ps(inv_total[g]);
+      _mm256_storeu_ps(out + g * hd + c, _mm256_mul_ps(acc[g][0], inv));
+      _mm256_storeu_ps(out + g * hd + c + 8, _mm256_mul_ps(acc[g][1], inv));
+    }
+  }
+}
+
+template <typename T, int G4>
+TRAMONTANE_AVX2 void attend_block(const Head& h, int64_t g0, int64_t S, int64_t hd, float scale,
+                                  float* scores) {
+  const float* q = h.q + g0 * hd;
+  scores_block<T, G4>(h, q, S, hd, scale, scores);
+  float inv_total[G4];
+  for (int g = 0; g < G4; ++g) {
+    const float total = softmax_row(scores + g * S, S);
+    inv_total[g] = total > 0.f ? 1.f / total : 0.f;
+  }
+  values_block<T, G4>(h, scores, inv_total, S, hd, h.out + g0 * hd);
+}
+
+template <typename T>
+TRAMONTANE_AVX2 void attend_avx2(const Head& h, int64_t groups, int64_t S, int64_t hd,
+                                 float scale, float* scores) {
+  int64_t g = 0;
+  for (; g + 4 <= groups; g += 4) attend_block<T, 4>(h, g, S, hd, scale, scores);
+  switch (groups - g) {
+    case 3: attend_block<T, 3>(h, g, S, hd, scale, scores); break;
+    case 2: attend_block<T, 2>(h, g, S, hd, scale, scores); break;
+    case 1: attend_block<T, 1>(h, g, S, hd, scale, scores); break;
+    default: break;
+  }
+}
+
+#endif
+
+// ------------------------------------------------------------------------------------------
+
+at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                            at::Tensor& keys, at::Tensor& values, const at::Tensor& slot,
+                            const at::Tensor& allowed) {
+  TORCH_CHECK(q.dim() == 4 && keys.dim() == 4 && values.dim() == 4,
+              "decode_attention: expected q (B, Hkv, G, hd) and keys, values (B, Hkv, S, hd)");
+  const int64_t B = q.size(0), Hkv = q.size(1), G = q.size(2), hd = q.size(3);
+  const int64_t S = keys.size(2);
+  TORCH_CHECK(keys.sizes() == values.sizes() && keys.size(0) == B && keys.size(1) == Hkv &&
+                  keys.size(3) == hd,
+              "decode_attention: keys ", keys.sizes(), " and values ", values.sizes(),
+              " do not match q ", q.sizes());
+  TORCH_CHECK(keys.scalar_type() == values.scalar_type() &&
+                  (keys.scalar_type() == at::kFloat || keys.scalar_type() == at::kBFloat16),
+              "decode_attention: keys and values must both be float32 or bfloat16");
+  TORCH_CHECK(keys.device().is_cpu() && values.device().is_cpu() && q.device().is_cpu(),
+              "decode_attention: CPU tensors only");
+  TORCH_CHECK(keys.stride(3) == 1 && values.stride(3) == 1 &&
+                  keys.strides() == values.strides(),
+              "decode_attention: the last dimension of keys and values must be contiguous, "
+              "with the same strides for both");
+  TORCH_CHECK(allowed.scalar_type() == at::kBool && allowed.numel() == B * S,
+              "decode_attention: expected a (B, S) boolean mask of ", B * S, " values");
+  TORCH_CHECK(k.numel() == B * Hkv * hd && v.numel() == B * Hkv * hd && slot.numel() == B,
+              "decode_attention: expected a new key and value of ", B * Hkv * hd,
+              " values and ", B, " slots");
+  const at::Tensor slots = slot.to(at::kLong).cpu();
+  const at::Tensor knew = k.reshape({B, Hkv, hd}), vnew = v.reshape({B, Hkv, hd});
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t at_slot = slots.data_ptr<int64_t>()[b];
+    if (at_slot < 0) continue;
+    TORCH_CHECK(at_slot < S, "decode_attention: slot ", at_slot, " is past the ", S,
+                " slots in use");
+    keys.select(0, b).select(1, at_slot).copy_(knew.select(0, b));
+    values.select(0, b).select(1, at_slot).copy_(vnew.select(0, b));
+  }
+  const at::Tensor qf = q.to(at::kFloat).contiguous();
+  const at::Tensor mask = allowed.reshape({B, S}).contiguous();
+  at::Tensor out = at::empty({B, Hkv, G, hd}, q.options().dtype(at::kFloat));
+  const float scale = 1.f / std::sqrt(static_cast<float>(hd));
+  const bool bf16 = keys.scalar_type() == at::kBFloat16;
+  const int64_t elem = bf16 ? 2 : 4;
+  const auto* kp = static_cast<const char*>(keys.data_ptr());
+  const auto* vp = static_cast<const char*>(values.data_ptr());
+  const bool* mp = mask.data_ptr<bool>();
+  const float* qp = qf.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+#ifdef TRAMONTANE_X86
+  const bool avx2 = has_avx2() && hd % 16 == 0;
+#endif
+  at::parallel_for(0, B * Hkv, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<float> scores(G * S);
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t b = t / Hkv, kv = t % Hkv;
+      const Head h{qp + t * G * hd,
+                   kp + (b * keys.stride(0) + kv * keys.stride(1)) * elem,
+                   vp + (b * values.stride(0) + kv * values.stride(1)) * elem,
+                   keys.stride(2), mp + b * S, op + t * G * hd};
+#ifdef TRAMONTANE_X86
+      if (avx2) {
+        if (bf16) attend_avx2<uint16_t>(h, G, S, hd, scale, scores.data());
+        else attend_avx2<float>(h, G, S, hd, scale, scores.data());
+        continue;
+      }
+#endif
+      if (bf16) attend<uint16_t>(h, G, S, hd, scale, scores.data());
+      else attend<float>(h, G, S, hd, scale, scores.data());
+    }
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(tramontane, m) {
+  m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor(a!) keys, Tensor(b!) values, "
+        "Tensor slot, Tensor allowed) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(tramontane, CPU, m) { m.impl("decode_attention", &decode_attention); }

@@ -1,0 +1,485 @@
+// One-row matrix-vector products that stream a weight matrix once, at the memory limit:
+// bfloat16, int8 (one scale per row) and int4 (two codes per byte, low nibble first; a scale
+// and a zero per group of input channels), and the int4 dequantization for many-row products.
+// Registered as `torch.ops.tramontane.*` (kernels.py builds, loads and describes them; it
+// also holds the pure-PyTorch fallbacks and the shapes for torch.compile).
+//
+// Each row is one dot product over a contiguous stretch of the weight, so the whole matrix is
+// read as one sequential stream (the hardware prefetchers' best case); rows are shared among
+// torch's intra-op threads. The activation row is converted to float32 once per call and stays
+// in L1/L2. AVX2+FMA code is chosen at run time where the CPU has it; elsewhere the same loops
+// in plain C++ (the compiler vectorises what it can).
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#include "simd.h"
+
+namespace {
+
+using namespace tramontane;
+
+constexpr int64_t kGrain = 16;   // weight rows per task, at least
+constexpr int64_t kBlock = 4;    // weight rows read once for all the input rows (<= 24 KiB)
+constexpr int64_t kMaxRows = 16;  // input rows per call: beyond, a matmul is faster
+
+
+// ------------------------------------------------------------------------------------------
+// Portable loops
+
+void bf16_rows(const uint16_t* w, const float* x, float* y, int64_t k, int64_t r0, int64_t r1) {
+  for (int64_t r = r0; r < r1; ++r) {
+    const uint16_t* row = w + r * k;
+    float acc = 0.f;
+    for (int64_t i = 0; i < k; ++i) acc += bf16_to_float(row[i]) * x[i];
+    y[r] = acc;
+  }
+}
+
+void int8_rows(const int8_t* w, const float* scale, const float* x, float* y, int64_t k,
+               int64_t r0, int64_t r1) {
+  for (int64_t r = r0; r < r1; ++r) {
+    const int8_t* row = w + r * k;
+    float acc = 0.f;
+    for (int64_t i = 0; i < k; ++i) acc += static_cast<float>(row[i]) * x[i];
+    y[r] = acc * scale[r];
+  }
+}
+
+// xe/xo: the even and odd inputs; gsum: the sum of the inputs of each group. Scales and zeros
+// are float32 or bfloat16 (S = uint16_t): a float32 pair per group of 32 would add 0.25 byte
+// per weight to the 0.5 of the codes.
+template <typename S>
+void int4_rows(const uint8_t* w, const S* scale, const S* zero, const float* xe,
+               const float* xo, const float* gsum, float* y, int64_t k, int64_t group,
+               int64_t r0, int64_t r1) {
+  const int64_t groups = k / group, half = group / 2;
+  for (int64_t r = r0; r < r1; ++r) {
+    const uint8_t* row = w + r * (k / 2);
+    float acc = 0.f;
+    for (int64_t g = 0; g < groups; ++g) {
+      float dot = 0.f;
+      for (int64_t j = g * half; j < (g + 1) * half; ++j) {
+        dot += static_cast<float>(row[j] & 15) * xe[j] + static_cast<float>(row[j] >> 4) * xo[j];
+      }
+      const float s = to_float(scale[r * groups + g]), z = to_float(zero[r * groups + g]);
+      acc += s * dot + (z - 8.f * s) * gsum[g];
+    }
+    y[r] = acc;
+  }
+}
+
+// ------------------------------------------------------------------------------------------
+// AVX2 + FMA
+
+#ifdef TRAMONTANE_X86
+
+__attribute__((target("avx2,fma"))) void bf16_rows_avx2(const uint16_t* w, const float* x,
+                                                       float* y, int64_t k, int64_t r0,
+                                                       int64_t r1) {
+  for (int64_t r = r0; r < r1; ++r) {
+    const uint16_t* row = w + r * k;
+    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+    __m256 a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 32 <= k; i += 32) {
+      a0 = _mm256_fmadd_ps(load_bf16(row + i), _mm256_loadu_ps(x + i), a0);
+      a1 = _mm256_fmadd_ps(load_bf16(row + i + 8), _mm256_loadu_ps(x + i + 8), a1);
+      a2 = _mm256_fmadd_ps(load_bf16(row + i + 16), _mm256_loadu_ps(x + i + 16), a2);
+      a3 = _mm256_fmadd_ps(load_bf16(row + i + 24), _mm256_loadu_ps(x + i + 24), a3);
+    }
+    for (; i + 8 <= k; i += 8) a0 = _mm256_fmadd_ps(load_bf16(row + i), _mm256_loadu_ps(x + i), a0);
+    float acc = hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+    for (; i < k; ++i) acc += bf16_to_float(row[i]) * x[i];
+    y[r] = acc;
+  }
+}
+
+// int8 and int4 rows multiply integers: the activation row is quantized to int16 (one scale
+// for the row: a relative error of 2^-16 of its largest value, far below bfloat16's 2^-9), the
+// weights widened to int16, and pairs of products summed into int32 lanes (`madd`): half the
+// instructions of converting every weight to float. Lanes go back to float before they could
+// overflow (every 1024 inputs for int8: at most 128 products of |127 * 32767| per lane).
+__attribute__((target("avx2,fma"))) void int8_rows_avx2(const int8_t* w, const float* scale,
+                                                       const int16_t* x16, float xscale,
+                                                       float* y, int64_t k, int64_t r0,
+                                                       int64_t r1) {
+  for (int64_t r = r0; r < r1; ++r) {
+    const int8_t* row = w + r * k;
+    __m256 facc = _mm256_setzero_ps();
+    int64_t i = 0;
+    while (i + 32 <= k) {
+      __m256i a0 = _mm256_setzero_si256(), a1 = _mm256_setzero_si256();
+      const int64_t stop = std::min(k - 31, i + 1024);
+      for (; i < stop; i += 32) {
+        __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + i));
+        __m256i w0 = _mm256_cvtepi8_epi16(_mm256_castsi256_si128(b));
+        __m256i w1 = _mm256_cvtepi8_epi16(_mm256_extracti128_si256(b, 1));
+        a0 = _mm256_add_epi32(a0, _mm256_madd_epi16(
+            w0, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x16 + i))));
+        a1 = _mm256_add_epi32(a1, _mm256_madd_epi16(
+            w1, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x16 + i + 16))));
+      }
+      facc = _mm256_add_ps(facc, _mm256_cvtepi32_ps(_mm256_add_epi32(a0, a1)));
+    }
+    float acc = hsum(facc);
+    int64_t tail = 0;
+    for (; i < k; ++i) tail += static_cast<int64_t>(row[i]) * x16[i];
+    y[r] = (acc + static_cast<float>(tail)) * xscale * scale[r];
+  }
+}
+
+__attribute__((target("avx2,fma"))) inline __m256 group_dot(const uint8_t* bytes,
+                                                           const int16_t* xe,
+                                                           const int16_t* xo, __m128i low) {
+  __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(bytes));
+  __m256i lo = _mm256_cvtepu8_epi16(_mm_and_si128(b, low));
+  __m256i hi = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(b, 4), low));
+  __m256i dot = _mm256_add_epi32(
+      _mm256_madd_epi16(lo, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xe))),
+      _mm256_madd_epi16(hi, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xo))));
+  return _mm256_cvtepi32_ps(dot);
+}
+
+// Groups of 32 inputs: 16 bytes, their low nibbles the even inputs, their high ones the odd
+// (xe16/xo16: the even and odd inputs as int16). Per group: 8 int32 lanes of at most 4
+// products of |15 * 32767|, to float, times the group's scale.
+template <typename S>
+__attribute__((target("avx2,fma"))) void int4_rows_avx2(const uint8_t* w, const S* scale,
+                                                       const S* zero, const int16_t* xe16,
+                                                       const int16_t* xo16, float xscale,
+                                                       const float* gsum, float* y, int64_t k,
+                                                       int64_t r0, int64_t r1) {
+  const int64_t groups = k / 32;
+  const __m128i low = _mm_set1_epi8(15);
+  for (int64_t r = r0; r < r1; ++r) {
+    const uint8_t* row = w + r * (k / 2);
+    const S* s = scale + r * groups;
+    const S* z = zero + r * groups;
+    // Two groups per iteration into two accumulators: one chain of dependent FMAs per group
+    // would cap the stream at a group per FMA latency.
+    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+    int64_t g = 0;
+    for (; g + 2 <= groups; g += 2) {
+      const int64_t at = g * 16;
+      acc0 = _mm256_fmadd_ps(group_dot(row + at, xe16 + at, xo16 + at, low),
+                             _mm256_set1_ps(to_float(s[g])), acc0);
+      acc1 = _mm256_fmadd_ps(group_dot(row + at + 16, xe16 + at + 16, xo16 + at + 16, low),
+                             _mm256_set1_ps(to_float(s[g + 1])), acc1);
+    }
+    for (; g < groups; ++g) {
+      acc0 = _mm256_fmadd_ps(group_dot(row + g * 16, xe16 + g * 16, xo16 + g * 16, low),
+                             _mm256_set1_ps(to_float(s[g])), acc0);
+    }
+    // The zero points' share: sum over groups of (z - 8 s) * (the group's input sum).
+    __m256 off = _mm256_setzero_ps();
+    const __m256 eight = _mm256_set1_ps(8.f);
+    g = 0;
+    for (; g + 8 <= groups; g += 8) {
+      __m256 zs = _mm256_fnmadd_ps(eight, load8(s + g), load8(z + g));
+      off = _mm256_fmadd_ps(zs, _mm256_loadu_ps(gsum + g), off);
+    }
+    float offset = hsum(off);
+    for (; g < groups; ++g) offset += (to_float(z[g]) - 8.f * to_float(s[g])) * gsum[g];
+    y[r] = hsum(_mm256_add_ps(acc0, acc1)) * xscale + offset;
+  }
+}
+
+#endif
+
+// ------------------------------------------------------------------------------------------
+// Ops
+
+// The input rows, float32: x holds `rows` rows of k values (1 when decoding; a few when a
+// keystroke's prompt grows by a few tokens).
+struct Rows {
+  int64_t count, k;
+  std::vector<float> values;  // count x k
+  const float* row(int64_t m) const { return values.data() + m * k; }
+};
+
+Rows float_rows(const at::Tensor& x, int64_t k) {
+  TORCH_CHECK(k > 0 && x.numel() % k == 0 && x.numel() / k >= 1 &&
+                  x.numel() / k <= kMaxRows,
+              "expected 1 to ", kMaxRows, " rows of ", k, " values, got ", x.sizes());
+  const int64_t count = x.numel() / k;
+  at::Tensor flat = x.reshape({count * k}).to(at::kFloat).contiguous();
+  const float* p = flat.data_ptr<float>();
+  return Rows{count, k, std::vector<float>(p, p + count * k)};
+}
+
+// A row as int16 codes of one scale: x ~ code * scale.
+std::vector<int16_t> quantize_row(const float* x, int64_t k, float* scale) {
+  float amax = 0.f;
+  for (int64_t i = 0; i < k; ++i) amax = std::max(amax, std::fabs(x[i]));
+  *scale = amax > 0.f ? amax / 32767.f : 1.f;
+  std::vector<int16_t> out(k);
+  for (int64_t i = 0; i < k; ++i) out[i] = static_cast<int16_t>(std::nearbyint(x[i] / *scale));
+  return out;
+}
+
+void check_weight(const at::Tensor& w, at::ScalarType dtype, const char* what) {
+  TORCH_CHECK(w.device().is_cpu() && w.dim() == 2 && w.is_contiguous() &&
+                  w.scalar_type() == dtype,
+              what, ": expected a contiguous 2-D CPU tensor of ", dtype, ", got ",
+              w.scalar_type(), " ", w.sizes());
+}
+
+// Several matrices of the same input rows (a layer's query, key and value projections; the
+// gate and up projections of a feed-forward) in one call: their rows are one range shared
+// among the threads, so the call pays one fork and join, and the input rows are converted
+// (and for int8 and int4 quantized) once. fn(i, m, r0, r1): rows r0..r1 of matrix i against
+// input row m. With several input rows, each block of kBlock weight rows is read from memory
+// once and from L1 for the other input rows: the weights are streamed once per call.
+template <typename F>
+void for_rows(const std::vector<int64_t>& rows, int64_t inputs, const F& fn) {
+  std::vector<int64_t> start(rows.size() + 1, 0);
+  for (size_t i = 0; i < rows.size(); ++i) start[i + 1] = start[i] + rows[i];
+  at::parallel_for(0, start.back(), kGrain, [&](int64_t r0, int64_t r1) {
+    for (size_t i = 0; i < rows.size(); ++i) {
+      const int64_t a = std::max(r0, start[i]) - start[i];
+      const int64_t b = std::min(r1, start[i + 1]) - start[i];
+      for (int64_t r = a; r < b; r += kBlock) {
+        for (int64_t m = 0; m < inputs; ++m) fn(i, m, r, std::min(r + kBlock, b));
+      }
+    }
+  });
+}
+
+std::vector<at::Tensor> outputs(const at::Tensor& x, const std::vector<int64_t>& rows,
+                                int64_t inputs) {
+  std::vector<at::Tensor> ys;
+  for (int64_t n : rows) ys.push_back(at::empty({inputs, n}, x.options().dtype(at::kFloat)));
+  return ys;
+}
+
+std::vector<at::Tensor> in_dtype(std::vector<at::Tensor> ys, const at::Tensor& x) {
+  for (at::Tensor& y : ys) y = y.to(x.scalar_type());
+  return ys;
+}
+
+int64_t common_inputs(at::TensorList ws, int64_t per_column, const char* what) {
+  TORCH_CHECK(!ws.empty(), what, ": no weights");
+  const int64_t k = ws[0].size(1) * per_column;
+  for (const at::Tensor& w : ws) {
+    TORCH_CHECK(w.dim() == 2 && w.size(1) * per_column == k, what,
+                ": the weights take different numbers of inputs");
+  }
+  return k;
+}
+
+std::vector<at::Tensor> gemv_bf16_many(const at::Tensor& x, at::TensorList ws) {
+  const int64_t k = common_inputs(ws, 1, "gemv_bf16");
+  std::vector<int64_t> rows;
+  for (const at::Tensor& w : ws) {
+    check_weight(w, at::kBFloat16, "gemv_bf16");
+    rows.push_back(w.size(0));
+  }
+  const Rows xs = float_rows(x, k);
+  std::vector<at::Tensor> ys = outputs(x, rows, xs.count);
+  const bool avx2 = has_avx2();
+  for_rows(rows, xs.count, [&](size_t i, int64_t m, int64_t r0, int64_t r1) {
+    const uint16_t* wp = reinterpret_cast<const uint16_t*>(ws[i].data_ptr<at::BFloat16>());
+    float* yp = ys[i].data_ptr<float>() + m * rows[i];
+#ifdef TRAMONTANE_X86
+    if (avx2) return bf16_rows_avx2(wp, xs.row(m), yp, k, r0, r1);
+#endif
+    bf16_rows(wp, xs.row(m), yp, k, r0, r1);
+  });
+  return in_dtype(std::move(ys), x);
+}
+
+std::vector<at::Tensor> gemv_int8_many(const at::Tensor& x, at::TensorList qs,
+                                       at::TensorList scales) {
+  const int64_t k = common_inputs(qs, 1, "gemv_int8");
+  TORCH_CHECK(scales.size() == qs.size(), "gemv_int8: one scale tensor per weight");
+  std::vector<int64_t> rows;
+  for (size_t i = 0; i < qs.size(); ++i) {
+    check_weight(qs[i], at::kChar, "gemv_int8");
+    const int64_t n = qs[i].size(0);
+    TORCH_CHECK(scales[i].numel() == n && scales[i].scalar_type() == at::kFloat &&
+                    scales[i].is_contiguous(),
+                "gemv_int8: expected ", n, " float32 scales");
+    rows.push_back(n);
+  }
+  const Rows xs = float_rows(x, k);
+  std::vector<at::Tensor> ys = outputs(x, rows, xs.count);
+  const bool avx2 = has_avx2();
+  std::vector<std::vector<int16_t>> x16(xs.count);
+  std::vector<float> xscale(xs.count, 0.f);
+  if (avx2) {
+    for (int64_t m = 0; m < xs.count; ++m) x16[m] = quantize_row(xs.row(m), k, &xscale[m]);
+  }
+  for_rows(rows, xs.count, [&](size_t i, int64_t m, int64_t r0, int64_t r1) {
+    const int8_t* qp = qs[i].data_ptr<int8_t>();
+    const float* sp = scales[i].data_ptr<float>();
+    float* yp = ys[i].data_ptr<float>() + m * rows[i];
+#ifdef TRAMONTANE_X86
+    if (avx2) return int8_rows_avx2(qp, sp, x16[m].data(), xscale[m], yp, k, r0, r1);
+#endif
+    int8_rows(qp, sp, xs.row(m), yp, k, r0, r1);
+  });
+  return in_dtype(std::move(ys), x);
+}
+
+void check_int4(const at::Tensor& q, const at::Tensor& scale, const at::Tensor& zero,
+                int64_t group) {
+  check_weight(q, at::kByte, "int4");
+  const int64_t n = q.size(0), k = q.size(1) * 2;
+  TORCH_CHECK(group > 0 && group % 2 == 0 && k % group == 0, "int4: group ", group,
+              " does not divide ", k, " inputs");
+  for (const at::Tensor* t : {&scale, &zero}) {
+    TORCH_CHECK((t->scalar_type() == at::kFloat || t->scalar_type() == at::kBFloat16) &&
+                    t->scalar_type() == scale.scalar_type() && t->is_contiguous() &&
+                    t->numel() == n * (k / group),
+                "int4: expected float32 or bfloat16 scales and zeros of ", n, " x ", k / group);
+  }
+}
+
+// One input row as the int4 loops take it: its even and odd inputs (float32, and int16 codes
+// of one scale for AVX2) and the sum of each group's inputs.
+struct Int4Row {
+  std::vector<float> xe, xo, gsum;
+  std::vector<int16_t> xe16, xo16;
+  float xscale = 0.f;
+};
+
+Int4Row int4_row(const float* x, int64_t k, int64_t group, bool codes) {
+  Int4Row row;
+  row.xe.resize(k / 2);
+  row.xo.resize(k / 2);
+  row.gsum.assign(k / group, 0.f);
+  for (int64_t j = 0; j < k / 2; ++j) {
+    row.xe[j] = x[2 * j];
+    row.xo[j] = x[2 * j + 1];
+  }
+  for (int64_t i = 0; i < k; ++i) row.gsum[i / group] += x[i];
+  if (codes) {
+    const std::vector<int16_t> x16 = quantize_row(x, k, &row.xscale);
+    row.xe16.resize(k / 2);
+    row.xo16.resize(k / 2);
+    for (int64_t j = 0; j < k / 2; ++j) {
+      row.xe16[j] = x16[2 * j];
+      row.xo16[j] = x16[2 * j + 1];
+    }
+  }
+  return row;
+}
+
+std::vector<at::Tensor> gemv_int4_many(const at::Tensor& x, at::TensorList qs,
+                                       at::TensorList scales, at::TensorList zeros,
+                                       int64_t group) {
+  const int64_t k = common_inputs(qs, 2, "gemv_int4");
+  TORCH_CHECK(scales.size() == qs.size() && zeros.size() == qs.size(),
+              "gemv_int4: one scale and one zero tensor per weight");
+  std::vector<int64_t> rows;
+  for (size_t i = 0; i < qs.size(); ++i) {
+    check_int4(qs[i], scales[i], zeros[i], group);
+    TORCH_CHECK(scales[i].scalar_type() == scales[0].scalar_type(),
+                "gemv_int4: the scales of all weights must have one dtype");
+    rows.push_back(qs[i].size(0));
+  }
+  const Rows xs = float_rows(x, k);
+  std::vector<at::Tensor> ys = outputs(x, rows, xs.count);
+  const bool avx2 = has_avx2() && group == 32;
+  std::vector<Int4Row> in;
+  for (int64_t m = 0; m < xs.count; ++m) in.push_back(int4_row(xs.row(m), k, group, avx2));
+  auto run = [&](const Int4Row& x4, const uint8_t* qp, const auto* sp, const auto* zp,
+                 float* yp, int64_t r0, int64_t r1) {
+#ifdef TRAMONTANE_X86
+    if (avx2) {
+      return int4_rows_avx2(qp, sp, zp, x4.xe16.data(), x4.xo16.data(), x4.xscale,
+                            x4.gsum.data(), yp, k, r0, r1);
+    }
+#endif
+    int4_rows(qp, sp, zp, x4.xe.data(), x4.xo.data(), x4.gsum.data(), yp, k, group, r0, r1);
+  };
+  const bool f32 = scales[0].scalar_type() == at::kFloat;
+  for_rows(rows, xs.count, [&](size_t i, int64_t m, int64_t r0, int64_t r1) {
+    const uint8_t* qp = qs[i].data_ptr<uint8_t>();
+    float* yp = ys[i].data_ptr<float>() + m * rows[i];
+    if (f32) {
+      return run(in[m], qp, scales[i].data_ptr<float>(), zeros[i].data_ptr<float>(), yp, r0,
+                 r1);
+    }
+    run(in[m], qp, reinterpret_cast<const uint16_t*>(scales[i].data_ptr<at::BFloat16>()),
+        reinterpret_cast<const uint16_t*>(zeros[i].data_ptr<at::BFloat16>()), yp, r0, r1);
+  });
+  return in_dtype(std::move(ys), x);
+}
+
+at::Tensor gemv_bf16(const at::Tensor& x, const at::Tensor& w) {
+  return gemv_bf16_many(x, {w})[0];
+}
+
+at::Tensor gemv_int8(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scale) {
+  return gemv_int8_many(x, {q}, {scale})[0];
+}
+
+at::Tensor gemv_int4(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scale,
+                     const at::Tensor& zero, int64_t group) {
+  return gemv_int4_many(x, {q}, {scale}, {zero}, group)[0];
+}
+
+at::Tensor dequantize_int4(const at::Tensor& q, const at::Tensor& scale, const at::Tensor& zero,
+                           int64_t group) {
+  check_int4(q, scale, zero, group);
+  const int64_t n = q.size(0), k = q.size(1) * 2, groups = k / group;
+  at::Tensor w = at::empty({n, k}, q.options().dtype(at::kFloat));
+  const uint8_t* qp = q.data_ptr<uint8_t>();
+  float* wp = w.data_ptr<float>();
+  auto run = [&](const auto* sp, const auto* zp) {
+    at::parallel_for(0, n, kGrain, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        for (int64_t g = 0; g < groups; ++g) {
+          const float s = to_float(sp[r * groups + g]);
+          const float z = to_float(zp[r * groups + g]) - 8.f * s;
+          const uint8_t* src = qp + r * (k / 2) + g * (group / 2);
+          float* dst = wp + r * k + g * group;
+          for (int64_t j = 0; j < group / 2; ++j) {
+            dst[2 * j] = static_cast<float>(src[j] & 15) * s + z;
+            dst[2 * j + 1] = static_cast<float>(src[j] >> 4) * s + z;
+          }
+        }
+      }
+    });
+  };
+  if (scale.scalar_type() == at::kFloat) {
+    run(scale.data_ptr<float>(), zero.data_ptr<float>());
+  } else {
+    run(reinterpret_cast<const uint16_t*>(scale.data_ptr<at::BFloat16>()),
+        reinterpret_cast<const uint16_t*>(zero.data_ptr<at::BFloat16>()));
+  }
+  return w;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(tramontane, m) {
+  m.def("gemv_bf16(Tensor x, Tensor w) -> Tensor");
+  m.def("gemv_int8(Tensor x, Tensor q, Tensor scale) -> Tensor");
+  m.def("gemv_int4(Tensor x, Tensor q, Tensor scale, Tensor zero, int group) -> Tensor");
+  m.def("gemv_bf16_many(Tensor x, Tensor[] ws) -> Tensor[]");
+  m.def("gemv_int8_many(Tensor x, Tensor[] qs, Tensor[] scales) -> Tensor[]");
+  m.def("gemv_int4_many(Tensor x, Tensor[] qs, Tensor[] scales, Tensor[] zeros, int group) "
+        "-> Tensor[]");
+  m.def("dequantize_int4(Tensor q, Tensor scale, Tensor zero, int group) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(tramontane, CPU, m) {
+  m.impl("gemv_bf16", &gemv_bf16);
+  m.impl("gemv_int8", &gemv_int8);
+  m.impl("gemv_int4", &gemv_int4);
+  m.impl("gemv_bf16_many", &gemv_bf16_many);
+  m.impl("gemv_int8_many", &gemv_int8_many);
+  m.impl("gemv_int4_many", &gemv_int4_many);
+  m.impl("dequantize_int4", &dequantize_int4);
+}

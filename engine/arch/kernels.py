@@ -1,0 +1,154 @@
+"""The C++ kernels of the decode step (`torch.ops.tramontane.*`): building, loading, and the
+pure-PyTorch paths used where they are not built.
+
+- `kernels.cpp`: one-row products of bfloat16, int8 and int4 weights (`gemv_*`), and their
+  `_many` forms, several weights of the same input row in one call (`layers.linear_many`).
+- `decode_attention.cpp`: one new token per row written into the key/value cache, and its
+  grouped-query attention over the slots in use.
+
+Why a C++ extension: decoding one token streams every weight once, and on the AVX2 CPUs here
+neither inductor's loops nor PyTorch's kernels stream at the memory limit. Measured with one
+thread (thread CPU time, so that other processes on the shared machine do not count; a
+12288 x 1024 weight per call, `benchmarks/kernels.py` repeats it), as a share of that thread's
+read bandwidth (a float32 sum): inductor's broadcast-multiply-and-sum over bfloat16 ~50%;
+`aten._weight_int8pack_mm` ~35% of it in int8 bytes; `aten._weight_int4pack_mm_for_cpu` ~20%
+in int4 bytes; inductor's own int8 loop ~8% (its AVX2 int8-to-float conversion is the
+bottleneck). These kernels: see the benchmark and README's Performance section.
+
+Built once at install (`make` runs `python -m engine.arch.kernels`; ~1 minute, needs a C++
+compiler and the `ninja` package), into torch's extension cache (`~/.cache/torch_extensions`).
+At run time the built library is loaded if it is there (torch rebuilds it if a source
+changed); if it is not, nothing is compiled behind the user's back: the fallbacks run, and one
+log line says how to build. `TRAMONTANE_KERNELS=0` forces the fallbacks (tests compare both).
+
+The ops have shapes registered for torch.compile (`register_fake`): the compiled decode step
+calls them as extern kernels (per layer: query, key and value in one call, the output
+projection, gate and up in one call, down; then the attention).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+NAME = "tramontane_kernels"
+# The most input rows a product call takes (`kMaxRows` in kernels.cpp): it streams the weights
+# once for all of them, so a prompt that grew by a few tokens costs about one decode step.
+# Beyond, a matmul is faster (the kernels' loops are per input row).
+MAX_ROWS = 16
+HERE = Path(__file__).parent
+# The one-row products, and the decode step's attention; `simd.h` is shared by both.
+SOURCES = (HERE / "kernels.cpp", HERE / "decode_attention.cpp")
+_state: dict[str, bool] = {}
+
+
+def _build_dir() -> Path:
+    from torch.utils.cpp_extension import _get_build_directory
+
+    return Path(_get_build_directory(NAME, verbose=False))
+
+
+def build(verbose: bool = False) -> None:
+    """Compile (or load, when up to date) the library and register its ops."""
+    from torch.utils.cpp_extension import load
+
+    load(name=NAME, sources=[str(p) for p in SOURCES], extra_cflags=["-O3"],
+         extra_include_paths=[str(HERE)], is_python_module=False, verbose=verbose)
+    _register_fakes()
+
+
+def _register_fakes() -> None:
+    @torch.library.register_fake("tramontane::gemv_bf16")  # type: ignore[misc]
+    def _(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return x.new_empty(x.numel() // w.shape[1], w.shape[0])
+
+    @torch.library.register_fake("tramontane::gemv_int8")  # type: ignore[misc]
+    def _(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        return x.new_empty(x.numel() // q.shape[1], q.shape[0])
+
+    @torch.library.register_fake("tramontane::gemv_int4")  # type: ignore[misc]
+    def _(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
+          group: int) -> torch.Tensor:
+        return x.new_empty(x.numel() // (2 * q.shape[1]), q.shape[0])
+
+    @torch.library.register_fake("tramontane::gemv_bf16_many")  # type: ignore[misc]
+    def _(x: torch.Tensor, ws: list[torch.Tensor]) -> list[torch.Tensor]:
+        return [x.new_empty(x.numel() // w.shape[1], w.shape[0]) for w in ws]
+
+    @torch.library.register_fake("tramontane::gemv_int8_many")  # type: ignore[misc]
+    def _(x: torch.Tensor, qs: list[torch.Tensor],
+          scales: list[torch.Tensor]) -> list[torch.Tensor]:
+        return [x.new_empty(x.numel() // q.shape[1], q.shape[0]) for q in qs]
+
+    @torch.library.register_fake("tramontane::gemv_int4_many")  # type: ignore[misc]
+    def _(x: torch.Tensor, qs: list[torch.Tensor], scales: list[torch.Tensor],
+          zeros: list[torch.Tensor], group: int) -> list[torch.Tensor]:
+        return [x.new_empty(x.numel() // (2 * q.shape[1]), q.shape[0]) for q in qs]
+
+    @torch.library.register_fake("tramontane::dequantize_int4")  # type: ignore[misc]
+    def _(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
+          group: int) -> torch.Tensor:
+        return q.new_empty(q.shape[0], q.shape[1] * 2, dtype=torch.float32)
+
+    @torch.library.register_fake("tramontane::decode_attention")  # type: ignore[misc]
+    def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keys: torch.Tensor,
+          values: torch.Tensor, slot: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+        return q.new_empty(q.shape, dtype=torch.float32)
+
+
+@functools.cache
+def cache_tag() -> str:
+    """A digest of the kernels' sources and of this file (their registered shapes): part of the
+    key under which torch.compile caches a compiled step, so that a step compiled against
+    other kernels is never loaded from the cache."""
+    digest = hashlib.sha256()
+    for path in (*SOURCES, HERE / "simd.h", Path(__file__)):
+        digest.update(path.read_bytes())
+    return f"tramontane-kernels-{digest.hexdigest()[:16]}"
+
+
+def available() -> bool:
+    """Whether the C++ ops are loaded (loading them the first time this is asked)."""
+    if "ok" in _state:
+        return _state["ok"]
+    ok = False
+    if os.environ.get("TRAMONTANE_KERNELS", "1") == "0":
+        log.info("TRAMONTANE_KERNELS=0: the pure-PyTorch kernels run")
+    elif not (_build_dir() / f"{NAME}.so").exists():
+        log.info("the C++ decode kernels are not built (`python -m engine.arch.kernels` builds "
+                 "them): the pure-PyTorch ones run")
+    else:
+        try:
+            build()
+            ok = True
+        # compiler, ninja or loader trouble (a compiler that fails `--version`: a subprocess error)
+        except (RuntimeError, OSError, ImportError, subprocess.SubprocessError) as e:
+            log.warning("the C++ decode kernels could not be loaded (%s): the pure-PyTorch "
+                        "ones run", e)
+    _state["ok"] = ok
+    return ok
+
+
+def main() -> int:
+    """`python -m engine.arch.kernels`: build the library now (the Makefile runs this)."""
+    try:
+        build(verbose="-v" in sys.argv)
+    except (RuntimeError, OSError, ImportError, subprocess.SubprocessError) as e:
+        print(f"engine.arch.kernels: not built ({e}); the pure-PyTorch kernels will run",
+              file=sys.stderr)
+        return 1
+    print(f"engine.arch.kernels: built in {_build_dir()}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,65 @@
+// Small helpers shared by the C++ kernels (kernels.cpp, decode_attention.cpp): bfloat16 to
+// float32, and the AVX2 + FMA loads and reductions. AVX2 code is compiled per function
+// (`target` attributes) and chosen at run time (`has_avx2`), so the library loads anywhere.
+
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#define TRAMONTANE_X86 1
+#endif
+
+namespace tramontane {
+
+inline float bf16_to_float(uint16_t v) {
+  uint32_t bits = static_cast<uint32_t>(v) << 16;
+  float out;
+  std::memcpy(&out, &bits, sizeof(out));
+  return out;
+}
+
+inline float to_float(float v) { return v; }
+inline float to_float(uint16_t v) { return bf16_to_float(v); }
+
+#ifdef TRAMONTANE_X86
+
+#define TRAMONTANE_AVX2 __attribute__((target("avx2,fma")))
+
+TRAMONTANE_AVX2 inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+TRAMONTANE_AVX2 inline float hmax(__m256 v) {
+  __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_max_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+TRAMONTANE_AVX2 inline __m256 load_bf16(const uint16_t* p) {
+  __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(v), 16));
+}
+
+// Eight values as float32, from float32 or bfloat16 storage.
+TRAMONTANE_AVX2 inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+TRAMONTANE_AVX2 inline __m256 load8(const uint16_t* p) { return load_bf16(p); }
+
+inline bool has_avx2() {
+  static const bool yes = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return yes;
+}
+
+#else
+
+inline bool has_avx2() { return false; }
+
+#endif
+
+}  // namespace tramontane

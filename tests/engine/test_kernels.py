@@ -1,0 +1,221 @@
+"""The C++ one-row kernels (`engine.arch.kernels`) against float64 products of the same
+weights, the layers' choice of path, and the float32 path of bfloat16 prefill."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from engine.arch import kernels, layers, lora, quant
+
+needs_kernels = pytest.mark.skipif(not kernels.available(),
+                                   reason="the C++ kernels are not built here "
+                                          "(python -m engine.arch.kernels)")
+
+
+def reference(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    return x.double() @ w.double().t()
+
+
+@needs_kernels
+@pytest.mark.parametrize("k", [8, 72, 1024, 1000])  # tails past the 32-wide loops included
+@pytest.mark.parametrize("xdtype", [torch.bfloat16, torch.float32])
+def test_gemv_bf16_is_the_float32_sum_of_products(k: int, xdtype: torch.dtype) -> None:
+    torch.manual_seed(k)
+    w = torch.randn(37, k).to(torch.bfloat16)
+    x = torch.randn(1, k).to(xdtype)
+    y = torch.ops.tramontane.gemv_bf16(x, w)
+    assert y.shape == (1, 37) and y.dtype == xdtype
+    want = reference(x, w)
+    tol = 2**-8 if xdtype == torch.bfloat16 else 1e-5  # one rounding of the output
+    assert float(((y.double() - want).abs() / want.abs().clamp(min=1)).max()) <= tol
+
+
+@needs_kernels
+@pytest.mark.parametrize("k", [64, 72, 2048, 1056])  # a flush every 1024 inputs; tails
+def test_gemv_int8_matches_the_dequantized_weight(k: int) -> None:
+    """The activation row is rounded to int16 (steps of 2^-15 of its largest value): errors of
+    a few 1e-5 of the output's scale (its largest value), well below a bfloat16 rounding
+    (2^-9 = 2e-3)."""
+    torch.manual_seed(k)
+    w = torch.randn(48, k)
+    q, scale = quant.quantize_int8(w, torch.float32)
+    x = torch.randn(1, k)
+    y = torch.ops.tramontane.gemv_int8(x, q, scale)
+    want = reference(x, q.double() * scale.double()[:, None])
+    assert float((y.double() - want).abs().max() / want.abs().max()) <= 2e-4
+
+
+@needs_kernels
+@pytest.mark.parametrize("k", [32, 96, 1024])
+@pytest.mark.parametrize("scale_dtype", [torch.float32, torch.bfloat16])
+def test_gemv_int4_and_dequantize_int4_match_the_portable_form(
+        k: int, scale_dtype: torch.dtype) -> None:
+    torch.manual_seed(k)
+    packed, scale, zero = quant.quantize_int4(torch.randn(64, k) + 0.5, scale_dtype)
+    s, z = scale.to(scale_dtype), zero.to(scale_dtype)
+    g = quant.INT4_GROUP
+    w = ((quant.unpack_int4(packed) - 8) * scale.repeat_interleave(g, 1)
+         + zero.repeat_interleave(g, 1))
+    # q * s + (z - 8 s) there, (q - 8) * s + z here: float32 roundings apart.
+    torch.testing.assert_close(torch.ops.tramontane.dequantize_int4(packed, s, z, g), w,
+                               atol=1e-6, rtol=1e-6)
+    x = torch.randn(1, k)
+    y = torch.ops.tramontane.gemv_int4(x, packed, s, z, g)
+    want = reference(x, w)  # the activations in int16, as for int8
+    assert float((y.double() - want).abs().max() / want.abs().max()) <= 2e-4
+
+
+@needs_kernels
+@pytest.mark.parametrize("mode", ["bf16", "int8", "int4"])
+def test_several_rows_are_each_rows_own_product(mode: str) -> None:
+    """Up to 16 input rows in one call (a keystroke's new prompt tokens): each row's result is
+    bitwise the one-row call's (the same loops; the weights read once for all rows)."""
+    torch.manual_seed(0)
+    w = torch.randn(80, 96)
+    if mode == "bf16":
+        operands: tuple[torch.Tensor | int, ...] = (w.to(torch.bfloat16),)
+    elif mode == "int8":
+        operands = quant.quantize_int8(w, torch.bfloat16)
+    else:
+        packed, scale, zero = quant.quantize_int4(w, torch.bfloat16)
+        operands = (packed, scale.to(torch.bfloat16), zero.to(torch.bfloat16), quant.INT4_GROUP)
+    op = getattr(torch.ops.tramontane, f"gemv_{mode}")
+    for count in (2, 5, 16):
+        x = torch.randn(count, 96).to(torch.bfloat16)
+        got = op(x, *operands)
+        assert got.shape == (count, 80)
+        assert torch.equal(got, torch.cat([op(row[None], *operands) for row in x]))
+
+
+@needs_kernels
+def test_bad_shapes_are_refused_with_a_message() -> None:
+    w = torch.zeros(4, 8, dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError, match=r"expected 1 to 16 rows of 8 values, got \[17, 8\]"):
+        torch.ops.tramontane.gemv_bf16(torch.zeros(17, 8), w)
+    with pytest.raises(RuntimeError, match=r"expected 1 to 16 rows of 8 values, got \[2, 9\]"):
+        torch.ops.tramontane.gemv_bf16(torch.zeros(2, 9), w)
+    with pytest.raises(RuntimeError, match="gemv_int8: expected a contiguous 2-D CPU tensor"):
+        torch.ops.tramontane.gemv_int8(torch.zeros(8), w, torch.ones(4))
+    with pytest.raises(RuntimeError, match="int4: group 32 does not divide 48 inputs"):
+        torch.ops.tramontane.gemv_int4(torch.zeros(48), torch.zeros(4, 24, dtype=torch.uint8),
+                                       torch.ones(4, 1), torch.ones(4, 1), 32)
+
+
+@needs_kernels
+def test_linear_takes_the_kernel_for_one_bfloat16_row_and_matches_f_linear() -> None:
+    torch.manual_seed(0)
+    w = torch.randn(96, 64).to(torch.bfloat16)
+    x = torch.randn(1, 1, 64).to(torch.bfloat16)
+    got = layers.linear(x, w)
+    assert got.shape == (1, 1, 96)
+    assert torch.equal(got.view(1, -1), torch.ops.tramontane.gemv_bf16(x, w))
+    torch.testing.assert_close(got, F.linear(x, w), atol=2e-2, rtol=2**-7)
+
+
+def test_many_bfloat16_rows_run_in_float32_where_bfloat16_is_emulated() -> None:
+    torch.manual_seed(0)
+    w = torch.randn(96, 64).to(torch.bfloat16)
+    x = torch.randn(2, layers.UPCAST_ROWS, 64).to(torch.bfloat16)
+    got = layers.linear(x, w)
+    if layers.native_bf16_matmul():
+        assert torch.equal(got, F.linear(x, w))
+    else:
+        assert torch.equal(got, F.linear(x.float(), w.float()).to(torch.bfloat16))
+
+
+def attention_reference(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                        allowed: torch.Tensor) -> torch.Tensor:
+    """softmax(q k^T / sqrt(hd)) v over the allowed slots, in float64."""
+    scores = (q.double()[:, :, :, None, :] * keys.double()[:, :, None]).sum(-1)
+    scores = scores / q.shape[-1] ** 0.5
+    probs = torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1)
+    return (probs[..., None] * values.double()[:, :, None]).sum(-2)
+
+
+@needs_kernels
+@pytest.mark.parametrize("cache_dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize(("slots", "groups", "hd"), [
+    (37, 4, 64),    # Mistral 7B's grouping: one block of four query heads
+    (600, 6, 128),  # Codestral 22B's six: a block of four and one of two
+    (5, 3, 64),
+    (9, 1, 16),
+    (20, 4, 24),    # a head size the AVX2 loops do not take: the portable loops
+])
+def test_decode_attention_is_float32_softmax_attention_over_the_allowed_slots(
+        cache_dtype: torch.dtype, slots: int, groups: int, hd: int) -> None:
+    """The kernel reads the first `slots` slots of a larger cache (a strided view, as the
+    compiled step passes it) and skips the masked ones; float32 roundings from float64."""
+    torch.manual_seed(slots)
+    q = torch.randn(2, 3, groups, hd).to(torch.bfloat16)
+    keys = torch.randn(2, 3, slots + 11, hd).to(cache_dtype)[:, :, :slots]
+    values = torch.randn(2, 3, slots + 11, hd).to(cache_dtype)[:, :, :slots]
+    allowed = torch.rand(2, 1, 1, slots) > 0.3
+    allowed[..., 0] = True
+    values.masked_fill_(~allowed.view(2, 1, slots, 1), float("nan"))  # never read
+    k, v = torch.randn(2, 3, hd), torch.randn(2, 3, hd)
+    slot = torch.tensor([0, -1])  # row 0 writes its new key and value to slot 0, row 1 nothing
+    before = keys.clone(), values.clone()
+    got = torch.ops.tramontane.decode_attention(q, k, v, keys, values, slot, allowed)
+    assert got.shape == (2, 3, groups, hd) and got.dtype == torch.float32
+    assert torch.equal(keys[0, :, 0], k[0].to(cache_dtype))
+    assert torch.equal(values[0, :, 0], v[0].to(cache_dtype))
+    assert torch.equal(keys[0, :, 1:], before[0][0, :, 1:]) and torch.equal(keys[1], before[0][1])
+    assert torch.equal(values[1].nan_to_num(), before[1][1].nan_to_num())
+    want = attention_reference(q, keys, values.nan_to_num(), allowed)
+    assert float((got.double() - want).abs().max()) <= 2e-6
+
+
+@needs_kernels
+def test_decode_attention_with_nothing_allowed_is_zero_and_bad_shapes_are_refused() -> None:
+    q, kv, new = torch.randn(1, 2, 4, 64), torch.randn(1, 2, 8, 64), torch.randn(1, 2, 64)
+    nothing, no_write = torch.zeros(1, 8, dtype=torch.bool), torch.tensor([-1])
+    attend = torch.ops.tramontane.decode_attention
+    assert torch.equal(attend(q, new, new, kv, kv, no_write, nothing), torch.zeros(1, 2, 4, 64))
+    with pytest.raises(RuntimeError, match=r"keys \[1, 2, 8, 64\] and values \[1, 2, 8, 32\] "
+                                           r"do not match q \[1, 2, 4, 64\]"):
+        attend(q, new, new, kv, kv[..., :32], no_write, nothing)
+    with pytest.raises(RuntimeError, match="must both be float32 or bfloat16"):
+        attend(q, new, new, kv, kv.double(), no_write, nothing)
+    with pytest.raises(RuntimeError, match=r"expected a \(B, S\) boolean mask of 8 values"):
+        attend(q, new, new, kv, kv, no_write, nothing[:, :4])
+    with pytest.raises(RuntimeError, match="slot 8 is past the 8 slots in use"):
+        attend(q, new, new, kv, kv, torch.tensor([8]), nothing)
+
+
+@needs_kernels
+@pytest.mark.parametrize("mode", ["bf16", "int8", "int4"])
+def test_linear_many_is_each_layers_own_product_in_one_call(
+        mode: quant.QuantMode | str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A query, key and value projection of one row: one call of the `_many` kernel, the same
+    values as each layer's own forward (the same loops over the same rows)."""
+    torch.manual_seed(0)
+    linears = [layers.Linear(64, n, dtype=torch.bfloat16) for n in (64, 32, 32)]
+    if mode == "bf16":
+        modules: tuple[torch.nn.Module, ...] = tuple(linears)
+    else:
+        modules = tuple(quant.build(quant.quantize(layer.weight.detach(), mode, torch.bfloat16),
+                                    torch.bfloat16, "cpu") for layer in linears)
+    x = torch.randn(1, 1, 64).to(torch.bfloat16)
+    want = [m(x) for m in modules]
+    calls: list[str] = []
+    op = getattr(torch.ops.tramontane, layers.MANY_KERNELS[mode])
+    monkeypatch.setattr(torch.ops.tramontane, layers.MANY_KERNELS[mode],
+                        lambda *a: calls.append(mode) or op(*a))
+    got = layers.linear_many(x, modules)
+    assert calls == [mode]
+    assert [tuple(y.shape) for y in got] == [(1, 1, 64), (1, 1, 32), (1, 1, 32)]
+    for y, w in zip(got, want, strict=True):
+        assert torch.equal(y, w)
+
+
+def test_linear_many_runs_each_forward_for_mixed_layers_and_many_rows() -> None:
+    torch.manual_seed(0)
+    a = layers.Linear(64, 16, dtype=torch.bfloat16)
+    b = lora.LoRALinear(layers.Linear(64, 16, dtype=torch.bfloat16), lora.ActiveAdapter())
+    x = torch.randn(1, 64).to(torch.bfloat16)
+    got = layers.linear_many(x, (a, b))  # an adapter-wrapped layer: each its own forward
+    assert torch.equal(got[0], a(x)) and torch.equal(got[1], b(x))
+    rows = torch.randn(3, 64).to(torch.bfloat16)
+    assert torch.equal(layers.linear_many(rows, (a, a))[1], a(rows))
