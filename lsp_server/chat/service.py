@@ -19,6 +19,7 @@ tool call or the step limit is reached.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -103,14 +104,18 @@ class ChatService:
             text: list[str] = []
             calls: tuple[ToolCall, ...] = ()
             end: End | None = None
-            async for event in backend.chat(request):
-                if isinstance(event, TextDelta):
-                    text.append(event.text)
-                    deltas({"kind": "text", "text": event.text})
-                elif isinstance(event, ToolCalls):
-                    calls = event.calls
-                elif isinstance(event, End):
-                    end = event
+            events = backend.chat(request)
+            # Closed here whatever ends the loop (a remote backend's HTTP stream with it), not
+            # whenever the garbage collector gets to it.
+            async with contextlib.aclosing(events):  # type: ignore[type-var]
+                async for event in events:
+                    if isinstance(event, TextDelta):
+                        text.append(event.text)
+                        deltas({"kind": "text", "text": event.text})
+                    elif isinstance(event, ToolCalls):
+                        calls = event.calls
+                    elif isinstance(event, End):
+                        end = event
             if end is not None:
                 usage.prompt_tokens = end.prompt_tokens
                 usage.reused_tokens += end.reused_tokens

@@ -55,13 +55,14 @@ def start_faulty(tls: tuple[Path, Path] | None = None) -> FaultyServer:
 
 
 def stop(server: FaultyServer) -> None:
-    assert server.process.stdin is not None
+    assert server.process.stdin is not None and server.process.stdout is not None
     server.process.stdin.close()  # its signal to exit
     try:
         server.process.wait(timeout=10)
     except subprocess.TimeoutExpired:
         server.process.kill()
         server.process.wait(timeout=10)
+    server.process.stdout.close()
 
 
 @pytest.fixture(scope="session")

