@@ -244,26 +244,57 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
   TORCH_CHECK(k.numel() == B * Hkv * hd && v.numel() == B * Hkv * hd && slot.numel() == B,
               "decode_attention: expected a new key and value of ", B * Hkv * hd,
               " values and ", B, " slots");
-  const at::Tensor slots = slot.to(at::kLong).cpu();
-  const at::Tensor knew = k.reshape({B, Hkv, hd}), vnew = v.reshape({B, Hkv, hd});
+  // The new key and value go into their slots, and the query is read as float32, in place
+  // where the layouts allow: a tensor op here costs a dispatch each, several per layer and step.
+  const at::Tensor slots = slot.scalar_type() == at::kLong && slot.is_contiguous()
+                               ? slot
+                               : slot.to(at::kLong).contiguous();
+  const int64_t* slot_at = slots.data_ptr<int64_t>();
+  const bool raw_write = k.is_contiguous() && v.is_contiguous() &&
+                         k.scalar_type() == keys.scalar_type() &&
+                         v.scalar_type() == keys.scalar_type();
+  const int64_t elem = keys.scalar_type() == at::kBFloat16 ? 2 : 4;
   for (int64_t b = 0; b < B; ++b) {
-    const int64_t at_slot = slots.data_ptr<int64_t>()[b];
+    const int64_t at_slot = slot_at[b];
     if (at_slot < 0) continue;
     TORCH_CHECK(at_slot < S, "decode_attention: slot ", at_slot, " is past the ", S,
                 " slots in use");
-    keys.select(0, b).select(1, at_slot).copy_(knew.select(0, b));
-    values.select(0, b).select(1, at_slot).copy_(vnew.select(0, b));
+    if (!raw_write) {
+      const at::Tensor knew = k.reshape({B, Hkv, hd}), vnew = v.reshape({B, Hkv, hd});
+      keys.select(0, b).select(1, at_slot).copy_(knew.select(0, b));
+      values.select(0, b).select(1, at_slot).copy_(vnew.select(0, b));
+      continue;
+    }
+    for (int64_t kv = 0; kv < Hkv; ++kv) {
+      const int64_t from = ((b * Hkv + kv) * hd) * elem;
+      const int64_t to = b * keys.stride(0) + kv * keys.stride(1) + at_slot * keys.stride(2);
+      std::memcpy(static_cast<char*>(keys.data_ptr()) + to * elem,
+                  static_cast<const char*>(k.data_ptr()) + from, hd * elem);
+      std::memcpy(static_cast<char*>(values.data_ptr()) + to * elem,
+                  static_cast<const char*>(v.data_ptr()) + from, hd * elem);
+    }
   }
-  const at::Tensor qf = q.to(at::kFloat).contiguous();
-  const at::Tensor mask = allowed.reshape({B, S}).contiguous();
+  std::vector<float> q32;
+  at::Tensor qf;
+  const float* qp = nullptr;
+  if (q.is_contiguous() && q.scalar_type() == at::kFloat) {
+    qp = q.data_ptr<float>();
+  } else if (q.is_contiguous() && q.scalar_type() == at::kBFloat16) {
+    const uint16_t* raw = reinterpret_cast<const uint16_t*>(q.data_ptr<at::BFloat16>());
+    q32.resize(q.numel());
+    for (int64_t i = 0; i < q.numel(); ++i) q32[i] = bf16_to_float(raw[i]);
+    qp = q32.data();
+  } else {
+    qf = q.to(at::kFloat).contiguous();
+    qp = qf.data_ptr<float>();
+  }
+  const at::Tensor mask = allowed.is_contiguous() ? allowed : allowed.contiguous();
   at::Tensor out = at::empty({B, Hkv, G, hd}, q.options().dtype(at::kFloat));
   const float scale = 1.f / std::sqrt(static_cast<float>(hd));
   const bool bf16 = keys.scalar_type() == at::kBFloat16;
-  const int64_t elem = bf16 ? 2 : 4;
   const auto* kp = static_cast<const char*>(keys.data_ptr());
   const auto* vp = static_cast<const char*>(values.data_ptr());
   const bool* mp = mask.data_ptr<bool>();
-  const float* qp = qf.data_ptr<float>();
   float* op = out.data_ptr<float>();
 #ifdef TRAMONTANE_X86
   const bool avx2 = has_avx2() && hd % 16 == 0;

@@ -13,6 +13,7 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/from_blob.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -251,9 +252,19 @@ Rows float_rows(const at::Tensor& x, int64_t k) {
                   x.numel() / k <= kMaxRows,
               "expected 1 to ", kMaxRows, " rows of ", k, " values, got ", x.sizes());
   const int64_t count = x.numel() / k;
-  at::Tensor flat = x.reshape({count * k}).to(at::kFloat).contiguous();
-  const float* p = flat.data_ptr<float>();
-  return Rows{count, k, std::vector<float>(p, p + count * k)};
+  Rows rows{count, k, std::vector<float>(count * k)};
+  // Read in place where we can: a tensor op (and its dispatch) per call adds up over the
+  // several calls of every layer.
+  if (x.is_contiguous() && x.scalar_type() == at::kBFloat16) {
+    const uint16_t* p = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
+    for (int64_t i = 0; i < count * k; ++i) rows.values[i] = bf16_to_float(p[i]);
+  } else if (x.is_contiguous() && x.scalar_type() == at::kFloat) {
+    std::memcpy(rows.values.data(), x.data_ptr<float>(), count * k * sizeof(float));
+  } else {
+    at::Tensor flat = x.reshape({count * k}).to(at::kFloat).contiguous();
+    std::memcpy(rows.values.data(), flat.data_ptr<float>(), count * k * sizeof(float));
+  }
+  return rows;
 }
 
 // A row as int16 codes of one scale: x ~ code * scale.
@@ -294,17 +305,44 @@ void for_rows(const std::vector<int64_t>& rows, int64_t inputs, const F& fn) {
   });
 }
 
-std::vector<at::Tensor> outputs(const at::Tensor& x, const std::vector<int64_t>& rows,
-                                int64_t inputs) {
-  std::vector<at::Tensor> ys;
-  for (int64_t n : rows) ys.push_back(at::empty({inputs, n}, x.options().dtype(at::kFloat)));
-  return ys;
-}
+// The products' results, in the input's dtype: the loops write float32 rows (`row`), which
+// `finish` converts in place of a tensor op, as `float_rows` reads.
+class Outputs {
+ public:
+  Outputs(const at::Tensor& x, const std::vector<int64_t>& rows, int64_t inputs)
+      : rows_(rows), f32_(x.scalar_type() == at::kFloat) {
+    for (int64_t n : rows) {
+      ys_.push_back(at::empty({inputs, n}, x.options()));
+      scratch_.emplace_back(f32_ ? 0 : inputs * n);
+    }
+  }
 
-std::vector<at::Tensor> in_dtype(std::vector<at::Tensor> ys, const at::Tensor& x) {
-  for (at::Tensor& y : ys) y = y.to(x.scalar_type());
-  return ys;
-}
+  // Where matrix i's results for input row m go.
+  float* row(size_t i, int64_t m) {
+    return (f32_ ? ys_[i].data_ptr<float>() : scratch_[i].data()) + m * rows_[i];
+  }
+
+  std::vector<at::Tensor> finish() {
+    if (f32_) return ys_;
+    for (size_t i = 0; i < ys_.size(); ++i) {
+      const std::vector<float>& from = scratch_[i];
+      if (ys_[i].scalar_type() == at::kBFloat16) {
+        at::BFloat16* to = ys_[i].data_ptr<at::BFloat16>();
+        for (size_t j = 0; j < from.size(); ++j) to[j] = at::BFloat16(from[j]);
+      } else {
+        ys_[i].copy_(at::from_blob(const_cast<float*>(from.data()), ys_[i].sizes(),
+                                   at::TensorOptions().dtype(at::kFloat)));
+      }
+    }
+    return ys_;
+  }
+
+ private:
+  std::vector<int64_t> rows_;
+  bool f32_;
+  std::vector<at::Tensor> ys_;
+  std::vector<std::vector<float>> scratch_;
+};
 
 int64_t common_inputs(at::TensorList ws, int64_t per_column, const char* what) {
   TORCH_CHECK(!ws.empty(), what, ": no weights");
@@ -324,17 +362,17 @@ std::vector<at::Tensor> gemv_bf16_many(const at::Tensor& x, at::TensorList ws) {
     rows.push_back(w.size(0));
   }
   const Rows xs = float_rows(x, k);
-  std::vector<at::Tensor> ys = outputs(x, rows, xs.count);
+  Outputs ys(x, rows, xs.count);
   const bool avx2 = has_avx2();
   for_rows(rows, xs.count, [&](size_t i, int64_t m, int64_t r0, int64_t r1) {
     const uint16_t* wp = reinterpret_cast<const uint16_t*>(ws[i].data_ptr<at::BFloat16>());
-    float* yp = ys[i].data_ptr<float>() + m * rows[i];
+    float* yp = ys.row(i, m);
 #ifdef TRAMONTANE_X86
     if (avx2) return bf16_rows_avx2(wp, xs.row(m), yp, k, r0, r1);
 #endif
     bf16_rows(wp, xs.row(m), yp, k, r0, r1);
   });
-  return in_dtype(std::move(ys), x);
+  return ys.finish();
 }
 
 std::vector<at::Tensor> gemv_int8_many(const at::Tensor& x, at::TensorList qs,
@@ -351,7 +389,7 @@ std::vector<at::Tensor> gemv_int8_many(const at::Tensor& x, at::TensorList qs,
     rows.push_back(n);
   }
   const Rows xs = float_rows(x, k);
-  std::vector<at::Tensor> ys = outputs(x, rows, xs.count);
+  Outputs ys(x, rows, xs.count);
   const bool avx2 = has_avx2();
   std::vector<std::vector<int16_t>> x16(xs.count);
   std::vector<float> xscale(xs.count, 0.f);
@@ -361,13 +399,13 @@ std::vector<at::Tensor> gemv_int8_many(const at::Tensor& x, at::TensorList qs,
   for_rows(rows, xs.count, [&](size_t i, int64_t m, int64_t r0, int64_t r1) {
     const int8_t* qp = qs[i].data_ptr<int8_t>();
     const float* sp = scales[i].data_ptr<float>();
-    float* yp = ys[i].data_ptr<float>() + m * rows[i];
+    float* yp = ys.row(i, m);
 #ifdef TRAMONTANE_X86
     if (avx2) return int8_rows_avx2(qp, sp, x16[m].data(), xscale[m], yp, k, r0, r1);
 #endif
     int8_rows(qp, sp, xs.row(m), yp, k, r0, r1);
   });
-  return in_dtype(std::move(ys), x);
+  return ys.finish();
 }
 
 void check_int4(const at::Tensor& q, const at::Tensor& scale, const at::Tensor& zero,
@@ -437,7 +475,7 @@ std::vector<at::Tensor> gemv_int4_many(const at::Tensor& x, at::TensorList qs,
     rows.push_back(qs[i].size(0));
   }
   const Rows xs = float_rows(x, k);
-  std::vector<at::Tensor> ys = outputs(x, rows, xs.count);
+  Outputs ys(x, rows, xs.count);
   const bool avx2 = has_avx2() && group == 32;
   std::vector<Int4Row> in;
   for (int64_t m = 0; m < xs.count; ++m) in.push_back(int4_row(xs.row(m), k, group, avx2));
@@ -454,7 +492,7 @@ std::vector<at::Tensor> gemv_int4_many(const at::Tensor& x, at::TensorList qs,
   const bool f32 = scales[0].scalar_type() == at::kFloat;
   for_rows(rows, xs.count, [&](size_t i, int64_t m, int64_t r0, int64_t r1) {
     const uint8_t* qp = qs[i].data_ptr<uint8_t>();
-    float* yp = ys[i].data_ptr<float>() + m * rows[i];
+    float* yp = ys.row(i, m);
     if (f32) {
       return run(in[m], qp, scales[i].data_ptr<float>(), zeros[i].data_ptr<float>(), yp, r0,
                  r1);
@@ -462,7 +500,7 @@ std::vector<at::Tensor> gemv_int4_many(const at::Tensor& x, at::TensorList qs,
     run(in[m], qp, reinterpret_cast<const uint16_t*>(scales[i].data_ptr<at::BFloat16>()),
         reinterpret_cast<const uint16_t*>(zeros[i].data_ptr<at::BFloat16>()), yp, r0, r1);
   });
-  return in_dtype(std::move(ys), x);
+  return ys.finish();
 }
 
 at::Tensor gemv_bf16(const at::Tensor& x, const at::Tensor& w) {

@@ -199,12 +199,15 @@ class FastDecoder:
         self.compiled = compile  # False: the same code run eagerly (tests)
         self.compile_seconds = 0.0
         if compile:
-            # Elementwise kernels of fewer than 4096 elements a thread run on one thread:
-            # the step's norms, rotary and residuals are 1-3k values, and a parallel region
-            # costs more than it saves there (the weight products and the attention, our C++
-            # kernels, share their work among the threads by themselves).
+            # The step's elementwise kernels run on one thread (under a million elements a
+            # thread): its norms, rotary and residuals are 1-16k values, the largest is the
+            # logits' conversion to float32 (32-131k: ~25 us on one thread), and a parallel
+            # region costs more than it saves there. Measured on a busy 2-core machine, the
+            # logits' conversion as a parallel region right after the output product's took
+            # 4-13 ms: the threads had to be woken again. The weight products and the
+            # attention, our C++ kernels, share their work among the threads by themselves.
             self._fn = torch.compile(self._graph, fullgraph=True,
-                                     options={"cpp.min_chunk_size": 4096})
+                                     options={"cpp.min_chunk_size": 1 << 20})
             t0 = time.perf_counter()
             # The compile happens here, and inductor's on-disk cache must not hand back a step
             # compiled against other kernels (the ops' output shapes are fixed in it): their

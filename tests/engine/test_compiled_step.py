@@ -131,8 +131,11 @@ def test_the_compiled_step_of_a_bfloat16_model_stays_within_two_roundings_of_eag
     the rest of the step rounds at other places (inductor fuses the norms, attention runs in
     float32 where the eager path uses bfloat16 SDPA). Over 24 steps every logit stays within
     two bfloat16 steps (ulps, 2^-7 relative) of the largest logit (measured: 1.5 steps, 0.19
-    at logits up to 20, for all three), and the greedy tokens agree at 20 steps or more
-    (measured 21-24: near-ties flip)."""
+    at logits up to 20, for bfloat16 and int8), and the greedy tokens agree at 20 steps or
+    more (measured 21-24: near-ties flip). int4's kernel rounds its activations to int8 per
+    group of 32 (a step is 1/127 of the group's largest): where the paths' bfloat16 roundings
+    put an activation on either side of a step, the codes differ by one, so ten steps (measured
+    4.4-7.5 over seeds 3-8 of this 64-wide model, where a flip weighs most)."""
     model = engine.load(make_checkpoint("native", seed=3, dtype=torch.bfloat16, **SHAPE),
                         quantize=mode, quantized_dir=tmp_path_factory.mktemp("q"))
     decoder = engine.compile_decode_step(model, MAX_SEQ_LEN, 1, REWIND)
@@ -151,7 +154,7 @@ def test_the_compiled_step_of_a_bfloat16_model_stays_within_two_roundings_of_eag
             largest = max(largest, float(want.abs().max()))
             agree += int(got.argmax()) == int(want.argmax())
             token = want.argmax(-1)
-    assert worst <= 2 * 2**-7 * largest
+    assert worst <= (10 if mode == "int4" else 2) * 2**-7 * largest
     assert agree >= 20
 
 

@@ -20,15 +20,18 @@ def reference(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 @needs_kernels
 @pytest.mark.parametrize("k", [8, 72, 1024, 1000])  # tails past the 32-wide loops included
-@pytest.mark.parametrize("xdtype", [torch.bfloat16, torch.float32])
-def test_gemv_bf16_is_the_float32_sum_of_products(k: int, xdtype: torch.dtype) -> None:
+@pytest.mark.parametrize("xdtype", [torch.bfloat16, torch.float32, torch.float16])
+@pytest.mark.parametrize("strided", [False, True])
+def test_gemv_bf16_is_the_float32_sum_of_products(k: int, xdtype: torch.dtype,
+                                                  strided: bool) -> None:
     torch.manual_seed(k)
     w = torch.randn(37, k).to(torch.bfloat16)
-    x = torch.randn(1, k).to(xdtype)
+    x = torch.randn(1, 2 * k).to(xdtype)[:, ::2] if strided else torch.randn(1, k).to(xdtype)
     y = torch.ops.tramontane.gemv_bf16(x, w)
     assert y.shape == (1, 37) and y.dtype == xdtype
     want = reference(x, w)
-    tol = 2**-8 if xdtype == torch.bfloat16 else 1e-5  # one rounding of the output
+    # one rounding of the output
+    tol = {torch.bfloat16: 2**-8, torch.float16: 2**-11, torch.float32: 1e-5}[xdtype]
     assert float(((y.double() - want).abs() / want.abs().clamp(min=1)).max()) <= tol
 
 
