@@ -34,6 +34,7 @@ import logging
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -57,10 +58,32 @@ def _build_dir() -> Path:
     return Path(_get_build_directory(NAME, verbose=False))
 
 
+# A build holds a `lock` file in the build folder while it runs (~1 minute); one older than this
+# was left by a build that was killed, and torch would wait for it forever.
+STALE_LOCK_S = 15 * 60
+
+
+def clear_stale_lock(build_dir: Path) -> bool:
+    """Remove the build folder's lock if a killed build left it (older than `STALE_LOCK_S`):
+    otherwise every later load, a language server's start included, waits on it for ever."""
+    lock = build_dir / "lock"
+    try:
+        age = time.time() - lock.stat().st_mtime
+    except FileNotFoundError:
+        return False
+    if age < STALE_LOCK_S:
+        return False
+    log.warning("removing %s, left %.0f min ago by a kernel build that did not finish", lock,
+                age / 60)
+    lock.unlink(missing_ok=True)
+    return True
+
+
 def build(verbose: bool = False) -> None:
     """Compile (or load, when up to date) the library and register its ops."""
     from torch.utils.cpp_extension import load
 
+    clear_stale_lock(_build_dir())
     load(name=NAME, sources=[str(p) for p in SOURCES], extra_cflags=["-O3"],
          extra_include_paths=[str(HERE)], is_python_module=False, verbose=verbose)
     _register_fakes()

@@ -3,6 +3,11 @@ weights, the layers' choice of path, and the float32 path of bfloat16 prefill.""
 
 from __future__ import annotations
 
+import logging
+import os
+import time
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -251,3 +256,21 @@ def test_linear_many_runs_each_forward_for_mixed_layers_and_many_rows() -> None:
     assert torch.equal(got[0], a(x)) and torch.equal(got[1], b(x))
     rows = torch.randn(3, 64).to(torch.bfloat16)
     assert torch.equal(layers.linear_many(rows, (a, a))[1], a(rows))
+
+
+def test_a_lock_left_by_a_killed_build_is_removed_and_a_live_builds_is_kept(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """torch's builder waits for the build folder's `lock` to go: one left by a killed build
+    (here a CI run stopped mid-build) held every later load, a language server's start
+    included, for ever."""
+    lock = tmp_path / "lock"
+    assert not kernels.clear_stale_lock(tmp_path)  # no lock
+    lock.touch()
+    assert not kernels.clear_stale_lock(tmp_path) and lock.exists()  # a build under way
+    old = time.time() - kernels.STALE_LOCK_S - 60
+    os.utime(lock, (old, old))
+    with caplog.at_level(logging.WARNING):
+        assert kernels.clear_stale_lock(tmp_path)
+    assert not lock.exists()
+    assert f"removing {lock}, left 16 min ago by a kernel build that did not finish" \
+        in caplog.text
