@@ -102,6 +102,14 @@ class RawServer:
                     return frame["params"]  # type: ignore[no-any-return]
             self.notifications.append(self.next_frame(max(0.01, deadline - time.monotonic())))
 
+    def wait_for_stderr(self, text: str, timeout: float = 30.0) -> None:
+        """Until a line of stderr holds `text` (a thread reads stderr: a line the server wrote
+        before its reply may not be read yet when the reply is)."""
+        deadline = time.monotonic() + timeout
+        while not any(text in line for line in self.stderr):
+            assert time.monotonic() < deadline, f"{text!r} never logged"
+            time.sleep(0.01)
+
     def initialize(self, options: Any = None, capabilities: Any = None) -> dict[str, Any]:
         msg = self.request("initialize", {"processId": None, "rootUri": None,
                                           "capabilities": capabilities or {},

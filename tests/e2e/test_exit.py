@@ -61,13 +61,6 @@ def end_and_time(server: RawServer, how: str, shutdown: bool) -> tuple[int, floa
     return code, time.monotonic() - started
 
 
-def wait_for_stderr(server: RawServer, text: str, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while not any(text in line for line in server.stderr):
-        assert time.monotonic() < deadline, f"{text!r} never logged"
-        time.sleep(0.01)
-
-
 @pytest.mark.parametrize("shutdown", [False, True], ids=["alone", "after shutdown"])
 @pytest.mark.parametrize("how", list(HOW))
 def test_exit_while_the_engine_thread_is_blocked(tmp_path: Path, how: str,
@@ -82,7 +75,7 @@ def test_exit_while_the_engine_thread_is_blocked(tmp_path: Path, how: str,
         server.request("textDocument/inlineCompletion", {
             "textDocument": {"uri": "file:///w/a.py"}, "position": {"line": 0, "character": 4},
             "context": {"triggerKind": 2}})
-        wait_for_stderr(server, "scripted backend: blocking the engine thread", 30)
+        server.wait_for_stderr("scripted backend: blocking the engine thread", 30)
         code, seconds = end_and_time(server, how, shutdown)
         print(f"\n{how} ({'after shutdown' if shutdown else 'alone'}) while the engine thread "
               f"is blocked: the process ended {seconds:.3f} s later, code {code}")
@@ -100,7 +93,7 @@ def test_exit_during_a_compile(tiny_model: Path, how: str) -> None:
     server = RawServer(SERVER, env={"TORCH_LOGS": "dynamo"})
     try:
         server.initialize({"model": str(tiny_model), "compile": True})
-        wait_for_stderr(server, "torchdynamo start tracing", 120)
+        server.wait_for_stderr("torchdynamo start tracing", 120)
         time.sleep(0.5)  # well inside the compile, which takes several seconds here
         children = descendants(server.proc.pid)
         code, seconds = end_and_time(server, how, shutdown=False)

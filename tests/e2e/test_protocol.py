@@ -115,7 +115,7 @@ def test_an_unexpected_backend_error_reaches_the_client_without_traceback(tmp_pa
         open_doc(server, uri="file:///w/b.py")
         assert server.response(inline(server, uri="file:///w/b.py"))["error"]["code"] == -32603
         assert_clean(server)
-        assert any("kaboom in the engine" in line for line in server.stderr)
+        server.wait_for_stderr("kaboom in the engine")
     finally:
         server.close()
 
