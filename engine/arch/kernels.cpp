@@ -154,7 +154,7 @@ __attribute__((target("avx2,fma"))) void int8_rows_avx2(const int8_t* w, const f
 // scale per group, as llama.cpp's q8_0 does for its q4_0 products), and `maddubs` multiplies
 // the unsigned codes by the signed activations and adds neighbouring pairs in one instruction.
 // Two groups take one 32-byte load: its low nibbles are both groups' even inputs, its high
-// nibbles their odd ones, and `Int4Codes` lays the activations out to match. Per 64 weights
+// nibbles their odd ones, and `int4_row` lays the activations out to match. Per 64 weights
 // about 11 instructions, where widening to int16 took 26: the kernel reads at the memory limit
 // instead of being bound by its arithmetic.
 //
@@ -422,9 +422,9 @@ void check_int4(const at::Tensor& q, const at::Tensor& scale, const at::Tensor& 
   }
 }
 
-// One input row as the int4 loops take it: its even and odd inputs and the sum of each
-// group's inputs (float32), and for AVX2 (groups of 32) its int8 codes, one scale per group
-// (laid out as `even_codes` says).
+// One input row as the int4 loops take it: the sum of each group's inputs (float32); for the
+// portable loops its even and odd inputs, for AVX2 (groups of 32) its int8 codes, one scale
+// per group (laid out as `even_codes` says).
 struct Int4Row {
   std::vector<float> xe, xo, gsum, xscale;
   std::vector<int8_t> codes;
@@ -432,15 +432,16 @@ struct Int4Row {
 
 Int4Row int4_row(const float* x, int64_t k, int64_t group, bool codes) {
   Int4Row row;
-  row.xe.resize(k / 2);
-  row.xo.resize(k / 2);
   row.gsum.assign(k / group, 0.f);
-  for (int64_t j = 0; j < k / 2; ++j) {
-    row.xe[j] = x[2 * j];
-    row.xo[j] = x[2 * j + 1];
-  }
   for (int64_t i = 0; i < k; ++i) row.gsum[i / group] += x[i];
-  if (codes) {
+  if (!codes) {  // the portable loops
+    row.xe.resize(k / 2);
+    row.xo.resize(k / 2);
+    for (int64_t j = 0; j < k / 2; ++j) {
+      row.xe[j] = x[2 * j];
+      row.xo[j] = x[2 * j + 1];
+    }
+  } else {
     const int64_t groups = k / 32;
     row.xscale.resize(groups);
     row.codes.resize(k);

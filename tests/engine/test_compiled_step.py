@@ -97,6 +97,24 @@ def test_a_typing_session_compiles_nothing_after_the_first_compile(
     assert calls[0] == 7 * len(session) + 1 + 2 + 2 + 1 + 7
 
 
+def side_by_side(model: engine.Model, decoder: FastDecoder,
+                 steps: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The same 61-token prompt prefilled into the decoder's cache and an eager one, then
+    `steps` greedy tokens (the eager path's) fed to both: (compiled, eager) logits per step."""
+    prompt = torch.tensor([[1, *range(300, 360)]])
+    fast, slow = decoder.new_cache(), model.new_cache(1, MAX_SEQ_LEN, REWIND)
+    with torch.inference_mode():
+        for cache in (fast, slow):
+            model.forward(prompt, torch.arange(prompt.shape[1])[None], cache)
+        token = torch.tensor([7])
+        for pos in range(prompt.shape[1], prompt.shape[1] + steps):
+            got = decoder.step(token, torch.tensor([pos]), fast)
+            want = model.forward(token[:, None], torch.tensor([[pos]]), slow,
+                                 output_index=torch.zeros(1, dtype=torch.long))
+            yield got, want
+            token = want.argmax(-1)
+
+
 def test_the_compiled_step_equals_the_eager_forward(served: engine.Model) -> None:
     """float32: every logit within 1e-4 of the eager forward's over 40 steps (the sums run in
     another order: bitwise equality is not on offer), greedy tokens identical. (bfloat16: the
@@ -106,20 +124,10 @@ def test_the_compiled_step_equals_the_eager_forward(served: engine.Model) -> Non
         pytest.skip("bfloat16 has its own bound below")
     decoder = model.decoder
     assert isinstance(decoder, FastDecoder)
-    prompt = torch.tensor([[1, *range(300, 360)]])
-    fast, slow = decoder.new_cache(), model.new_cache(1, MAX_SEQ_LEN, REWIND)
     worst = 0.0
-    with torch.inference_mode():
-        for cache in (fast, slow):
-            model.forward(prompt, torch.arange(prompt.shape[1])[None], cache)
-        token = torch.tensor([7])
-        for pos in range(prompt.shape[1], prompt.shape[1] + 40):
-            got = decoder.step(token, torch.tensor([pos]), fast)
-            want = model.forward(token[:, None], torch.tensor([[pos]]), slow,
-                                 output_index=torch.zeros(1, dtype=torch.long))
-            worst = max(worst, float((got - want).abs().max()))
-            assert int(got.argmax()) == int(want.argmax())
-            token = want.argmax(-1)
+    for got, want in side_by_side(model, decoder, 40):
+        worst = max(worst, float((got - want).abs().max()))
+        assert int(got.argmax()) == int(want.argmax())
     assert worst <= 1e-4
 
 
@@ -139,21 +147,11 @@ def test_the_compiled_step_of_a_bfloat16_model_stays_within_two_roundings_of_eag
     model = engine.load(make_checkpoint("native", seed=3, dtype=torch.bfloat16, **SHAPE),
                         quantize=mode, quantized_dir=tmp_path_factory.mktemp("q"))
     decoder = engine.compile_decode_step(model, MAX_SEQ_LEN, 1, REWIND)
-    prompt = torch.tensor([[1, *range(300, 360)]])
-    fast, slow = decoder.new_cache(), model.new_cache(1, MAX_SEQ_LEN, REWIND)
     worst, largest, agree = 0.0, 0.0, 0
-    with torch.inference_mode():
-        for cache in (fast, slow):
-            model.forward(prompt, torch.arange(prompt.shape[1])[None], cache)
-        token = torch.tensor([7])
-        for pos in range(prompt.shape[1], prompt.shape[1] + 24):
-            got = decoder.step(token, torch.tensor([pos]), fast)
-            want = model.forward(token[:, None], torch.tensor([[pos]]), slow,
-                                 output_index=torch.zeros(1, dtype=torch.long))
-            worst = max(worst, float((got - want).abs().max()))
-            largest = max(largest, float(want.abs().max()))
-            agree += int(got.argmax()) == int(want.argmax())
-            token = want.argmax(-1)
+    for got, want in side_by_side(model, decoder, 24):
+        worst = max(worst, float((got - want).abs().max()))
+        largest = max(largest, float(want.abs().max()))
+        agree += int(got.argmax()) == int(want.argmax())
     assert worst <= (10 if mode == "int4" else 2) * 2**-7 * largest
     assert agree >= 20
 
