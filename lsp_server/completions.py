@@ -25,7 +25,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from .backends.base import Backend, CompletionRequest, End, Sampling, TextDelta
 from .documents import Document
@@ -58,6 +58,9 @@ class Outcome:
     typed_through: bool = False  # answered from the completion shown before, no model run
     # For a cancelled request: how long the engine ran on after the cancel, in ms.
     stopped_ms: float | None = None
+    # Answered at the time budget: how late the event loop ran the budget's timer, in ms (a
+    # starved machine; or code that held the loop up).
+    budget_late_ms: float | None = None
 
     @property
     def prefilled_tokens(self) -> int:
@@ -226,6 +229,7 @@ class CompletionService:
         waiter = asyncio.ensure_future(cancel.wait())
         end: End | None = None
         reason: str | None = None
+        late_ms: float | None = None
         try:
             done, _ = await asyncio.wait(
                 {reading, waiter}, timeout=max(0.0, start + settings.time_budget_ms / 1000 -
@@ -237,6 +241,9 @@ class CompletionService:
                     reason = CANCELLED
             else:
                 reason = CANCELLED if waiter in done else BUDGET
+                if reason == BUDGET:
+                    late_ms = max(0.0, (time.perf_counter() - start) * 1000 -
+                                  settings.time_budget_ms)
         finally:
             waiter.cancel()
             if not reading.done():
@@ -252,4 +259,6 @@ class CompletionService:
         else:
             outcome = Outcome(text, reason if not text else None, len(prompt.tokens),
                               seconds=time.perf_counter() - start)
+        if late_ms is not None:
+            outcome = replace(outcome, budget_late_ms=late_ms)
         return outcome

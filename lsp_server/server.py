@@ -70,7 +70,7 @@ class TramontaneServer(LanguageServer):
         return encoding.value if isinstance(encoding, types.PositionEncodingKind) else encoding
 
     def status(self, state: str, message: str, reason: str | None = None,
-               **counters: int | bool) -> None:
+               **counters: float | bool) -> None:
         payload: dict[str, Any] = {"state": state, "message": message}
         if reason is not None:
             payload["reason"] = reason

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from lsprotocol import types
 from pygls.exceptions import JsonRpcInvalidParams
@@ -19,6 +19,9 @@ if TYPE_CHECKING:
     from ..server import TramontaneServer
 
 log = logging.getLogger(__name__)
+
+# A budget's timer this late is worth a warning in the log: the answer came that much late.
+LATE_WARNING_MS = 1000.0
 
 
 async def complete_at(ls: TramontaneServer, uri: str, position: types.Position) -> Outcome:
@@ -55,8 +58,14 @@ async def complete_at(ls: TramontaneServer, uri: str, position: types.Position) 
                    f"({outcome.prompt_tokens} prompt tokens, {outcome.reused_tokens} "
                    f"reused, {outcome.prefilled_tokens} prefilled)")
         log.info("completion: %s", message)
+        details: dict[str, Any] = {}
+        if outcome.budget_late_ms is not None:
+            details["budgetLateMs"] = round(outcome.budget_late_ms, 1)
+            if outcome.budget_late_ms >= LATE_WARNING_MS:
+                log.warning("the time budget's timer ran %.0f ms late: the event loop was held "
+                            "up (a starved machine?)", outcome.budget_late_ms)
         ls.status("ready", message, reason=outcome.reason,
                   promptTokens=outcome.prompt_tokens, reusedTokens=outcome.reused_tokens,
                   prefilledTokens=outcome.prefilled_tokens,
-                  generatedTokens=outcome.generated_tokens)
+                  generatedTokens=outcome.generated_tokens, **details)
     return outcome

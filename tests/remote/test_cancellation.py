@@ -210,6 +210,9 @@ async def test_budget_and_deadline_in_one_late_iteration_close_the_connection(
         time.sleep(DEADLINE_S + 0.2)
         outcome = await task
         assert outcome.reason == BUDGET or outcome.text, outcome
+        # The outcome says how late the loop ran the budget's timer: at least the time blocked.
+        assert outcome.budget_late_ms is not None
+        assert outcome.budget_late_ms >= (DEADLINE_S + 0.2) * 1000 - BUDGET_MS, outcome
         assert await disconnected_within(faulty, run.target, 1.0), "left open"
         await run.backend.close()
 
