@@ -551,10 +551,26 @@ at::Tensor dequantize_int4(const at::Tensor& q, const at::Tensor& scale, const a
 
 std::string instruction_set() { return has_avx2() ? "avx2" : "portable"; }
 
+// How many threads `at::parallel_for` runs a two-thread-or-more range on here: torch's
+// intra-op threads when this library was compiled with OpenMP, else 1 (the pragma inside the
+// header template is then ignored and every product runs on the calling thread).
+int64_t parallel_threads() {
+  std::vector<int64_t> seen(std::max<int64_t>(at::get_num_threads(), 1), 0);
+  at::parallel_for(0, static_cast<int64_t>(seen.size()), 1, [&](int64_t r0, int64_t r1) {
+    const int64_t t = at::get_thread_num();
+    if (t >= 0 && t < static_cast<int64_t>(seen.size())) seen[t] = 1;
+    (void)r0, (void)r1;
+  });
+  int64_t used = 0;
+  for (int64_t s : seen) used += s;
+  return used;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(tramontane, m) {
   m.def("instruction_set() -> str");
+  m.def("parallel_threads() -> int");
   m.def("gemv_bf16(Tensor x, Tensor w) -> Tensor");
   m.def("gemv_int8(Tensor x, Tensor q, Tensor scale) -> Tensor");
   m.def("gemv_int4(Tensor x, Tensor q, Tensor scale, Tensor zero, int group) -> Tensor");
@@ -567,6 +583,7 @@ TORCH_LIBRARY(tramontane, m) {
 
 TORCH_LIBRARY_IMPL(tramontane, CompositeExplicitAutograd, m) {
   m.impl("instruction_set", &instruction_set);
+  m.impl("parallel_threads", &parallel_threads);
 }
 
 TORCH_LIBRARY_IMPL(tramontane, CPU, m) {

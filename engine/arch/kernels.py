@@ -63,6 +63,14 @@ def _build_dir() -> Path:
 STALE_LOCK_S = 15 * 60
 
 
+# `at::parallel_for` shares a product's rows among torch's threads only in code compiled with
+# OpenMP (it is a header template around `#pragma omp parallel`); without the flag every kernel
+# ran on the calling thread: measured, two threads took exactly as long as one. The library
+# then needs libgomp.so.1, which the one torch loads (its own copy, same soname) provides: one
+# thread pool for torch and the kernels.
+OPENMP = ["-fopenmp"] if sys.platform.startswith("linux") else []
+
+
 def clear_stale_lock(build_dir: Path) -> bool:
     """Remove the build folder's lock if a killed build left it (older than `STALE_LOCK_S`):
     otherwise every later load, a language server's start included, waits on it for ever."""
@@ -84,8 +92,9 @@ def build(verbose: bool = False) -> None:
     from torch.utils.cpp_extension import load
 
     clear_stale_lock(_build_dir())
-    load(name=NAME, sources=[str(p) for p in SOURCES], extra_cflags=["-O3"],
-         extra_include_paths=[str(HERE)], is_python_module=False, verbose=verbose)
+    load(name=NAME, sources=[str(p) for p in SOURCES], extra_cflags=["-O3", *OPENMP],
+         extra_ldflags=OPENMP, extra_include_paths=[str(HERE)], is_python_module=False,
+         verbose=verbose)
     _register_fakes()
 
 
@@ -168,6 +177,12 @@ def instruction_set() -> str:
     return str(torch.ops.tramontane.instruction_set())
 
 
+def parallel_threads() -> int:
+    """How many threads a kernel's rows are shared among (torch's intra-op threads, if the
+    library was built with OpenMP)."""
+    return int(torch.ops.tramontane.parallel_threads())
+
+
 def main() -> int:
     """`python -m engine.arch.kernels`: build the library now (the Makefile runs this)."""
     try:
@@ -176,8 +191,8 @@ def main() -> int:
         print(f"engine.arch.kernels: not built ({e}); the pure-PyTorch kernels will run",
               file=sys.stderr)
         return 1
-    print(f"engine.arch.kernels: built in {_build_dir()} ({instruction_set()} loops)",
-          file=sys.stderr)
+    print(f"engine.arch.kernels: built in {_build_dir()} ({instruction_set()} loops, "
+          f"{parallel_threads()} threads)", file=sys.stderr)
     return 0
 
 

@@ -127,6 +127,35 @@ def test_several_rows_are_each_rows_own_product(mode: str) -> None:
 
 
 @needs_kernels
+@pytest.mark.parametrize("mode", ["bf16", "int8", "int4"])
+def test_the_rows_are_shared_among_torchs_threads_with_the_same_results(mode: str) -> None:
+    """Built with OpenMP, a product's rows go to torch's intra-op threads (without it, the
+    kernels ran on one thread whatever torch was set to); each row is one thread's dot product,
+    so the result is bitwise the one-thread result."""
+    threads = torch.get_num_threads()
+    torch.manual_seed(1)
+    w = torch.randn(4096, 256)
+    if mode == "bf16":
+        operands: tuple[torch.Tensor | int, ...] = (w.to(torch.bfloat16),)
+    elif mode == "int8":
+        operands = quant.quantize_int8(w, torch.bfloat16)
+    else:
+        packed, scale, zero = quant.quantize_int4(w, torch.bfloat16)
+        operands = (packed, scale.to(torch.bfloat16), zero.to(torch.bfloat16), quant.INT4_GROUP)
+    op = getattr(torch.ops.tramontane, f"gemv_{mode}")
+    x = torch.randn(3, 256).to(torch.bfloat16)
+    try:
+        torch.set_num_threads(1)
+        assert kernels.parallel_threads() == 1
+        alone = op(x, *operands)
+        torch.set_num_threads(2)
+        assert kernels.parallel_threads() == 2
+        assert torch.equal(op(x, *operands), alone)
+    finally:
+        torch.set_num_threads(threads)
+
+
+@needs_kernels
 def test_bad_shapes_are_refused_with_a_message() -> None:
     w = torch.zeros(4, 8, dtype=torch.bfloat16)
     with pytest.raises(RuntimeError, match=r"expected 1 to 16 rows of 8 values, got \[17, 8\]"):
