@@ -10,7 +10,7 @@ from before the engine's layout changed (`engine/fast_decode.py`) and after
 (`engine/runtime/compiled.py`).
 
     .venv/bin/python benchmarks/compiled_step_ab.py --model-dir /tmp/bench-model \\
-        --baseline /tmp/before [--dtype float32] [--pairs 3]
+        --baseline /tmp/before [--dtype float32] [--quantize int8|int4] [--pairs 3]
 """
 
 from __future__ import annotations
@@ -35,7 +35,9 @@ if (checkout / "engine" / "fast_decode.py").exists():
 else:
     from engine.runtime.compiled import FastDecoder
 assert Path(engine.__file__).resolve().is_relative_to(checkout.resolve()), engine.__file__
-model = engine.load(sys.argv[1], dtype=getattr(torch, sys.argv[2]))
+quantize = sys.argv[4] if len(sys.argv) > 4 else None
+model = engine.load(sys.argv[1], dtype=getattr(torch, sys.argv[2]),
+                    **({"quantize": quantize} if quantize else {}))
 decoder = FastDecoder(model, 1, 2304, 16)
 torch.manual_seed(0)
 with torch.inference_mode():
@@ -67,10 +69,11 @@ def build_kernels(checkout: Path) -> None:
                        cwd=checkout, timeout=900, check=True)
 
 
-def sample(checkout: Path, model: Path, dtype: str) -> list[float]:
+def sample(checkout: Path, model: Path, dtype: str, quantize: str | None) -> list[float]:
     # From the checkout itself: `-c` puts the working directory first on sys.path.
     env = checkout_env(checkout)
-    done = subprocess.run([sys.executable, "-c", SAMPLE, str(model), dtype, str(checkout)],
+    done = subprocess.run([sys.executable, "-c", SAMPLE, str(model), dtype, str(checkout),
+                           *([quantize] if quantize else [])],
                           env=env, cwd=checkout, capture_output=True, text=True, timeout=600)
     if done.returncode != 0:
         sys.exit(f"the sample of {checkout} failed (exit {done.returncode}):\n"
@@ -84,6 +87,9 @@ def main() -> None:
                         help="a dense checkpoint (e.g. decode.py's bench model, native layout)")
     parser.add_argument("--baseline", required=True, type=Path, help="the other checkout")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    parser.add_argument("--quantize", choices=["int8", "int4"],
+                        help="weight-only quantization at load (checkouts that have it; the "
+                             "quantized sidecar in the user's cache makes later loads fast)")
     parser.add_argument("--pairs", type=int, default=3)
     args = parser.parse_args()
     sides = {"baseline": args.baseline, "current": ROOT}
@@ -93,12 +99,13 @@ def main() -> None:
     for pair in range(args.pairs):
         order = list(sides) if pair % 2 == 0 else list(reversed(sides))
         for name in order:
-            ms = sample(sides[name], args.model_dir, args.dtype)
+            ms = sample(sides[name], args.model_dir, args.dtype, args.quantize)
             results[name] += ms
             print(f"pair {pair + 1}, {name}: " + ", ".join(f"{m:.1f}" for m in ms) + " ms/step",
                   flush=True)
     base, cur = (statistics.median(results[n]) for n in ("baseline", "current"))
-    print(f"\ncompiled decode step at ~1.5k positions, {args.dtype}, median of "
+    weights = args.dtype + (f", {args.quantize} weights" if args.quantize else "")
+    print(f"\ncompiled decode step at ~1.5k positions, {weights}, median of "
           f"{len(results['current'])} samples: baseline {base:.1f} ms, current {cur:.1f} ms, "
           f"ratio {cur / base:.2f}")
 
