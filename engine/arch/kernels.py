@@ -20,6 +20,8 @@ compiler and the `ninja` package), into torch's extension cache (`~/.cache/torch
 At run time the built library is loaded if it is there (torch rebuilds it if a source
 changed); if it is not, nothing is compiled behind the user's back: the fallbacks run, and one
 log line says how to build. `TRAMONTANE_KERNELS=0` forces the fallbacks (tests compare both).
+Built with OpenMP, so that a product's rows go to torch's threads; a compiler without it gets
+the library for one thread (a `no-openmp` file in the build folder remembers it).
 
 The ops have shapes registered for torch.compile (`register_fake`): the compiled decode step
 calls them as extern kernels (per layer: query, key and value in one call, the output
@@ -87,14 +89,37 @@ def clear_stale_lock(build_dir: Path) -> bool:
     return True
 
 
+# Left in the build folder when the compiler could not build with OpenMP: later builds and
+# loads go straight to the one-thread library (holds the compiler's complaint).
+NO_OPENMP = "no-openmp"
+
+
 def build(verbose: bool = False) -> None:
-    """Compile (or load, when up to date) the library and register its ops."""
+    """Compile (or load, when up to date) the library and register its ops. A compiler without
+    OpenMP gets the library for one thread (every product on the calling thread), said once
+    in the log, rather than no library at all."""
     from torch.utils.cpp_extension import load
 
-    clear_stale_lock(_build_dir())
-    load(name=NAME, sources=[str(p) for p in SOURCES], extra_cflags=["-O3", *OPENMP],
-         extra_ldflags=OPENMP, extra_include_paths=[str(HERE)], is_python_module=False,
-         verbose=verbose)
+    build_dir = _build_dir()
+    clear_stale_lock(build_dir)
+    openmp = OPENMP if not (build_dir / NO_OPENMP).exists() else []
+
+    def load_with(flags: list[str]) -> None:
+        load(name=NAME, sources=[str(p) for p in SOURCES], extra_cflags=["-O3", *flags],
+             extra_ldflags=flags, extra_include_paths=[str(HERE)], is_python_module=False,
+             verbose=verbose)
+
+    try:
+        load_with(openmp)
+    except (RuntimeError, subprocess.SubprocessError) as e:
+        if not openmp:
+            raise
+        why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        log.warning("the C++ kernels did not build with OpenMP (%s): building them for one "
+                    "thread", why)
+        load_with([])
+        # Only now: a failure that was not OpenMP's failed again just above.
+        (build_dir / NO_OPENMP).write_text(f"{e}\n(remove this file to try OpenMP again)\n")
     _register_fakes()
 
 

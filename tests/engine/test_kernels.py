@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import logging
 import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -304,3 +306,28 @@ def test_a_lock_left_by_a_killed_build_is_removed_and_a_live_builds_is_kept(
     assert not lock.exists()
     assert f"removing {lock}, left 16 min ago by a kernel build that did not finish" \
         in caplog.text
+
+
+@needs_kernels
+def test_a_compiler_without_openmp_gets_the_one_thread_library_once(tmp_path: Path) -> None:
+    """A compiler that cannot build with OpenMP (here a wrapper that refuses `-fopenmp`): the
+    build says so once and makes the library for one thread, which runs the same products;
+    the next load goes straight to it (no failing compile at every start)."""
+    compiler = tmp_path / "c++"
+    compiler.write_text('#!/bin/sh\ncase " $* " in *" -fopenmp "*) '
+                        'echo "c++: error: unsupported option -fopenmp" >&2; exit 1;; esac\n'
+                        'exec c++ "$@"\n')
+    compiler.chmod(0o755)
+    env = {**os.environ, "CXX": str(compiler), "TORCH_EXTENSIONS_DIR": str(tmp_path / "ext")}
+    check = ("import torch; from engine.arch import kernels; kernels.build(); "
+             "torch.set_num_threads(2); print(kernels.parallel_threads()); "
+             "x = torch.ones(1, 64); w = torch.ones(48, 64).to(torch.bfloat16); "
+             "print(float(torch.ops.tramontane.gemv_bf16(x, w).sum()))")
+    runs = [subprocess.run([sys.executable, "-c", check], env=env, capture_output=True,
+                           text=True, timeout=600) for _ in range(2)]
+    for run in runs:
+        assert run.returncode == 0, run.stderr[-2000:]
+        assert run.stdout.split() == ["1", "3072.0"]
+    assert "did not build with OpenMP" in runs[0].stderr
+    assert "did not build with OpenMP" not in runs[1].stderr
+    assert list((tmp_path / "ext").glob(f"*/{kernels.NO_OPENMP}"))
