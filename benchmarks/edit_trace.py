@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from compiled_step_ab import build_kernels, checkout_env  # a baseline checkout's own kernels
 from decode import ensure_checkpoints  # the same random model as the decode benchmark
 
 SOURCE = Path(textwrap.__file__)
@@ -114,9 +115,10 @@ def position(text: str, offset: int) -> dict[str, int]:
 class Client:
     """A minimal LSP client over the server's stdio; records when every frame arrived."""
 
-    def __init__(self, command: list[str], env: dict[str, str] | None = None) -> None:
+    def __init__(self, command: list[str], env: dict[str, str] | None = None,
+                 cwd: str | None = None) -> None:
         self.proc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL, cwd=cwd,
                                      env={**os.environ, **env} if env else None)
         self.replies: dict[int, tuple[float, dict[str, Any]]] = {}
         self.notes: queue.Queue[tuple[float, dict[str, Any]]] = queue.Queue()
@@ -250,10 +252,13 @@ def start_server(model: Path, options: dict[str, Any], pythonpath: str | None = 
                  fast: bool = True) -> tuple[Client, float]:
     """A server on `model` with these settings, ready; with `fast`, once its compiled decode
     step is in use (servers from before it compiled in the background were ready only then).
-    `pythonpath`: run another checkout's server (a baseline) with this interpreter."""
-    env = {"PYTHONPATH": pythonpath} if pythonpath else None
+    `pythonpath`: run another checkout's server (a baseline) with this interpreter, from that
+    checkout (`-m` puts the working directory first on sys.path: run from this repository,
+    the "baseline" imported this checkout's code) and with its own C++ kernels
+    (`compiled_step_ab.build_kernels` builds them)."""
+    env = checkout_env(Path(pythonpath)) if pythonpath else None
     client = Client([sys.executable, "-m", "lsp_server", "--stdio", "--log-level", "WARNING"],
-                    env)
+                    env, cwd=pythonpath)
     client.request("initialize", {"processId": None, "rootUri": None, "capabilities": {},
                                   "initializationOptions": {"model": str(model), **options}})
     client.notify("initialized", {})
@@ -369,6 +374,7 @@ def compare(args: argparse.Namespace, source: str, keys: list[Key]) -> None:
         native, _ = ensure_checkpoints(Path(args.model_dir or tmp))
         print(f"{len(keys)} keystrokes, model {native}, {args.dtype}, maxTokens "
               f"{args.max_tokens}; baseline {args.baseline}")
+        build_kernels(Path(args.baseline))
         for round_ in range(args.rounds):
             order = [("baseline", args.baseline), ("current", here)]
             for label, path in order if round_ % 2 == 0 else reversed(order):
