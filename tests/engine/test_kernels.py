@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -106,13 +107,9 @@ def test_gemv_int4_and_dequantize_int4_match_the_portable_form(
     assert bool(((y.double() - exact).abs() <= bound + 1e-5 * exact.abs().max()).all())
 
 
-@needs_kernels
-@pytest.mark.parametrize("mode", ["bf16", "int8", "int4"])
-def test_several_rows_are_each_rows_own_product(mode: str) -> None:
-    """Up to 16 input rows in one call (a keystroke's new prompt tokens): each row's result is
-    bitwise the one-row call's (the same loops; the weights read once for all rows)."""
-    torch.manual_seed(0)
-    w = torch.randn(80, 96)
+def gemv(mode: str, w: torch.Tensor) -> tuple[Any, tuple[torch.Tensor | int, ...]]:
+    """The one-row product of `mode` ("bf16", "int8", "int4") and its weight operands for `w`
+    (scales in bfloat16, as a bfloat16 model's)."""
     if mode == "bf16":
         operands: tuple[torch.Tensor | int, ...] = (w.to(torch.bfloat16),)
     elif mode == "int8":
@@ -120,7 +117,17 @@ def test_several_rows_are_each_rows_own_product(mode: str) -> None:
     else:
         packed, scale, zero = quant.quantize_int4(w, torch.bfloat16)
         operands = (packed, scale.to(torch.bfloat16), zero.to(torch.bfloat16), quant.INT4_GROUP)
-    op = getattr(torch.ops.tramontane, f"gemv_{mode}")
+    return getattr(torch.ops.tramontane, f"gemv_{mode}"), operands
+
+
+@needs_kernels
+@pytest.mark.parametrize("mode", ["bf16", "int8", "int4"])
+def test_several_rows_are_each_rows_own_product(mode: str) -> None:
+    """Up to 16 input rows in one call (a keystroke's new prompt tokens): each row's result is
+    bitwise the one-row call's (the same loops; the weights read once for all rows)."""
+    torch.manual_seed(0)
+    w = torch.randn(80, 96)
+    op, operands = gemv(mode, w)
     for count in (2, 5, 16):
         x = torch.randn(count, 96).to(torch.bfloat16)
         got = op(x, *operands)
@@ -138,14 +145,7 @@ def test_the_rows_are_shared_among_torchs_threads_with_the_same_results(mode: st
     threads = torch.get_num_threads()
     torch.manual_seed(1)
     w = torch.randn(4094, 256)
-    if mode == "bf16":
-        operands: tuple[torch.Tensor | int, ...] = (w.to(torch.bfloat16),)
-    elif mode == "int8":
-        operands = quant.quantize_int8(w, torch.bfloat16)
-    else:
-        packed, scale, zero = quant.quantize_int4(w, torch.bfloat16)
-        operands = (packed, scale.to(torch.bfloat16), zero.to(torch.bfloat16), quant.INT4_GROUP)
-    op = getattr(torch.ops.tramontane, f"gemv_{mode}")
+    op, operands = gemv(mode, w)
     x = torch.randn(3, 256).to(torch.bfloat16)
     try:
         torch.set_num_threads(1)
