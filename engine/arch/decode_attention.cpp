@@ -274,20 +274,8 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
                   static_cast<const char*>(v.data_ptr()) + from, hd * elem);
     }
   }
-  std::vector<float> q32;
-  at::Tensor qf;
-  const float* qp = nullptr;
-  if (q.is_contiguous() && q.scalar_type() == at::kFloat) {
-    qp = q.data_ptr<float>();
-  } else if (q.is_contiguous() && q.scalar_type() == at::kBFloat16) {
-    const uint16_t* raw = reinterpret_cast<const uint16_t*>(q.data_ptr<at::BFloat16>());
-    q32.resize(q.numel());
-    for (int64_t i = 0; i < q.numel(); ++i) q32[i] = bf16_to_float(raw[i]);
-    qp = q32.data();
-  } else {
-    qf = q.to(at::kFloat).contiguous();
-    qp = qf.data_ptr<float>();
-  }
+  const Float32Values q32(q);
+  const float* qp = q32.data();
   const at::Tensor mask = allowed.is_contiguous() ? allowed : allowed.contiguous();
   at::Tensor out = at::empty({B, Hkv, G, hd}, q.options().dtype(at::kFloat));
   const float scale = 1.f / std::sqrt(static_cast<float>(hd));

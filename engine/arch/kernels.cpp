@@ -307,7 +307,7 @@ TRAMONTANE_AVX2 void int4_codes_avx2(const float* x, int64_t groups, int8_t* cod
 // keystroke's prompt grows by a few tokens).
 struct Rows {
   int64_t count, k;
-  std::vector<float> values;  // count x k
+  Float32Values values;  // count x k
   const float* row(int64_t m) const { return values.data() + m * k; }
 };
 
@@ -315,20 +315,7 @@ Rows float_rows(const at::Tensor& x, int64_t k) {
   TORCH_CHECK(k > 0 && x.numel() % k == 0 && x.numel() / k >= 1 &&
                   x.numel() / k <= kMaxRows,
               "expected 1 to ", kMaxRows, " rows of ", k, " values, got ", x.sizes());
-  const int64_t count = x.numel() / k;
-  Rows rows{count, k, std::vector<float>(count * k)};
-  // Read in place where we can: a tensor op (and its dispatch) per call adds up over the
-  // several calls of every layer.
-  if (x.is_contiguous() && x.scalar_type() == at::kBFloat16) {
-    const uint16_t* p = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
-    for (int64_t i = 0; i < count * k; ++i) rows.values[i] = bf16_to_float(p[i]);
-  } else if (x.is_contiguous() && x.scalar_type() == at::kFloat) {
-    std::memcpy(rows.values.data(), x.data_ptr<float>(), count * k * sizeof(float));
-  } else {
-    at::Tensor flat = x.reshape({count * k}).to(at::kFloat).contiguous();
-    std::memcpy(rows.values.data(), flat.data_ptr<float>(), count * k * sizeof(float));
-  }
-  return rows;
+  return Rows{x.numel() / k, k, Float32Values(x)};
 }
 
 // A row as int16 codes of one scale: x ~ code * scale.

@@ -1,11 +1,14 @@
 // Small helpers shared by the C++ kernels (kernels.cpp, decode_attention.cpp): bfloat16 to
-// float32, and the AVX2 + FMA loads and reductions. AVX2 code is compiled per function
+// float32 (values and whole tensors), and the AVX2 + FMA loads and reductions. AVX2 code is compiled per function
 // (`target` attributes) and chosen at run time (`has_avx2`), so the library loads anywhere.
 
 #pragma once
 
+#include <ATen/core/Tensor.h>
+
 #include <cstdint>
 #include <cstring>
+#include <vector>
 
 #if defined(__x86_64__) || defined(_M_X64)
 #include <immintrin.h>
@@ -23,6 +26,37 @@ inline float bf16_to_float(uint16_t v) {
 
 inline float to_float(float v) { return v; }
 inline float to_float(uint16_t v) { return bf16_to_float(v); }
+
+// A tensor's values as contiguous float32, without a tensor op where it can (a dispatch per
+// call adds up over a step's several kernel calls a layer): read in place when it is float32,
+// converted here when it is bfloat16, through `to` otherwise. Not copyable: `data()` may
+// point into its own buffer.
+class Float32Values {
+ public:
+  explicit Float32Values(const at::Tensor& x) {
+    if (x.is_contiguous() && x.scalar_type() == at::kFloat) {
+      data_ = x.data_ptr<float>();
+    } else if (x.is_contiguous() && x.scalar_type() == at::kBFloat16) {
+      const uint16_t* p = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
+      buffer_.resize(x.numel());
+      for (int64_t i = 0; i < x.numel(); ++i) buffer_[i] = bf16_to_float(p[i]);
+      data_ = buffer_.data();
+    } else {
+      converted_ = x.to(at::kFloat).contiguous();
+      data_ = converted_.data_ptr<float>();
+    }
+  }
+  Float32Values(const Float32Values&) = delete;
+  Float32Values& operator=(const Float32Values&) = delete;
+  Float32Values(Float32Values&&) = default;  // the buffer's storage moves with it
+
+  const float* data() const { return data_; }
+
+ private:
+  std::vector<float> buffer_;
+  at::Tensor converted_;
+  const float* data_ = nullptr;
+};
 
 #ifdef TRAMONTANE_X86
 
