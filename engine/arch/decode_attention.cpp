@@ -33,6 +33,7 @@
 #include <limits>
 #include <vector>
 
+#include "products.h"
 #include "simd.h"
 
 namespace {
@@ -90,26 +91,6 @@ void attend(const Head& h, int64_t groups, int64_t S, int64_t hd, float scale, f
 // AVX2 + FMA (hd a multiple of 16)
 
 #ifdef TRAMONTANE_X86
-
-// exp(x) for x <= 0 (softmax's shifted scores): 2^n exp(r), n = round(x / ln 2), |r| <= ln2/2,
-// exp(r) by its degree-6 Taylor polynomial (relative error < 2e-7, float32's own rounding).
-TRAMONTANE_AVX2 inline __m256 exp8(__m256 x) {
-  x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));  // 2^n stays a normal float
-  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504f)),
-                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
-  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-  __m256 p = _mm256_set1_ps(1.f / 720);
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 120));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 24));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 6));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f));
-  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n),
-                                                       _mm256_set1_epi32(127)), 23);
-  return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
-}
 
 // Scores of up to 4 query heads (q0..: G4 of them) against every allowed key.
 template <typename T, int G4>
@@ -219,6 +200,10 @@ TRAMONTANE_AVX2 void attend_avx2(const Head& h, int64_t groups, int64_t S, int64
 
 // ------------------------------------------------------------------------------------------
 
+}  // namespace
+
+namespace tramontane {
+
 at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                             at::Tensor& keys, at::Tensor& values, const at::Tensor& slot,
                             const at::Tensor& allowed) {
@@ -309,11 +294,11 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
   return out;
 }
 
-}  // namespace
+}  // namespace tramontane
 
 TORCH_LIBRARY_FRAGMENT(tramontane, m) {
   m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor(a!) keys, Tensor(b!) values, "
         "Tensor slot, Tensor allowed) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(tramontane, CPU, m) { m.impl("decode_attention", &decode_attention); }
+TORCH_LIBRARY_IMPL(tramontane, CPU, m) { m.impl("decode_attention", &tramontane::decode_attention); }

@@ -23,6 +23,7 @@
 #include <string>
 #include <vector>
 
+#include "products.h"
 #include "simd.h"
 
 namespace {
@@ -42,6 +43,15 @@ void bf16_rows(const uint16_t* w, const float* x, float* y, int64_t k, int64_t r
     const uint16_t* row = w + r * k;
     float acc = 0.f;
     for (int64_t i = 0; i < k; ++i) acc += bf16_to_float(row[i]) * x[i];
+    y[r] = acc;
+  }
+}
+
+void f32_rows(const float* w, const float* x, float* y, int64_t k, int64_t r0, int64_t r1) {
+  for (int64_t r = r0; r < r1; ++r) {
+    const float* row = w + r * k;
+    float acc = 0.f;
+    for (int64_t i = 0; i < k; ++i) acc += row[i] * x[i];
     y[r] = acc;
   }
 }
@@ -112,6 +122,28 @@ __attribute__((target("avx2,fma"))) void bf16_rows_avx2(const uint16_t* w, const
     for (; i + 8 <= k; i += 8) a0 = _mm256_fmadd_ps(load_bf16(row + i), _mm256_loadu_ps(x + i), a0);
     float acc = hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
     for (; i < k; ++i) acc += bf16_to_float(row[i]) * x[i];
+    y[r] = acc;
+  }
+}
+
+// float32 weights (a float32 model's layers in the fused decoder layer): the bfloat16 loop
+// without the widening.
+__attribute__((target("avx2,fma"))) void f32_rows_avx2(const float* w, const float* x, float* y,
+                                                      int64_t k, int64_t r0, int64_t r1) {
+  for (int64_t r = r0; r < r1; ++r) {
+    const float* row = w + r * k;
+    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+    __m256 a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 32 <= k; i += 32) {
+      a0 = _mm256_fmadd_ps(_mm256_loadu_ps(row + i), _mm256_loadu_ps(x + i), a0);
+      a1 = _mm256_fmadd_ps(_mm256_loadu_ps(row + i + 8), _mm256_loadu_ps(x + i + 8), a1);
+      a2 = _mm256_fmadd_ps(_mm256_loadu_ps(row + i + 16), _mm256_loadu_ps(x + i + 16), a2);
+      a3 = _mm256_fmadd_ps(_mm256_loadu_ps(row + i + 24), _mm256_loadu_ps(x + i + 24), a3);
+    }
+    for (; i + 8 <= k; i += 8) a0 = _mm256_fmadd_ps(_mm256_loadu_ps(row + i), _mm256_loadu_ps(x + i), a0);
+    float acc = hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+    for (; i < k; ++i) acc += row[i] * x[i];
     y[r] = acc;
   }
 }
@@ -368,18 +400,17 @@ void for_rows(const std::vector<int64_t>& rows, int64_t inputs, const F& fn) {
 // `finish` converts in place of a tensor op, as `float_rows` reads.
 class Outputs {
  public:
-  Outputs(const at::Tensor& x, const std::vector<int64_t>& rows, int64_t inputs)
-      : rows_(rows), f32_(x.scalar_type() == at::kFloat) {
-    for (int64_t n : rows) {
-      ys_.push_back(at::empty({inputs, n}, x.options()));
-      scratch_.emplace_back(f32_ ? 0 : inputs * n);
+  Outputs(const at::Tensor& x, const std::vector<Weight>& ws, int64_t inputs)
+      : f32_(x.scalar_type() == at::kFloat) {
+    for (const Weight& w : ws) {
+      ys_.push_back(at::empty({inputs, w.rows()}, x.options()));
+      scratch_.emplace_back(f32_ ? 0 : inputs * w.rows());
+      rows_.push_back(f32_ ? ys_.back().data_ptr<float>() : scratch_.back().data());
     }
   }
 
-  // Where matrix i's results for input row m go.
-  float* row(size_t i, int64_t m) {
-    return (f32_ ? ys_[i].data_ptr<float>() : scratch_[i].data()) + m * rows_[i];
-  }
+  // Where each matrix's results go (count x its rows, float32).
+  const std::vector<float*>& rows() const { return rows_; }
 
   std::vector<at::Tensor> finish() {
     if (f32_) return ys_;
@@ -397,75 +428,11 @@ class Outputs {
   }
 
  private:
-  std::vector<int64_t> rows_;
   bool f32_;
   std::vector<at::Tensor> ys_;
   std::vector<std::vector<float>> scratch_;
+  std::vector<float*> rows_;
 };
-
-int64_t common_inputs(at::TensorList ws, int64_t per_column, const char* what) {
-  TORCH_CHECK(!ws.empty(), what, ": no weights");
-  const int64_t k = ws[0].size(1) * per_column;
-  for (const at::Tensor& w : ws) {
-    TORCH_CHECK(w.dim() == 2 && w.size(1) * per_column == k, what,
-                ": the weights take different numbers of inputs");
-  }
-  return k;
-}
-
-std::vector<at::Tensor> gemv_bf16_many(const at::Tensor& x, at::TensorList ws) {
-  const int64_t k = common_inputs(ws, 1, "gemv_bf16");
-  std::vector<int64_t> rows;
-  for (const at::Tensor& w : ws) {
-    check_weight(w, at::kBFloat16, "gemv_bf16");
-    rows.push_back(w.size(0));
-  }
-  const Rows xs = float_rows(x, k);
-  Outputs ys(x, rows, xs.count);
-  const bool avx2 = has_avx2();
-  for_rows(rows, xs.count, [&](size_t i, int64_t m, int64_t r0, int64_t r1) {
-    const uint16_t* wp = reinterpret_cast<const uint16_t*>(ws[i].data_ptr<at::BFloat16>());
-    float* yp = ys.row(i, m);
-#ifdef TRAMONTANE_X86
-    if (avx2) return bf16_rows_avx2(wp, xs.row(m), yp, k, r0, r1);
-#endif
-    bf16_rows(wp, xs.row(m), yp, k, r0, r1);
-  });
-  return ys.finish();
-}
-
-std::vector<at::Tensor> gemv_int8_many(const at::Tensor& x, at::TensorList qs,
-                                       at::TensorList scales) {
-  const int64_t k = common_inputs(qs, 1, "gemv_int8");
-  TORCH_CHECK(scales.size() == qs.size(), "gemv_int8: one scale tensor per weight");
-  std::vector<int64_t> rows;
-  for (size_t i = 0; i < qs.size(); ++i) {
-    check_weight(qs[i], at::kChar, "gemv_int8");
-    const int64_t n = qs[i].size(0);
-    TORCH_CHECK(scales[i].numel() == n && scales[i].scalar_type() == at::kFloat &&
-                    scales[i].is_contiguous(),
-                "gemv_int8: expected ", n, " float32 scales");
-    rows.push_back(n);
-  }
-  const Rows xs = float_rows(x, k);
-  Outputs ys(x, rows, xs.count);
-  const bool avx2 = has_avx2();
-  std::vector<std::vector<int16_t>> x16(xs.count);
-  std::vector<float> xscale(xs.count, 0.f);
-  if (avx2) {
-    for (int64_t m = 0; m < xs.count; ++m) x16[m] = quantize_row(xs.row(m), k, &xscale[m]);
-  }
-  for_rows(rows, xs.count, [&](size_t i, int64_t m, int64_t r0, int64_t r1) {
-    const int8_t* qp = qs[i].data_ptr<int8_t>();
-    const float* sp = scales[i].data_ptr<float>();
-    float* yp = ys.row(i, m);
-#ifdef TRAMONTANE_X86
-    if (avx2) return int8_rows_avx2(qp, sp, x16[m].data(), xscale[m], yp, k, r0, r1);
-#endif
-    int8_rows(qp, sp, xs.row(m), yp, k, r0, r1);
-  });
-  return ys.finish();
-}
 
 void check_int4(const at::Tensor& q, const at::Tensor& scale, const at::Tensor& zero,
                 int64_t group) {
@@ -478,6 +445,20 @@ void check_int4(const at::Tensor& q, const at::Tensor& scale, const at::Tensor& 
                     t->scalar_type() == scale.scalar_type() && t->is_contiguous() &&
                     t->numel() == n * (k / group),
                 "int4: expected float32 or bfloat16 scales and zeros of ", n, " x ", k / group);
+  }
+}
+
+void check(const Weight& w, const char* what) {
+  switch (w.kind) {
+    case Kind::kBF16: return check_weight(w.w, at::kBFloat16, what);
+    case Kind::kFloat32: return check_weight(w.w, at::kFloat, what);
+    case Kind::kInt8:
+      check_weight(w.w, at::kChar, what);
+      TORCH_CHECK(w.scale.numel() == w.rows() && w.scale.scalar_type() == at::kFloat &&
+                      w.scale.is_contiguous(),
+                  what, ": expected ", w.rows(), " float32 scales");
+      return;
+    case Kind::kInt4: return check_int4(w.w, w.scale, w.zero, w.group);
   }
 }
 
@@ -510,46 +491,128 @@ Int4Row int4_row(const float* x, int64_t k, int64_t group, bool codes) {
   return row;
 }
 
+template <typename S>
+void int4_run(const Int4Row& x4, const uint8_t* qp, const S* sp, const S* zp, float* yp,
+              int64_t k, int64_t group, bool avx2, int64_t r0, int64_t r1) {
+#ifdef TRAMONTANE_X86
+  if (avx2) {
+    return int4_rows_avx2(qp, sp, zp, x4.codes.data(), x4.xscale.data(), x4.gsum.data(), yp,
+                          k, r0, r1);
+  }
+#endif
+  (void)avx2;
+  int4_rows(qp, sp, zp, x4.xe.data(), x4.xo.data(), x4.gsum.data(), yp, k, group, r0, r1);
+}
+
+void products_impl(const float* x, int64_t count, int64_t k, const std::vector<Weight>& ws,
+                   const std::vector<float*>& out) {
+  TORCH_CHECK(count >= 1 && count <= kMaxRows, "expected 1 to ", kMaxRows, " input rows, got ",
+              count);
+  const bool avx2 = has_avx2();
+  bool int8 = false;
+  int64_t group = 0;  // the int4 weights' (one for all of them)
+  std::vector<int64_t> rows;
+  for (const Weight& w : ws) {
+    TORCH_CHECK(w.inputs() == k, "the weights take different numbers of inputs");
+    int8 |= w.kind == Kind::kInt8;
+    if (w.kind == Kind::kInt4) {
+      TORCH_CHECK(group == 0 || group == w.group, "the int4 weights of one call must have one "
+                  "group size");
+      group = w.group;
+    }
+    rows.push_back(w.rows());
+  }
+  // The activations as each kind of loop takes them, once for all the weights.
+  std::vector<std::vector<int16_t>> x16(int8 && avx2 ? count : 0);
+  std::vector<float> xscale(count, 0.f);
+  for (size_t m = 0; m < x16.size(); ++m) x16[m] = quantize_row(x + m * k, k, &xscale[m]);
+  const bool avx2_int4 = avx2 && group == 32;
+  std::vector<Int4Row> x4;
+  for (int64_t m = 0; group != 0 && m < count; ++m) {
+    x4.push_back(int4_row(x + m * k, k, group, avx2_int4));
+  }
+  for_rows(rows, count, [&](size_t i, int64_t m, int64_t r0, int64_t r1) {
+    const Weight& w = ws[i];
+    const float* xm = x + m * k;
+    float* yp = out[i] + m * rows[i];
+    switch (w.kind) {
+      case Kind::kBF16: {
+        const uint16_t* wp = reinterpret_cast<const uint16_t*>(w.w.data_ptr<at::BFloat16>());
+#ifdef TRAMONTANE_X86
+        if (avx2) return bf16_rows_avx2(wp, xm, yp, k, r0, r1);
+#endif
+        return bf16_rows(wp, xm, yp, k, r0, r1);
+      }
+      case Kind::kFloat32: {
+        const float* wp = w.w.data_ptr<float>();
+#ifdef TRAMONTANE_X86
+        if (avx2) return f32_rows_avx2(wp, xm, yp, k, r0, r1);
+#endif
+        return f32_rows(wp, xm, yp, k, r0, r1);
+      }
+      case Kind::kInt8: {
+        const int8_t* qp = w.w.data_ptr<int8_t>();
+        const float* sp = w.scale.data_ptr<float>();
+#ifdef TRAMONTANE_X86
+        if (avx2) return int8_rows_avx2(qp, sp, x16[m].data(), xscale[m], yp, k, r0, r1);
+#endif
+        return int8_rows(qp, sp, xm, yp, k, r0, r1);
+      }
+      case Kind::kInt4: {
+        const uint8_t* qp = w.w.data_ptr<uint8_t>();
+        if (w.scale.scalar_type() == at::kFloat) {
+          return int4_run(x4[m], qp, w.scale.data_ptr<float>(), w.zero.data_ptr<float>(), yp,
+                          k, group, avx2_int4, r0, r1);
+        }
+        return int4_run(
+            x4[m], qp, reinterpret_cast<const uint16_t*>(w.scale.data_ptr<at::BFloat16>()),
+            reinterpret_cast<const uint16_t*>(w.zero.data_ptr<at::BFloat16>()), yp, k, group,
+            avx2_int4, r0, r1);
+      }
+    }
+  });
+}
+
+std::vector<at::Tensor> gemv_many(const at::Tensor& x, std::vector<Weight> ws,
+                                  const char* what) {
+  TORCH_CHECK(!ws.empty(), what, ": no weights");
+  for (const Weight& w : ws) check(w, what);
+  const int64_t k = ws[0].inputs();
+  for (const Weight& w : ws) {
+    TORCH_CHECK(w.inputs() == k, what, ": the weights take different numbers of inputs");
+  }
+  const Rows xs = float_rows(x, k);
+  Outputs ys(x, ws, xs.count);
+  products_impl(xs.values.data(), xs.count, k, ws, ys.rows());
+  return ys.finish();
+}
+
+std::vector<at::Tensor> gemv_bf16_many(const at::Tensor& x, at::TensorList ws) {
+  std::vector<Weight> weights;
+  for (const at::Tensor& w : ws) weights.push_back({Kind::kBF16, w, {}, {}, 0});
+  return gemv_many(x, std::move(weights), "gemv_bf16");
+}
+
+std::vector<at::Tensor> gemv_int8_many(const at::Tensor& x, at::TensorList qs,
+                                       at::TensorList scales) {
+  TORCH_CHECK(scales.size() == qs.size(), "gemv_int8: one scale tensor per weight");
+  std::vector<Weight> weights;
+  for (size_t i = 0; i < qs.size(); ++i) weights.push_back({Kind::kInt8, qs[i], scales[i], {}, 0});
+  return gemv_many(x, std::move(weights), "gemv_int8");
+}
+
 std::vector<at::Tensor> gemv_int4_many(const at::Tensor& x, at::TensorList qs,
                                        at::TensorList scales, at::TensorList zeros,
                                        int64_t group) {
-  const int64_t k = common_inputs(qs, 2, "gemv_int4");
   TORCH_CHECK(scales.size() == qs.size() && zeros.size() == qs.size(),
               "gemv_int4: one scale and one zero tensor per weight");
-  std::vector<int64_t> rows;
+  std::vector<Weight> weights;
   for (size_t i = 0; i < qs.size(); ++i) {
-    check_int4(qs[i], scales[i], zeros[i], group);
     TORCH_CHECK(scales[i].scalar_type() == scales[0].scalar_type(),
                 "gemv_int4: the scales of all weights must have one dtype");
-    rows.push_back(qs[i].size(0));
+    weights.push_back({Kind::kInt4, qs[i], scales[i], zeros[i], group});
   }
-  const Rows xs = float_rows(x, k);
-  Outputs ys(x, rows, xs.count);
-  const bool avx2 = has_avx2() && group == 32;
-  std::vector<Int4Row> in;
-  for (int64_t m = 0; m < xs.count; ++m) in.push_back(int4_row(xs.row(m), k, group, avx2));
-  auto run = [&](const Int4Row& x4, const uint8_t* qp, const auto* sp, const auto* zp,
-                 float* yp, int64_t r0, int64_t r1) {
-#ifdef TRAMONTANE_X86
-    if (avx2) {
-      return int4_rows_avx2(qp, sp, zp, x4.codes.data(), x4.xscale.data(), x4.gsum.data(),
-                            yp, k, r0, r1);
-    }
-#endif
-    int4_rows(qp, sp, zp, x4.xe.data(), x4.xo.data(), x4.gsum.data(), yp, k, group, r0, r1);
-  };
-  const bool f32 = scales[0].scalar_type() == at::kFloat;
-  for_rows(rows, xs.count, [&](size_t i, int64_t m, int64_t r0, int64_t r1) {
-    const uint8_t* qp = qs[i].data_ptr<uint8_t>();
-    float* yp = ys.row(i, m);
-    if (f32) {
-      return run(in[m], qp, scales[i].data_ptr<float>(), zeros[i].data_ptr<float>(), yp, r0,
-                 r1);
-    }
-    run(in[m], qp, reinterpret_cast<const uint16_t*>(scales[i].data_ptr<at::BFloat16>()),
-        reinterpret_cast<const uint16_t*>(zeros[i].data_ptr<at::BFloat16>()), yp, r0, r1);
-  });
-  return ys.finish();
+  return gemv_many(x, std::move(weights), "gemv_int4");
 }
 
 at::Tensor gemv_bf16(const at::Tensor& x, const at::Tensor& w) {
@@ -615,6 +678,38 @@ int64_t parallel_threads() {
 }
 
 }  // namespace
+
+namespace tramontane {
+
+std::vector<Weight> weights_of(at::TensorList tensors, at::IntArrayRef kinds, int64_t group,
+                               const char* what) {
+  std::vector<Weight> ws;
+  size_t at = 0;
+  auto next = [&]() -> const at::Tensor& {
+    TORCH_CHECK(at < tensors.size(), what, ": fewer weight tensors than their kinds take");
+    return tensors[at++];
+  };
+  for (const int64_t kind : kinds) {
+    TORCH_CHECK(kind >= 0 && kind <= 3, what, ": unknown weight kind ", kind);
+    Weight w{static_cast<Kind>(kind), next(), {}, {}, 0};
+    if (w.kind == Kind::kInt8 || w.kind == Kind::kInt4) w.scale = next();
+    if (w.kind == Kind::kInt4) {
+      w.zero = next();
+      w.group = group;
+    }
+    check(w, what);
+    ws.push_back(std::move(w));
+  }
+  TORCH_CHECK(at == tensors.size(), what, ": more weight tensors than their kinds take");
+  return ws;
+}
+
+void products(const float* x, int64_t count, int64_t k, const std::vector<Weight>& ws,
+              const std::vector<float*>& out) {
+  products_impl(x, count, k, ws, out);
+}
+
+}  // namespace tramontane
 
 TORCH_LIBRARY(tramontane, m) {
   m.def("instruction_set() -> str");

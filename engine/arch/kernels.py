@@ -5,6 +5,9 @@ pure-PyTorch paths used where they are not built.
   `_many` forms, several weights of the same input row in one call (`layers.linear_many`).
 - `decode_attention.cpp`: one new token per row written into the key/value cache, and its
   grouped-query attention over the slots in use.
+- `decode_layer.cpp`: a dense decoder's whole one-token step in three ops (`decode_slots`,
+  `decode_layer`, `decode_logits`), built on the two above (`products.h` is what they share);
+  `runtime/native.py` drives them.
 
 Why a C++ extension: decoding one token streams every weight once, and on the AVX2 CPUs here
 neither inductor's loops nor PyTorch's kernels stream at the memory limit. Measured with one
@@ -49,8 +52,9 @@ NAME = "tramontane_kernels"
 # Beyond, a matmul is faster (the kernels' loops are per input row).
 MAX_ROWS = 16
 HERE = Path(__file__).parent
-# The one-row products, and the decode step's attention; `simd.h` is shared by both.
-SOURCES = (HERE / "kernels.cpp", HERE / "decode_attention.cpp")
+# The one-row products, the decode step's attention, and the fused decoder layer built on both;
+# `simd.h` and `products.h` are shared.
+SOURCES = (HERE / "kernels.cpp", HERE / "decode_attention.cpp", HERE / "decode_layer.cpp")
 _state: dict[str, bool] = {}
 
 
@@ -168,7 +172,7 @@ def cache_tag() -> str:
     key under which torch.compile caches a compiled step, so that a step compiled against
     other kernels is never loaded from the cache."""
     digest = hashlib.sha256()
-    for path in (*SOURCES, HERE / "simd.h", Path(__file__)):
+    for path in (*SOURCES, HERE / "simd.h", HERE / "products.h", Path(__file__)):
         digest.update(path.read_bytes())
     return f"tramontane-kernels-{digest.hexdigest()[:16]}"
 

@@ -1,0 +1,45 @@
+// What the C++ kernels share between their files: the one-row products of kernels.cpp (any
+// mix of bfloat16, float32, int8 and int4 weights against the same input rows, in one fork and
+// join of the threads) and the decode step's attention of decode_attention.cpp, both called
+// by the fused decoder layer of decode_layer.cpp without going through the dispatcher.
+
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <cstdint>
+#include <vector>
+
+namespace tramontane {
+
+// How a weight is stored (the values are `decode_layer`'s `kinds`, kernels.py's `KINDS`).
+enum class Kind : int64_t { kBF16 = 0, kInt8 = 1, kInt4 = 2, kFloat32 = 3 };
+
+// One weight of a product: `w` [n, k] bfloat16, float32 or int8 (with `scale` [n] float32);
+// int4: `w` [n, k / 2] uint8, two codes per byte, low nibble first, with `scale` and `zero`
+// [n, k / group] (float32 or bfloat16).
+struct Weight {
+  Kind kind;
+  at::Tensor w, scale, zero;
+  int64_t group = 0;
+
+  int64_t rows() const { return w.size(0); }
+  int64_t inputs() const { return kind == Kind::kInt4 ? w.size(1) * 2 : w.size(1); }
+};
+
+// The weights of `kinds.size()` products taken in order from `tensors` (1 tensor for bfloat16
+// and float32, 2 for int8, 3 for int4), checked; `what` names the caller in messages.
+std::vector<Weight> weights_of(at::TensorList tensors, at::IntArrayRef kinds, int64_t group,
+                               const char* what);
+
+// out[i] (count x rows of ws[i], float32) = the `count` input rows x (count x k, float32) times
+// ws[i] transposed, for every i, the rows of all the weights shared among torch's threads.
+void products(const float* x, int64_t count, int64_t k, const std::vector<Weight>& ws,
+              const std::vector<float*>& out);
+
+// `torch.ops.tramontane.decode_attention` (decode_attention.cpp says what it computes).
+at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                            at::Tensor& keys, at::Tensor& values, const at::Tensor& slot,
+                            const at::Tensor& allowed);
+
+}  // namespace tramontane
