@@ -242,10 +242,12 @@ def bench_precision(name: str, native: Path, gguf: Path, args: argparse.Namespac
     model = engine.load(native, dtype="bfloat16", quantize=quantize,
                         quantized_dir=Path(args.model_dir) / "quantized")
     t0 = time.perf_counter()
-    model.decoder = engine.compile_decode_step(model, 2560, 1, 512)
+    model.decoder = engine.compile_decode_step(model, 2560, 1, 512,
+                                               native=args.step == "native")
     compile_s = time.perf_counter() - t0
     llama = Llama(Path(args.llama_venv) / "bin" / "python", gguf, not args.no_extra_bufts)
-    result: dict[str, Any] = {"compile_s": compile_s, "load": load_average()}
+    result: dict[str, Any] = {"compile_s": compile_s, "load": load_average(),
+                              "step": args.step}
     try:
         result["bandwidth_gbs"] = read_bandwidth()
         result["weight_bytes"] = weight_bytes(model)
@@ -328,8 +330,8 @@ def report(rows: dict[str, dict[str, Any]], cpu: str) -> None:
         label = f"{name} vs {gguf}"
         print(f"\n{label}: load average {r['load']} at start, {r['keys_load']} after the trace, "
               f"{r['end_load']} at the end; read bandwidth {r['bandwidth_gbs']:.1f} GB/s; "
-              f"our decode step reads {r['weight_bytes'] / 1e6:.0f} MB per token; compile "
-              f"{r['compile_s']:.1f} s")
+              f"our decode step ({r['step']}) reads {r['weight_bytes'] / 1e6:.0f} MB per "
+              f"token; built in {r['compile_s']:.1f} s")
         k = r["keys"]
         f = r["first"]
         (a50, b50), (a95, b95) = k["p50"], k["p95"]
@@ -358,6 +360,9 @@ def main() -> None:
     parser.add_argument("--no-extra-bufts", action="store_true",
                         help="llama.cpp without its extra buffer types (its AMX path died "
                              "with SIGILL on a virtual CPU reporting AMX)")
+    parser.add_argument("--step", choices=("native", "graph"), default="native",
+                        help="our decode step: the C++ layers (runtime/native.py) or the "
+                             "compiled graph (runtime/compiled.py)")
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
     from bench_models import ensure_checkpoints

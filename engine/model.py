@@ -24,13 +24,15 @@ T = TypeVar("T")
 
 
 class DecodeStep(Protocol):
-    """A faster implementation of one decode step for caches of one geometry (the compiled
-    step of `runtime.compiled`); the generation loop uses it where `accepts(cache)`."""
+    """A faster implementation of one decode step for caches of one geometry (`FastDecoder`
+    of `runtime.compiled`: the native or the compiled step), and of a prefill of a few tokens
+    where `chunk_tokens` says so; the generation loop uses it where `accepts(cache)`."""
 
     batch_size: int
     max_seq_len: int
 
     compiled: bool
+    chunk_tokens: int  # the most new tokens per row `prefill` takes (0: none)
 
     def accepts(self, cache: object) -> bool: ...
 
@@ -38,6 +40,9 @@ class DecodeStep(Protocol):
 
     def step(self, tokens: torch.Tensor, positions: torch.Tensor,
              cache: Any = None) -> torch.Tensor: ...
+
+    def prefill(self, tokens: torch.Tensor, positions: torch.Tensor, cache: Any,
+                output_index: torch.Tensor) -> torch.Tensor: ...
 
 
 class Model:

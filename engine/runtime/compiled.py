@@ -1,6 +1,11 @@
 """The compiled one-token decode step over a `KVCache`: `decode_one` for caches of one geometry
 (opt-in; written for the CPU).
 
+Where the C++ kernels are built and the model is a dense decoder on the CPU, `FastDecoder`
+runs the native step instead (`native.py`: the same step as a few C++ calls, nothing to
+compile, a fraction of the graph's overhead); the compiled graph below serves the rest (no
+kernels, other devices, `native=False`).
+
 Decoding one token per row reads every weight once per token, so its speed is set by memory
 traffic and per-step overhead, not arithmetic. The eager path loses on all three counts: its
 matrix-vector products (oneDNN/MKL through `F.linear`) stream the weights at about half the
@@ -57,6 +62,7 @@ from ..arch.cache import KVCache
 from ..arch.layers import FeedForward, apply_rotary, linear_many, rotary_cos_sin
 from ..arch.transformer import Transformer, TransformerBlock
 from ..errors import EngineError
+from .native import NativeStep, unsupported
 
 # The two halves of a decoder layer, as compile regions: traced once, reused for every layer
 # (and by every decoder of the same shapes). The key/value writes and the attention happen
@@ -184,7 +190,7 @@ class FastDecoder:
     SPAN_STEP = 64
 
     def __init__(self, model: Any, batch_size: int, max_seq_len: int, rewind: int = 0, *,
-                 compile: bool = True) -> None:
+                 compile: bool = True, native: bool | None = None) -> None:
         if not isinstance(model.module, Transformer):
             raise EngineError(f"FastDecoder supports the dense transformer, not "
                               f"{type(model.module).__name__}")
@@ -196,9 +202,18 @@ class FastDecoder:
         self.cache: KVCache = model.new_cache(batch_size, max_seq_len, rewind)
         self._graph = _DecodeStep(model.module, self.cache, batch_size)
         self._fn: Callable[..., torch.Tensor] = self._graph
-        self.compiled = compile  # False: the same code run eagerly (tests)
+        # The C++ step (`native.py`) where it runs: nothing to compile, a fraction of the
+        # graph's overhead. native=None: where supported, unless compile=False asks for the
+        # Python code run eagerly; True: required; False: the graph.
+        self.native: NativeStep | None = None
+        why = unsupported(model.module, self.cache) if native is not False else "not asked"
+        if native and why is not None:
+            raise EngineError(f"the native decode step cannot run here: {why}")
+        if why is None and (native or compile):
+            self.native = NativeStep(model.module, self.cache)
+        self.compiled = compile and self.native is None  # False: eager (tests) or native
         self.compile_seconds = 0.0
-        if compile:
+        if self.compiled:
             # The step's elementwise kernels run on one thread (under a million elements a
             # thread): its norms, rotary and residuals are 1-16k values, the largest is the
             # logits' conversion to float32 (32-131k: ~25 us on one thread), and a parallel
@@ -235,6 +250,44 @@ class FastDecoder:
         """Whether `step` can run over `cache` (the compiled graph's batch size and layout)."""
         return isinstance(cache, KVCache) and cache.geometry() == self.cache.geometry()
 
+    @property
+    def chunk_tokens(self) -> int:
+        """The most new tokens per row `prefill` takes in one call (0: it takes none)."""
+        return self.native.chunk_tokens if self.native is not None else 0
+
+    def _spans(self, cache: KVCache, positions: torch.Tensor) -> list[int]:
+        """The slots each group of layers attends over, up to the latest of `positions`."""
+        last = int(positions.max())
+        if last >= self.max_seq_len:
+            raise ValueError(f"position {last} is beyond the cache ({self.max_seq_len})")
+        # Every row's positions so far live in slots [0, last], or anywhere in a rotating
+        # buffer that has wrapped (then the span is its whole capacity, sink excluded).
+        span = max(1, -(-(last + 1) // self.SPAN_STEP)) * self.SPAN_STEP
+        # Sliding-window layers attend over their whole (small) rotating buffer: a static
+        # size. Only the full-attention group's span is dynamic: two dynamic spans would be
+        # guarded equal or unequal as they were when traced (duck sizing, and the reuse of
+        # the layer region), and recompile at the first step where that changes.
+        return [min(span, g.capacity) if g.window is None else g.capacity
+                for g in cache.groups]
+
+    def prefill(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache,
+                output_index: torch.Tensor) -> torch.Tensor:
+        """A chunk of `tokens: (B, T)` at `positions: (B, T)` (consecutive per row, -1 after a
+        row's last), T up to `chunk_tokens`, in one native call (the weights streamed once for
+        all of them): float32 logits `(B, V)` of token `output_index[b]` of each row."""
+        if self.native is None or not self.accepts(cache):
+            raise ValueError("prefill takes the native step and a cache of its geometry")
+        if tokens.dim() != 2 or tokens.shape[0] != self.batch_size or \
+                not 1 <= tokens.shape[1] <= self.chunk_tokens or positions.shape != tokens.shape:
+            raise ValueError(f"expected tokens and positions of shape ({self.batch_size}, T), T "
+                             f"up to {self.chunk_tokens}, got {tuple(tokens.shape)} and "
+                             f"{tuple(positions.shape)}")
+        with torch.inference_mode():
+            tokens = tokens.contiguous()
+            positions = positions.contiguous()
+            return self.native(tokens, positions, cache, self._spans(cache, positions),
+                               output_index)
+
     def step(self, tokens: torch.Tensor, positions: torch.Tensor,
              cache: KVCache | None = None) -> torch.Tensor:
         """Logits `(B, V)` float32 of `tokens: (B,)` at `positions: (B,)` (-1 = padding).
@@ -257,18 +310,9 @@ class FastDecoder:
             # process.
             tokens = tokens.clone(memory_format=torch.contiguous_format)
             positions = positions.clone(memory_format=torch.contiguous_format)
-            last = int(positions.max())
-            if last >= self.max_seq_len:
-                raise ValueError(f"position {last} is beyond the cache ({self.max_seq_len})")
-            # Every row's positions so far live in slots [0, last], or anywhere in a rotating
-            # buffer that has wrapped (then the span is its whole capacity, sink excluded).
-            span = max(1, -(-(last + 1) // self.SPAN_STEP)) * self.SPAN_STEP
-            # Sliding-window layers attend over their whole (small) rotating buffer: a static
-            # size. Only the full-attention group's span is dynamic: two dynamic spans would be
-            # guarded equal or unequal as they were when traced (duck sizing, and the reuse of
-            # the layer region), and recompile at the first step where that changes.
-            spans = [min(span, g.capacity) if g.window is None else g.capacity
-                     for g in cache.groups]
+            spans = self._spans(cache, positions)
+            if self.native is not None:
+                return self.native(tokens, positions, cache, spans)
             dynamic = [g.window is None for g in cache.groups]
             slot_pos = [spos[:, :n] for spos, n in zip(cache.slot_pos, spans, strict=True)]
             keys = [k[:, :, : spans[g]] for k, g in zip(cache.keys, cache.layer_group,
@@ -286,13 +330,14 @@ class FastDecoder:
 
 
 def compile_decode_step(model: Any, max_seq_len: int, batch_size: int = 1, rewind: int = 0,
-                        *, compile: bool = True) -> FastDecoder:
+                        *, compile: bool = True, native: bool | None = None) -> FastDecoder:
     """Build the compiled one-token decode step for caches of this size, without installing it
     (`model.decoder = step` does, between two requests). Slow: 20-35 s for a 200M model on 2 CPU
     cores the first time, a few seconds once inductor's disk cache holds the kernels. May run on
     another thread than the model's (it only reads the weights). Raises `EngineError` for
     architectures it does not support."""
-    return FastDecoder(model, batch_size, max_seq_len, rewind=rewind, compile=compile)
+    return FastDecoder(model, batch_size, max_seq_len, rewind=rewind, compile=compile,
+                       native=native)
 
 
 def enable_fast_decode(model: Any, max_seq_len: int, batch_size: int = 1, rewind: int = 0, *,

@@ -172,7 +172,11 @@ class Generation:
         self.chunk = chunk_size or min(longest - start, DEFAULT_MAX_CHUNK)
         # A prefix cache often leaves a token or two to prefill: one compiled step per token is
         # cheaper than an eager forward for so few.
-        self.stepwise = uses_fast_step(model, cache) and longest - start <= FAST_PREFILL_TOKENS
+        # The native step takes them all in one call instead (`phases.prefill`).
+        fast = uses_fast_step(model, cache)
+        chunk_tokens = model.decoder.chunk_tokens if fast and model.decoder else 0
+        self.stepwise = (fast and longest - start <= FAST_PREFILL_TOKENS
+                         and (longest - start > chunk_tokens or self.chunk < longest - start))
         self.images = images if images else None
         self.images_pending = self.images is not None and not self.done
         if self.images is not None:  # the compiled step takes token ids, not embeddings

@@ -31,7 +31,14 @@ def prefill(model: Model, tokens: torch.Tensor, positions: torch.Tensor, cache: 
             embeddings: EmbeddingOverride | None = None) -> torch.Tensor:
     """Run `tokens: (B, T)` at `positions: (B, T)`; float32 logits `(B, V)` at
     `output_index: (B,)` (each row's last prompt token in the chunk, typically). `embeddings`
-    replaces some positions' token embeddings (image features at `[IMG]` positions)."""
+    replaces some positions' token embeddings (image features at `[IMG]` positions).
+
+    A chunk of a few tokens (a keystroke's) goes through the native step when the model has
+    one for this cache (`FastDecoder.prefill`: one call, the weights streamed once)."""
+    step = model.decoder
+    if (embeddings is None and step is not None and tokens.shape[1] <= step.chunk_tokens
+            and uses_fast_step(model, cache)):
+        return step.prefill(tokens, positions, cache, output_index)
     return model.forward(tokens, positions, cache, output_index=output_index,
                          embeddings=embeddings)
 

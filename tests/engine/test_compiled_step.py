@@ -34,19 +34,26 @@ def graphs_compiled() -> int:
     return int(counters["stats"]["unique_graphs"])
 
 
+NATIVE = [False, True] if kernels.available() else [False]
+
+
 @pytest.fixture(scope="module",
-                params=[(None, torch.float32), ([100, None], torch.float32),
-                        (None, torch.bfloat16)],
-                ids=["full", "window100-and-full", "full-bfloat16"])
+                params=[(w, d, n) for w, d in [(None, torch.float32), ([100, None], torch.float32),
+                                               (None, torch.bfloat16)] for n in NATIVE],
+                ids=[f"{i}{'-native' if n else ''}" for i in
+                     ["full", "window100-and-full", "full-bfloat16"] for n in NATIVE])
 def served(request: pytest.FixtureRequest,
            make_checkpoint: CheckpointFactory) -> Iterator[engine.Model]:
-    """A model with its compiled step installed, as the language server runs it. The window of
-    100 (+ rewind 16) stops growing at 116 slots while the full-attention layers go on; the
-    bfloat16 model's one-row products are the C++ kernels' (when built)."""
-    window, dtype = request.param
+    """A model with its fast step installed, as the language server runs it: the compiled
+    graph, and where the kernels are built the native step (which the server takes when it
+    can). The window of 100 (+ rewind 16) stops growing at 116 slots while the
+    full-attention layers go on; the bfloat16 model's one-row products are the C++ kernels'
+    (when built)."""
+    window, dtype, native = request.param
     model = engine.load(make_checkpoint("native", sliding_window=window, seed=3, dtype=dtype,
                                         **SHAPE))
-    model.decoder = engine.compile_decode_step(model, MAX_SEQ_LEN, 1, REWIND)
+    model.decoder = engine.compile_decode_step(model, MAX_SEQ_LEN, 1, REWIND, native=native)
+    assert (model.decoder.native is not None, model.decoder.compiled) == (native, not native)
     yield model
     model.decoder = None
 
@@ -55,18 +62,25 @@ def test_a_typing_session_compiles_nothing_after_the_first_compile(
         served: engine.Model) -> None:
     """Prefix-cache reuse, stepwise prefill of 1-3 tokens (a column of the padded prompt),
     chunked prefill, decode across span boundaries, edits behind the cursor, another document,
-    plain `generate`: no graph is compiled after the decoder's own."""
+    plain `generate`: no graph is compiled after the decoder's own. (The native step's few new
+    prompt tokens go in one `prefill` call instead of one step each.)"""
     model = served
     decoder = model.decoder
     assert isinstance(decoder, FastDecoder)
     calls = [0]
-    step = decoder.step
+    prefills: list[int] = []
+    step, prefill = decoder.step, decoder.prefill
 
     def counting_step(*args: torch.Tensor) -> torch.Tensor:
         calls[0] += 1
         return step(*args)
 
+    def counting_prefill(tokens: torch.Tensor, *args: torch.Tensor) -> torch.Tensor:
+        prefills.append(tokens.shape[1])
+        return prefill(tokens, *args)
+
     decoder.step = counting_step  # type: ignore[method-assign]
+    decoder.prefill = counting_prefill  # type: ignore[method-assign]
     cache = engine.PrefixCache(model, max_seq_len=MAX_SEQ_LEN, budget_bytes=2**26,
                                rewind=REWIND)
     sampling = engine.SamplingParams(max_tokens=8)
@@ -89,12 +103,17 @@ def test_a_typing_session_compiles_nothing_after_the_first_compile(
             assert len(events) == 9
         engine.generate([base], model, max_tokens=8, eos_id=-1)
     finally:
-        del decoder.step
+        del decoder.step, decoder.prefill
     assert graphs_compiled() == before
-    # Every decode step and every stepwise prefill took the compiled path: 7 per request, the
-    # 1, 2, 2 and 1 new prompt tokens of the second, third, fourth and last requests, and
-    # generate's 7.
-    assert calls[0] == 7 * len(session) + 1 + 2 + 2 + 1 + 7
+    # Every decode step took the fast path: 7 per request and generate's 7; so did the 1, 2,
+    # 2 and 1 new prompt tokens of the second, third, fourth and last requests: one step per
+    # token, or the native step's one call per request. The native step also takes the
+    # chunks of 16 tokens or fewer of longer prefills: the first request's 80 tokens in
+    # chunks of 64 and 16, the fifth's 70 past the edit in 64 and 6.
+    if decoder.native is None:
+        assert (calls[0], prefills) == (7 * len(session) + 1 + 2 + 2 + 1 + 7, [])
+    else:
+        assert (calls[0], prefills) == (7 * len(session) + 7, [16, 1, 2, 2, 6, 1])
 
 
 def side_by_side(model: engine.Model, decoder: FastDecoder,
@@ -146,7 +165,7 @@ def test_the_compiled_step_of_a_bfloat16_model_stays_within_two_roundings_of_eag
     4.4-7.5 over seeds 3-8 of this 64-wide model, where a flip weighs most)."""
     model = engine.load(make_checkpoint("native", seed=3, dtype=torch.bfloat16, **SHAPE),
                         quantize=mode, quantized_dir=tmp_path_factory.mktemp("q"))
-    decoder = engine.compile_decode_step(model, MAX_SEQ_LEN, 1, REWIND)
+    decoder = engine.compile_decode_step(model, MAX_SEQ_LEN, 1, REWIND, native=False)
     worst, largest, agree = 0.0, 0.0, 0
     for got, want in side_by_side(model, decoder, 24):
         worst = max(worst, float((got - want).abs().max()))
@@ -163,7 +182,7 @@ from engine.arch import kernels
 from engine.runtime.compiled import FastDecoder
 from torch._dynamo.utils import counters
 kernels.cache_tag = lambda: sys.argv[2]
-FastDecoder(engine.load(sys.argv[1]), 1, 64, 0)
+FastDecoder(engine.load(sys.argv[1]), 1, 64, 0, native=False)
 inductor, aot = counters["inductor"], counters["aot_autograd"]
 print(json.dumps([inductor["fxgraph_cache_hit"] + aot["autograd_cache_hit"],
                   inductor["fxgraph_cache_miss"] + aot["autograd_cache_miss"]]))
