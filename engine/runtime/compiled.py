@@ -51,6 +51,7 @@ only the part in use. No global setting changes.
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections.abc import Callable
 from typing import Any, cast
@@ -204,8 +205,11 @@ class FastDecoder:
         self._fn: Callable[..., torch.Tensor] = self._graph
         # The C++ step (`native.py`) where it runs: nothing to compile, a fraction of the
         # graph's overhead. native=None: where supported, unless compile=False asks for the
-        # Python code run eagerly; True: required; False: the graph.
+        # Python code run eagerly or TRAMONTANE_NATIVE_STEP=0 is set; True: required; False:
+        # the graph.
         self.native: NativeStep | None = None
+        if native is None and os.environ.get("TRAMONTANE_NATIVE_STEP", "1") == "0":
+            native = False  # the compiled graph wherever it runs (tests of it, comparisons)
         why = unsupported(model.module, self.cache) if native is not False else "not asked"
         if native and why is not None:
             raise EngineError(f"the native decode step cannot run here: {why}")

@@ -305,8 +305,11 @@ class LocalBackend:
             note = "; compiling the fast decode step (completions run meanwhile)"
         else:
             note = ""
+        data: dict[str, object] = {"fastDecode": fast}
+        if model.decoder is not None:  # which: the C++ layers, or the torch.compile graph
+            data["decodeStep"] = "native" if getattr(model.decoder, "native", None) else "compiled"
         return BackendStatus("ready", f"{model.path.name} ready ({model.dtype}, "
-                             f"{model.device}){note}", {"fastDecode": fast})
+                             f"{model.device}){note}", data)
 
     def _size_caches(self, completion: CompletionSettings, cache: CacheSettings) -> bool:
         """On the engine thread: prefix caches sized for the prompt budgets (a new size

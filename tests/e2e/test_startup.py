@@ -6,6 +6,9 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import pytest
+
+from engine.arch import kernels
 from tests.e2e.rpc import RawServer
 from tests.e2e.test_protocol import inline, open_doc
 
@@ -17,7 +20,8 @@ def statuses(server: RawServer) -> list[dict[str, object]]:
 
 
 def test_completions_are_served_while_the_decode_step_compiles(tiny_model: Path) -> None:
-    server = RawServer()
+    """The compiled graph (the native step, which compiles nothing, turned off)."""
+    server = RawServer(env={"TRAMONTANE_NATIVE_STEP": "0"})
     try:
         server.initialize({"model": str(tiny_model), "compile": True,
                            "completion": {"maxTokens": 8, "timeBudgetMs": 60000}})
@@ -46,3 +50,25 @@ def test_completions_are_served_while_the_decode_step_compiles(tiny_model: Path)
         assert again["result"] == reply["result"]
     finally:
         server.close()
+
+
+@pytest.mark.skipif(not kernels.available(), reason="the C++ kernels are not built here")
+def test_the_native_step_is_swapped_in_and_completes_as_the_eager_path(tiny_model: Path) -> None:
+    """With the kernels built, the server's fast step is the native one (its status says so):
+    nothing to compile, and its completion is the eager path's, token for token."""
+    replies = []
+    for compile_ in (False, True):
+        server = RawServer()
+        try:
+            server.initialize({"model": str(tiny_model), "compile": compile_,
+                               "completion": {"maxTokens": 8, "timeBudgetMs": 60000}})
+            status = server.wait_for_status("ready", timeout=120)
+            while compile_ and status.get("fastDecode") is not True:
+                status = server.wait_for_status("ready", timeout=120)
+            assert status.get("decodeStep") == ("native" if compile_ else None)
+            open_doc(server, TEXT)
+            replies.append(server.response(inline(server, {"line": 2, "character": 0}),
+                                           timeout=120)["result"])
+        finally:
+            server.close()
+    assert replies[0]["items"] and replies[1] == replies[0]
