@@ -20,7 +20,8 @@ alike:
   `generate(do_sample=False, min_new_tokens=max_new_tokens=N+1)` (its default dynamic cache,
   SDPA attention, its default experts implementation for Mixtral). FastDecoder (dense only: it
   refuses MoE and Mamba2): the same `engine.stream` after `engine.enable_fast_decode` (the
-  engine's loop then runs each decode step through the compiled step).
+  engine's loop then runs each decode step through the fast step: the native C++ step where the
+  kernels are built, the compiled graph otherwise or with `TRAMONTANE_NATIVE_STEP=0`).
 
 The MoE and Mamba2 models are timed on prefill 512 only (dense: 512 and 2048). In bfloat16,
 transformers' Mamba2 keeps A_log, D and dt_bias in bfloat16 too; ours keeps them in float32.
@@ -35,8 +36,9 @@ bytes one decode token reads (every parameter but the embedding table, which is 
 output projection included; of a mixture of experts, the 2 experts a token uses; Mamba2's
 recurrent state, ~17 MB in float32, is not counted), and the share of that bandwidth limit each
 decode rate reaches: tok/s * bytes_per_token / read bandwidth, measured again just before each
-dtype's decode samples (it moves with what else runs on the host). FastDecoder's compile time is
-reported cold (empty inductor cache, a first launch) and warm (cache filled, a later launch),
+dtype's decode samples (it moves with what else runs on the host). The compiled graph's compile
+time is reported cold (empty inductor cache, a first launch) and warm (cache filled, a later
+launch; the native step compiles nothing),
 with its agreement with the eager path: greedy tokens, and log-probs of the eager tokens fed
 back (teacher forced).
 
@@ -262,6 +264,12 @@ def build_fast(model: engine.Model, cold: bool) -> tuple[Any, dict[str, float]]:
 
     from engine.runtime.compiled import FastDecoder
 
+    if os.environ.get("TRAMONTANE_NATIVE_STEP", "1") != "0":
+        try:  # the C++ step (runtime/native.py), as the server takes it: nothing to compile
+            return FastDecoder(model, batch_size=1, max_seq_len=FAST_MAX_SEQ_LEN,
+                               native=True), {"native": 1.0}
+        except engine.EngineError:
+            pass  # the compiled graph, whose compile is timed
     times: dict[str, float] = {}
     if not cold:
         decoder = FastDecoder(model, batch_size=1, max_seq_len=FAST_MAX_SEQ_LEN)
@@ -423,7 +431,8 @@ def print_row(row: dict[str, Any], arch: Arch, prefill_lengths: list[int], steps
         f = row["fast_decode"]
         print(f"{'decode batch 1, FastDecoder':<32}{f:>9.2f}{hf_rate:>14.2f}{f / hf_rate:>8.2f}x"
               f"{f / limit:>8.0%}")
-        compile_note = (f"cold {row['compile_cold_seconds']:.1f}s, warm "
+        compile_note = ("none (the native step)" if "native" in row
+                        else f"cold {row['compile_cold_seconds']:.1f}s, warm "
                         f"{row['compile_warm_seconds']:.1f}s" if "compile_cold_seconds" in row
                         else f"{row['compile_seconds']:.1f}s (inductor cache as found)")
         print(f"FastDecoder (max_seq_len {FAST_MAX_SEQ_LEN}): compile {compile_note}")
