@@ -1,6 +1,7 @@
 // One-row matrix-vector products that stream a weight matrix once, at the memory limit:
-// bfloat16, int8 (one scale per row) and int4 (two codes per byte, low nibble first; a scale
-// and a zero per group of input channels), and the int4 dequantization for many-row products.
+// bfloat16, float32, int8 (one scale per row) and int4 (two codes per byte, low nibble first;
+// a scale and a zero per group of input channels), any mix of them in one call (`products`,
+// products.h), and the int4 dequantization for many-row products.
 // Registered as `torch.ops.tramontane.*` (kernels.py builds, loads and describes them; it
 // also holds the pure-PyTorch fallbacks and the shapes for torch.compile).
 //
@@ -38,20 +39,13 @@ constexpr int64_t kMaxRows = 16;  // input rows per call: beyond, a matmul is fa
 // ------------------------------------------------------------------------------------------
 // Portable loops
 
-void bf16_rows(const uint16_t* w, const float* x, float* y, int64_t k, int64_t r0, int64_t r1) {
+// W: bfloat16 (uint16_t) or float32 weights (a float32 model's, in the fused decoder layer).
+template <typename W>
+void float_rows(const W* w, const float* x, float* y, int64_t k, int64_t r0, int64_t r1) {
   for (int64_t r = r0; r < r1; ++r) {
-    const uint16_t* row = w + r * k;
+    const W* row = w + r * k;
     float acc = 0.f;
-    for (int64_t i = 0; i < k; ++i) acc += bf16_to_float(row[i]) * x[i];
-    y[r] = acc;
-  }
-}
-
-void f32_rows(const float* w, const float* x, float* y, int64_t k, int64_t r0, int64_t r1) {
-  for (int64_t r = r0; r < r1; ++r) {
-    const float* row = w + r * k;
-    float acc = 0.f;
-    for (int64_t i = 0; i < k; ++i) acc += row[i] * x[i];
+    for (int64_t i = 0; i < k; ++i) acc += to_float(row[i]) * x[i];
     y[r] = acc;
   }
 }
@@ -105,45 +99,23 @@ inline int64_t odd_codes(int64_t g, int64_t groups) {
 
 #ifdef TRAMONTANE_X86
 
-__attribute__((target("avx2,fma"))) void bf16_rows_avx2(const uint16_t* w, const float* x,
-                                                       float* y, int64_t k, int64_t r0,
-                                                       int64_t r1) {
+template <typename W>
+TRAMONTANE_AVX2 void float_rows_avx2(const W* w, const float* x, float* y, int64_t k, int64_t r0,
+                                     int64_t r1) {
   for (int64_t r = r0; r < r1; ++r) {
-    const uint16_t* row = w + r * k;
+    const W* row = w + r * k;
     __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
     __m256 a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
     int64_t i = 0;
     for (; i + 32 <= k; i += 32) {
-      a0 = _mm256_fmadd_ps(load_bf16(row + i), _mm256_loadu_ps(x + i), a0);
-      a1 = _mm256_fmadd_ps(load_bf16(row + i + 8), _mm256_loadu_ps(x + i + 8), a1);
-      a2 = _mm256_fmadd_ps(load_bf16(row + i + 16), _mm256_loadu_ps(x + i + 16), a2);
-      a3 = _mm256_fmadd_ps(load_bf16(row + i + 24), _mm256_loadu_ps(x + i + 24), a3);
+      a0 = _mm256_fmadd_ps(load8(row + i), _mm256_loadu_ps(x + i), a0);
+      a1 = _mm256_fmadd_ps(load8(row + i + 8), _mm256_loadu_ps(x + i + 8), a1);
+      a2 = _mm256_fmadd_ps(load8(row + i + 16), _mm256_loadu_ps(x + i + 16), a2);
+      a3 = _mm256_fmadd_ps(load8(row + i + 24), _mm256_loadu_ps(x + i + 24), a3);
     }
-    for (; i + 8 <= k; i += 8) a0 = _mm256_fmadd_ps(load_bf16(row + i), _mm256_loadu_ps(x + i), a0);
+    for (; i + 8 <= k; i += 8) a0 = _mm256_fmadd_ps(load8(row + i), _mm256_loadu_ps(x + i), a0);
     float acc = hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
-    for (; i < k; ++i) acc += bf16_to_float(row[i]) * x[i];
-    y[r] = acc;
-  }
-}
-
-// float32 weights (a float32 model's layers in the fused decoder layer): the bfloat16 loop
-// without the widening.
-__attribute__((target("avx2,fma"))) void f32_rows_avx2(const float* w, const float* x, float* y,
-                                                      int64_t k, int64_t r0, int64_t r1) {
-  for (int64_t r = r0; r < r1; ++r) {
-    const float* row = w + r * k;
-    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
-    __m256 a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
-    int64_t i = 0;
-    for (; i + 32 <= k; i += 32) {
-      a0 = _mm256_fmadd_ps(_mm256_loadu_ps(row + i), _mm256_loadu_ps(x + i), a0);
-      a1 = _mm256_fmadd_ps(_mm256_loadu_ps(row + i + 8), _mm256_loadu_ps(x + i + 8), a1);
-      a2 = _mm256_fmadd_ps(_mm256_loadu_ps(row + i + 16), _mm256_loadu_ps(x + i + 16), a2);
-      a3 = _mm256_fmadd_ps(_mm256_loadu_ps(row + i + 24), _mm256_loadu_ps(x + i + 24), a3);
-    }
-    for (; i + 8 <= k; i += 8) a0 = _mm256_fmadd_ps(_mm256_loadu_ps(row + i), _mm256_loadu_ps(x + i), a0);
-    float acc = hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
-    for (; i < k; ++i) acc += row[i] * x[i];
+    for (; i < k; ++i) acc += to_float(row[i]) * x[i];
     y[r] = acc;
   }
 }
@@ -555,16 +527,16 @@ void products_impl(const float* x, int64_t count, int64_t k, const std::vector<W
       case Kind::kBF16: {
         const uint16_t* wp = static_cast<const uint16_t*>(w.w);
 #ifdef TRAMONTANE_X86
-        if (avx2) return bf16_rows_avx2(wp, xm, yp, k, r0, r1);
+        if (avx2) return float_rows_avx2(wp, xm, yp, k, r0, r1);
 #endif
-        return bf16_rows(wp, xm, yp, k, r0, r1);
+        return float_rows(wp, xm, yp, k, r0, r1);
       }
       case Kind::kFloat32: {
         const float* wp = static_cast<const float*>(w.w);
 #ifdef TRAMONTANE_X86
-        if (avx2) return f32_rows_avx2(wp, xm, yp, k, r0, r1);
+        if (avx2) return float_rows_avx2(wp, xm, yp, k, r0, r1);
 #endif
-        return f32_rows(wp, xm, yp, k, r0, r1);
+        return float_rows(wp, xm, yp, k, r0, r1);
       }
       case Kind::kInt8: {
         const int8_t* qp = static_cast<const int8_t*>(w.w);

@@ -74,6 +74,8 @@ def unsupported(module: torch.nn.Module, cache: KVCache) -> str | None:
         return "not on the CPU"
     if not kernels.available():
         return "the C++ kernels are not built"
+    if cache.batch_size > kernels.MAX_ROWS:
+        return f"a batch of {cache.batch_size} rows (the products take {kernels.MAX_ROWS})"
     dtype = module.tok_embeddings.weight.dtype
     if dtype not in (torch.bfloat16, torch.float32) or cache.keys[0].dtype != dtype:
         return f"the model's dtype is {dtype}, the cache's {cache.keys[0].dtype}"

@@ -171,12 +171,17 @@ def test_generation_runs_the_native_step_by_default_and_agrees_with_eager(
 
 def test_what_the_native_step_does_not_take_falls_back_or_is_refused(
         make_checkpoint: CheckpointFactory, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A MoE model has no native step (nor a compiled one); without the kernels the compiled
-    graph runs; `native=True` says why it cannot."""
+    """A MoE model has no native step (nor a compiled one), nor has a batch of more rows than
+    the products take; without the kernels the compiled graph runs; `native=True` says why it
+    cannot."""
     moe = engine.load(make_checkpoint("native", moe=(4, 2), **SHAPE))
     assert native.unsupported(moe.module, moe.new_cache(1, 32)) == (
         "layer 0's feed-forward is a MoeFeedForward, not a dense SiLU one")
     model = engine.load(make_checkpoint("native", **SHAPE))
+    assert native.unsupported(model.module, model.new_cache(17, 32)) == (
+        "a batch of 17 rows (the products take 16)")
+    with pytest.raises(EngineError, match=r"cannot run here: a batch of 17 rows"):
+        FastDecoder(model, 17, 32, native=True)
     monkeypatch.setattr(kernels, "available", lambda: False)
     with pytest.raises(EngineError, match="the native decode step cannot run here: the C.. "
                                           "kernels are not built"):
