@@ -466,6 +466,16 @@ Int4Row int4_row(const float* x, int64_t k, int64_t group, bool codes) {
   return row;
 }
 
+template <typename W>
+void float_run(const W* w, const float* x, float* y, int64_t k, bool avx2, int64_t r0,
+               int64_t r1) {
+#ifdef TRAMONTANE_X86
+  if (avx2) return float_rows_avx2(w, x, y, k, r0, r1);
+#endif
+  (void)avx2;
+  float_rows(w, x, y, k, r0, r1);
+}
+
 template <typename S>
 void int4_run(const Int4Row& x4, const uint8_t* qp, const S* sp, const S* zp, float* yp,
               int64_t k, int64_t group, bool avx2, int64_t r0, int64_t r1) {
@@ -524,20 +534,10 @@ void products_impl(const float* x, int64_t count, int64_t k, const std::vector<W
     const float* xm = x + m * k;
     float* yp = out[i] + m * rows[i];
     switch (ws[i].kind) {
-      case Kind::kBF16: {
-        const uint16_t* wp = static_cast<const uint16_t*>(w.w);
-#ifdef TRAMONTANE_X86
-        if (avx2) return float_rows_avx2(wp, xm, yp, k, r0, r1);
-#endif
-        return float_rows(wp, xm, yp, k, r0, r1);
-      }
-      case Kind::kFloat32: {
-        const float* wp = static_cast<const float*>(w.w);
-#ifdef TRAMONTANE_X86
-        if (avx2) return float_rows_avx2(wp, xm, yp, k, r0, r1);
-#endif
-        return float_rows(wp, xm, yp, k, r0, r1);
-      }
+      case Kind::kBF16:
+        return float_run(static_cast<const uint16_t*>(w.w), xm, yp, k, avx2, r0, r1);
+      case Kind::kFloat32:
+        return float_run(static_cast<const float*>(w.w), xm, yp, k, avx2, r0, r1);
       case Kind::kInt8: {
         const int8_t* qp = static_cast<const int8_t*>(w.w);
         const float* sp = static_cast<const float*>(w.scale);

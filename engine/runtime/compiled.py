@@ -63,7 +63,7 @@ from ..arch.cache import KVCache
 from ..arch.layers import FeedForward, apply_rotary, linear_many, rotary_cos_sin
 from ..arch.transformer import Transformer, TransformerBlock
 from ..errors import EngineError
-from .native import NativeStep, unsupported
+from .native import NativeStep
 
 # The two halves of a decoder layer, as compile regions: traced once, reused for every layer
 # (and by every decoder of the same shapes). The key/value writes and the attention happen
@@ -210,11 +210,12 @@ class FastDecoder:
         self.native: NativeStep | None = None
         if native is None and os.environ.get("TRAMONTANE_NATIVE_STEP", "1") == "0":
             native = False  # the compiled graph wherever it runs (tests of it, comparisons)
-        why = unsupported(model.module, self.cache) if native is not False else "not asked"
-        if native and why is not None:
-            raise EngineError(f"the native decode step cannot run here: {why}")
-        if why is None and (native or compile):
-            self.native = NativeStep(model.module, self.cache)
+        if native or (native is None and compile):
+            try:
+                self.native = NativeStep(model.module, self.cache)
+            except EngineError:  # it says why (`native.unsupported`)
+                if native:
+                    raise
         self.compiled = compile and self.native is None  # False: eager (tests) or native
         self.compile_seconds = 0.0
         if self.compiled:

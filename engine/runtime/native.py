@@ -29,6 +29,7 @@ from ..arch.cache import KVCache
 from ..arch.layers import FeedForward, KernelLayer, Linear, rotary_inv_freq
 from ..arch.lora import LoRALinear
 from ..arch.transformer import Transformer, TransformerBlock
+from ..errors import EngineError
 
 # The weight kinds of `decode_layer`'s `kinds` (`Kind` in arch/products.h).
 KINDS = {"bf16": 0, "int8": 1, "int4": 2, "f32": 3}
@@ -51,14 +52,18 @@ def operands(layer: torch.nn.Module) -> Operands | None:
     return None
 
 
+def projections(block: TransformerBlock) -> dict[str, torch.nn.Module]:
+    """A dense block's seven projections, in `decode_layer`'s order."""
+    attention, ffn = block.attention, cast(FeedForward, block.feed_forward)
+    return {"wq": attention.wq, "wk": attention.wk, "wv": attention.wv, "wo": attention.wo,
+            "w1": ffn.w1, "w3": ffn.w3, "w2": ffn.w2}
+
+
 class _Layer:
     """One block's operands for `decode_layer`, gathered once."""
 
     def __init__(self, block: TransformerBlock, eps: float) -> None:
-        attention, ffn = block.attention, cast(FeedForward, block.feed_forward)
-        projections = (attention.wq, attention.wk, attention.wv, attention.wo, ffn.w1, ffn.w3,
-                       ffn.w2)
-        plans = [cast(Operands, operands(p)) for p in projections]
+        plans = [cast(Operands, operands(p)) for p in projections(block).values()]
         self.kinds = [p[0] for p in plans]
         self.weights = [t for p in plans for t in p[1]]
         self.group = max(p[2] for p in plans)
@@ -84,14 +89,12 @@ def unsupported(module: torch.nn.Module, cache: KVCache) -> str | None:
         ffn = block.feed_forward
         if not isinstance(ffn, FeedForward) or ffn.act is not F.silu:
             return f"layer {i}'s feed-forward is a {type(ffn).__name__}, not a dense SiLU one"
-        for name, projection in (("wq", block.attention.wq), ("wk", block.attention.wk),
-                                 ("wv", block.attention.wv), ("wo", block.attention.wo),
-                                 ("w1", ffn.w1), ("w3", ffn.w3), ("w2", ffn.w2)):
-            if operands(projection) is None:
+        groups = set()
+        for name, projection in projections(block).items():
+            plan = operands(projection)
+            if plan is None:
                 return f"layer {i}'s {name} is a {type(projection).__name__} of no C++ product"
-        projections = (block.attention.wq, block.attention.wk, block.attention.wv,
-                       block.attention.wo, ffn.w1, ffn.w3, ffn.w2)
-        groups = {p[2] for p in map(operands, projections) if p and p[2]}
+            groups |= {plan[2]} - {0}
         if len(groups) > 1:
             return f"layer {i} mixes int4 group sizes {sorted(groups)}"
     if operands(module.output) is None:
@@ -106,7 +109,7 @@ class NativeStep:
     def __init__(self, module: Transformer, cache: KVCache) -> None:
         why = unsupported(module, cache)
         if why is not None:
-            raise ValueError(f"the native decode step cannot run here: {why}")
+            raise EngineError(f"the native decode step cannot run here: {why}")
         config = module.config
         self.embedding = module.tok_embeddings.weight.detach()
         self.layers = [_Layer(cast(TransformerBlock, b), config.norm_eps)
