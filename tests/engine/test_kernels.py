@@ -207,6 +207,7 @@ def attention_reference(q: torch.Tensor, keys: torch.Tensor, values: torch.Tenso
 @pytest.mark.parametrize("cache_dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize(("slots", "groups", "hd"), [
     (37, 4, 64),    # Mistral 7B's grouping: one block of four query heads
+    (300, 4, 64),   # the values' blocks of 128 positions: two and a part
     (600, 6, 128),  # Codestral 22B's six: a block of four and one of two
     (5, 3, 64),
     (9, 1, 16),
