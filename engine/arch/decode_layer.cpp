@@ -1,12 +1,13 @@
-// The one-token decode step of a dense decoder as a few calls (`runtime/native.py` drives
-// them): `decode_slots` (where each row's token goes in a group of layers' cache, and which
-// slots it attends to), `decode_layer` (a whole transformer block), `decode_logits` (the final
-// norm and the output projection).
+// The one-token decode step of a dense decoder, in parts: `decode_slots` (where each row's
+// token goes in a group of layers' cache, and which slots it attends to), `decode_layer` (a
+// whole transformer block), `decode_logits` (the final norm and the output projection).
+// decode_step.cpp runs them all in one call (`DecodeStep`, what `runtime/native.py` uses); the
+// parts are ops of their own too, for the tests and for stepping through a step.
 //
-// Why: a step is ~15 calls from Python instead of a compiled graph's ~50 kernel and extern
-// calls plus the guards on its ~300 inputs. Measured on the 2-core AVX2 machine here (int4
-// 200M model), that graph spent ~3 ms of a ~10 ms step outside the weight products; llama.cpp
-// spends well under one. No compile either: the step runs from the first keystroke.
+// Why: a compiled graph of the same step made ~50 kernel and extern calls plus the guards on
+// its ~300 inputs. Measured on the 2-core AVX2 machine here (int4 200M model), that graph spent
+// ~3 ms of a ~10 ms step outside the weight products; llama.cpp spends well under one. No
+// compile either: the step runs from the first keystroke.
 //
 // Same arithmetic as the eager model (`arch/layers.py`), rounding where it rounds: every
 // tensor it would hold in the model's dtype is rounded to that dtype here (bfloat16: nearest,
@@ -172,18 +173,20 @@ void check_rows(const at::Tensor& h, const char* what) {
               ": expected the residual stream as (B, dim) on the CPU, got ", h.sizes());
 }
 
-at::Tensor decode_layer(const at::Tensor& h, const at::Tensor& attention_norm,
-                        const at::Tensor& ffn_norm, at::TensorList weights,
-                        at::IntArrayRef kinds, int64_t group, double eps,
-                        const at::Tensor& positions, const at::Tensor& inv_freq,
-                        at::Tensor& keys, at::Tensor& values, int64_t span,
-                        const at::Tensor& slot, const at::Tensor& allowed) {
+}  // namespace
+
+namespace tramontane {
+
+at::Tensor decode_layer_impl(const at::Tensor& h, const at::Tensor& attention_norm,
+                             const at::Tensor& ffn_norm, const std::vector<Weight>& ws,
+                             double eps, const at::Tensor& positions,
+                             const at::Tensor& inv_freq, at::Tensor& keys, at::Tensor& values,
+                             int64_t span, const at::Tensor& slot, const at::Tensor& allowed) {
   const char* what = "decode_layer";
   check_rows(h, what);
   const Rounding rnd = rounding_of(h, what);
-  TORCH_CHECK(kinds.size() == 7, what, ": expected the 7 weights wq wk wv wo w1 w3 w2, got ",
-              kinds.size());
-  const std::vector<Weight> ws = weights_of(weights, kinds, group, what);
+  TORCH_CHECK(ws.size() == 7, what, ": expected the 7 weights wq wk wv wo w1 w3 w2, got ",
+              ws.size());
   const Weight &wq = ws[0], &wk = ws[1], &wv = ws[2], &wo = ws[3];
   const Weight &w1 = ws[4], &w3 = ws[5], &w2 = ws[6];
   TORCH_CHECK(keys.dim() == 4 && keys.scalar_type() == h.scalar_type(), what,
@@ -333,13 +336,12 @@ std::tuple<at::Tensor, at::Tensor> decode_slots(const at::Tensor& positions,
 
 // The final norm and the output projection: float32 logits (B, V) of the values the model's
 // dtype holds (`Transformer.forward`: `output(norm(h)).float()`).
-at::Tensor decode_logits(const at::Tensor& h, const at::Tensor& norm, at::TensorList weights,
-                         at::IntArrayRef kinds, int64_t group, double eps) {
+at::Tensor decode_logits_impl(const at::Tensor& h, const at::Tensor& norm,
+                              const std::vector<Weight>& ws, double eps) {
   const char* what = "decode_logits";
   check_rows(h, what);
   const Rounding rnd = rounding_of(h, what);
-  TORCH_CHECK(kinds.size() == 1, what, ": expected the output weight");
-  const std::vector<Weight> ws = weights_of(weights, kinds, group, what);
+  TORCH_CHECK(ws.size() == 1, what, ": expected the output weight");
   const int64_t B = h.size(0), dim = h.size(1);
   TORCH_CHECK(ws[0].inputs() == dim && norm.numel() == dim, what,
               ": the norm and the output weight do not take ", dim, " inputs");
@@ -353,6 +355,26 @@ at::Tensor decode_logits(const at::Tensor& h, const at::Tensor& norm, at::Tensor
     for (int64_t i = 0; i < logits.numel(); ++i) y[i] = round_bf16(y[i]);
   }
   return logits;
+}
+
+}  // namespace tramontane
+
+namespace {
+
+at::Tensor decode_layer(const at::Tensor& h, const at::Tensor& attention_norm,
+                        const at::Tensor& ffn_norm, at::TensorList weights,
+                        at::IntArrayRef kinds, int64_t group, double eps,
+                        const at::Tensor& positions, const at::Tensor& inv_freq,
+                        at::Tensor& keys, at::Tensor& values, int64_t span,
+                        const at::Tensor& slot, const at::Tensor& allowed) {
+  return decode_layer_impl(h, attention_norm, ffn_norm,
+                           weights_of(weights, kinds, group, "decode_layer"), eps, positions,
+                           inv_freq, keys, values, span, slot, allowed);
+}
+
+at::Tensor decode_logits(const at::Tensor& h, const at::Tensor& norm, at::TensorList weights,
+                         at::IntArrayRef kinds, int64_t group, double eps) {
+  return decode_logits_impl(h, norm, weights_of(weights, kinds, group, "decode_logits"), eps);
 }
 
 }  // namespace
@@ -369,6 +391,6 @@ TORCH_LIBRARY_FRAGMENT(tramontane, m) {
 
 TORCH_LIBRARY_IMPL(tramontane, CPU, m) {
   m.impl("decode_layer", &decode_layer);
-  m.impl("decode_slots", &decode_slots);
+  m.impl("decode_slots", &tramontane::decode_slots);
   m.impl("decode_logits", &decode_logits);
 }

@@ -5,9 +5,10 @@ pure-PyTorch paths used where they are not built.
   `_many` forms, several weights of the same input row in one call (`layers.linear_many`).
 - `decode_attention.cpp`: one new token per row written into the key/value cache, and its
   grouped-query attention over the slots in use.
-- `decode_layer.cpp`: a dense decoder's whole one-token step in three ops (`decode_slots`,
-  `decode_layer`, `decode_logits`), built on the two above (`products.h` is what they share);
-  `runtime/native.py` drives them.
+- `decode_layer.cpp`: a dense decoder's one-token step in three ops (`decode_slots`,
+  `decode_layer`, `decode_logits`), built on the two above (`products.h` is what they share).
+- `decode_step.cpp`: the same step as one call, `torch.classes.tramontane.DecodeStep`, which
+  holds the weights; `runtime/native.py` builds and runs it.
 
 Why a C++ extension: decoding one token streams every weight once, and on the AVX2 CPUs here
 neither inductor's loops nor PyTorch's kernels stream at the memory limit. Measured with one
@@ -52,9 +53,10 @@ NAME = "tramontane_kernels"
 # Beyond, a matmul is faster (the kernels' loops are per input row).
 MAX_ROWS = 16
 HERE = Path(__file__).parent
-# The one-row products, the decode step's attention, and the fused decoder layer built on both;
-# `simd.h` and `products.h` are shared.
-SOURCES = (HERE / "kernels.cpp", HERE / "decode_attention.cpp", HERE / "decode_layer.cpp")
+# The one-row products, the decode step's attention, the fused decoder layer built on both,
+# and the whole step as one object; `simd.h` and `products.h` are shared.
+SOURCES = (HERE / "kernels.cpp", HERE / "decode_attention.cpp", HERE / "decode_layer.cpp",
+           HERE / "decode_step.cpp")
 _state: dict[str, bool] = {}
 
 

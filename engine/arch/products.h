@@ -1,13 +1,14 @@
 // What the C++ kernels share between their files: the one-row products of kernels.cpp (any
 // mix of bfloat16, float32, int8 and int4 weights against the same input rows, in one fork and
-// join of the threads) and the decode step's attention of decode_attention.cpp, both called
-// by the fused decoder layer of decode_layer.cpp without going through the dispatcher.
+// join of the threads), the decode step's attention of decode_attention.cpp and the parts of
+// decode_layer.cpp, called by each other and by decode_step.cpp without the dispatcher.
 
 #pragma once
 
 #include <ATen/core/Tensor.h>
 
 #include <cstdint>
+#include <tuple>
 #include <vector>
 
 namespace tramontane {
@@ -36,6 +37,19 @@ std::vector<Weight> weights_of(at::TensorList tensors, at::IntArrayRef kinds, in
 // ws[i] transposed, for every i, the rows of all the weights shared among torch's threads.
 void products(const float* x, int64_t count, int64_t k, const std::vector<Weight>& ws,
               const std::vector<float*>& out);
+
+// The decode step's parts (decode_layer.cpp says what each computes): a transformer block, the
+// slot map and mask of a group of layers, the final norm and output projection.
+at::Tensor decode_layer_impl(const at::Tensor& h, const at::Tensor& attention_norm,
+                             const at::Tensor& ffn_norm, const std::vector<Weight>& ws,
+                             double eps, const at::Tensor& positions,
+                             const at::Tensor& inv_freq, at::Tensor& keys, at::Tensor& values,
+                             int64_t span, const at::Tensor& slot, const at::Tensor& allowed);
+std::tuple<at::Tensor, at::Tensor> decode_slots(const at::Tensor& positions,
+                                                at::Tensor& slot_pos, int64_t capacity,
+                                                int64_t window, int64_t span);
+at::Tensor decode_logits_impl(const at::Tensor& h, const at::Tensor& norm,
+                              const std::vector<Weight>& ws, double eps);
 
 // `torch.ops.tramontane.decode_attention` (decode_attention.cpp says what it computes).
 at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,

@@ -1,13 +1,15 @@
-"""The one-token decode step of a dense decoder on the CPU as a few C++ calls: `NativeStep`,
-which `FastDecoder` runs in place of its compiled graph wherever it can.
+"""The one-token decode step of a dense decoder on the CPU in C++: `NativeStep`, which
+`FastDecoder` runs in place of its compiled graph wherever it can.
 
-A step is the token embedding, one `tramontane::decode_slots` per group of layers (slot map
-and mask), one `tramontane::decode_layer` per layer (norms, the seven projections, rotary,
-the cache write and the attention, the SiLU gate and the residuals: `arch/decode_layer.cpp`)
-and one `tramontane::decode_logits`. About 15 calls from Python, where the compiled graph made
-~50 kernel and extern calls and checked guards on ~300 inputs: on the 2-core AVX2 machine
-here that graph spent ~3 ms of a ~10 ms int4 step (200M model) outside the weight products.
-Nothing is compiled: the step is ready as soon as the model is loaded.
+A step is one call, `torch.classes.tramontane.DecodeStep.run` (`arch/decode_step.cpp`): the
+token embedding, the slot map and mask of each group of layers, every block (norms, the seven
+projections, rotary, the cache write and the attention, the SiLU gate and the residuals:
+`arch/decode_layer.cpp`) and the output projection. `NativeStep` builds the object once, with
+every weight, and passes it each step's tokens, positions and cache. The compiled graph made
+~50 kernel and extern calls and checked guards on ~300 inputs (on the 2-core AVX2 machine here
+~3 ms of a ~10 ms int4 step, 200M model, outside the weight products); driving the C++ parts
+from a Python loop still spent ~0.5 ms of it in the interpreter and the dispatcher. Nothing is
+compiled: the step is ready as soon as the model is loaded.
 
 It computes what the eager model computes for one token, with the same roundings in the
 model's dtype (`tests/engine/test_native_step.py` holds it to the eager forward and to the
@@ -62,13 +64,12 @@ def projections(block: TransformerBlock) -> dict[str, torch.nn.Module]:
 class _Layer:
     """One block's operands for `decode_layer`, gathered once."""
 
-    def __init__(self, block: TransformerBlock, eps: float) -> None:
+    def __init__(self, block: TransformerBlock) -> None:
         plans = [cast(Operands, operands(p)) for p in projections(block).values()]
         self.kinds = [p[0] for p in plans]
         self.weights = [t for p in plans for t in p[1]]
         self.group = max(p[2] for p in plans)
         self.norms = (block.attention_norm.weight.detach(), block.ffn_norm.weight.detach())
-        self.eps = eps
 
 
 def unsupported(module: torch.nn.Module, cache: KVCache) -> str | None:
@@ -111,15 +112,20 @@ class NativeStep:
         if why is not None:
             raise EngineError(f"the native decode step cannot run here: {why}")
         config = module.config
-        self.embedding = module.tok_embeddings.weight.detach()
-        self.layers = [_Layer(cast(TransformerBlock, b), config.norm_eps)
-                       for b in module.layers]
-        self.norm = module.norm.weight.detach()
+        layers = [_Layer(cast(TransformerBlock, b)) for b in module.layers]
         kind, tensors, group = cast(Operands, operands(module.output))
-        self.output = ([kind], list(tensors), group)
-        self.eps = config.norm_eps
-        self.inv_freq = rotary_inv_freq(config.head_dim, config.rope_theta, torch.device("cpu"))
-        self.layer_group = list(cache.layer_group)
+        # Built once: the C++ object holds (and has checked) every weight, so a step passes
+        # only its tokens, positions and cache.
+        self._step = torch.classes.tramontane.DecodeStep(
+            module.tok_embeddings.weight.detach(),
+            [norm for layer in layers for norm in layer.norms],
+            [w for layer in layers for w in layer.weights],
+            [k for layer in layers for k in layer.kinds],
+            [layer.group for layer in layers],
+            module.norm.weight.detach(), list(tensors), kind, group, config.norm_eps,
+            rotary_inv_freq(config.head_dim, config.rope_theta, torch.device("cpu")),
+            list(cache.layer_group), [g.capacity for g in cache.groups],
+            [g.window or 0 for g in cache.groups])
         # New tokens per row one call takes: the products take `kernels.MAX_ROWS` rows (the
         # weights streamed once for all), and a rotating buffer must not lose, to a later
         # token of the chunk, a key an earlier one needs: its spare slots bound the chunk.
@@ -133,18 +139,5 @@ class NativeStep:
         `chunk_tokens` (consecutive positions per row, -1 padding after a row's last), int64,
         contiguous; then the logits are those of token `last[b]` of each row. `spans[g]`: the
         slots group g attends over (every position written so far lies within them)."""
-        ops = torch.ops.tramontane
-        plans = [ops.decode_slots(positions, spos, group.capacity, group.window or 0, span)
-                 for spos, group, span in zip(cache.slot_pos, cache.groups, spans, strict=True)]
-        h = F.embedding(tokens.reshape(-1), self.embedding)  # (B * T, dim)
-        for i, layer in enumerate(self.layers):
-            slot, allowed = plans[self.layer_group[i]]
-            h = ops.decode_layer(h, *layer.norms, layer.weights, layer.kinds, layer.group,
-                                 layer.eps, positions, self.inv_freq, cache.keys[i],
-                                 cache.values[i], spans[self.layer_group[i]], slot, allowed)
-        if tokens.dim() == 2 and tokens.shape[1] > 1:
-            assert last is not None
-            h = h.view(*tokens.shape, -1)[torch.arange(tokens.shape[0]), last]
-        kinds, weights, group = self.output
-        return cast(torch.Tensor, ops.decode_logits(h, self.norm, weights, kinds, group,
-                                                    self.eps))
+        return cast(torch.Tensor, self._step.run(tokens, positions, cache.keys, cache.values,
+                                                 cache.slot_pos, spans, last))

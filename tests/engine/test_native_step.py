@@ -1,4 +1,4 @@
-"""The decode step in C++ (`engine.runtime.native`, `arch/decode_layer.cpp`): what it computes
+"""The decode step in C++ (`engine.runtime.native`, `arch/decode_step.cpp`): what it computes
 against the eager forward, what a padding row leaves, when it runs, and what it refuses."""
 
 from __future__ import annotations
@@ -215,3 +215,58 @@ def test_bad_operands_get_a_message() -> None:
                                            "int64 slot map, a span within the capacity"):
         ops.decode_slots(torch.zeros(1, dtype=torch.long),
                          torch.full((1, 9), -1, dtype=torch.long), 8, 0, 9)
+
+
+def test_the_step_object_refuses_bad_input_and_keeps_stepping(
+        make_checkpoint: CheckpointFactory) -> None:
+    """`DecodeStep` (decode_step.cpp) checks what a step passes it: a token outside the
+    vocabulary, a chunk without its rows' last tokens, the wrong number of layers' caches. Each
+    is refused with a message before anything is written, and the next good step gives the
+    eager path's logits."""
+    model = engine.load(make_checkpoint("native", **SHAPE))
+    decoder = FastDecoder(model, 1, MAX_SEQ_LEN, native=True)
+    step = decoder.native
+    assert step is not None
+    cache = decoder.new_cache()
+    eager = model.new_cache(1, MAX_SEQ_LEN)
+    with torch.inference_mode():
+        for c in (cache, eager):
+            model.forward(torch.tensor([PROMPT]), torch.arange(len(PROMPT))[None], c)
+        at = torch.tensor([len(PROMPT)])
+        spans = decoder._spans(cache, at)
+        vocab = model.module.tok_embeddings.weight.shape[0]
+        with pytest.raises(RuntimeError, match=f"token {vocab} is outside the vocabulary of "
+                                               f"{vocab}"):
+            step(torch.tensor([vocab]), at, cache, spans)
+        with pytest.raises(RuntimeError, match="a chunk of 2 tokens per row needs each row's "
+                                               "last token"):
+            step(torch.tensor([[7, 8]]), torch.tensor([[len(PROMPT), len(PROMPT) + 1]]), cache,
+                 spans)
+        with pytest.raises(RuntimeError, match="expected the keys and values of 2 layers"):
+            step._step.run(torch.tensor([7]), at, cache.keys[:1], cache.values[:1],
+                           cache.slot_pos, spans, None)
+        got = step(torch.tensor([7]), at, cache, spans)
+        want = model.forward(torch.tensor([[7]]), at[None], eager,
+                             output_index=torch.zeros(1, dtype=torch.long))
+    assert float((got - want).abs().max()) <= 2e-5
+
+
+def test_the_step_object_refuses_weights_that_do_not_make_its_layers() -> None:
+    """Checked once, when `NativeStep` builds it: one float32 layer of width 64 here."""
+    w = torch.zeros(64, 64)
+
+    def build(norms: int, weights: int, layer_group: int) -> None:
+        torch.classes.tramontane.DecodeStep(
+            torch.zeros(10, 64), [torch.ones(64)] * norms, [w] * weights, [3] * 7, [0],
+            torch.ones(64), [torch.zeros(10, 64)], 3, 0, 1e-5, torch.ones(8), [layer_group],
+            [8], [0])
+
+    with pytest.raises(RuntimeError, match="DecodeStep: expected 2 norms, 7 kinds and a group "
+                                           "for each of the 1 layers"):
+        build(1, 7, 0)
+    with pytest.raises(RuntimeError, match="DecodeStep: more weights than the kinds take"):
+        build(2, 8, 0)
+    with pytest.raises(RuntimeError, match="DecodeStep: fewer weights than the kinds take"):
+        build(2, 6, 0)
+    with pytest.raises(RuntimeError, match="DecodeStep: layer 0's cache group 1 does not exist"):
+        build(2, 7, 1)
