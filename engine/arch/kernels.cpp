@@ -99,11 +99,11 @@ inline int64_t odd_codes(int64_t g, int64_t groups) {
 
 #ifdef TRAMONTANE_X86
 
-template <typename W>
-TRAMONTANE_AVX2 void float_rows_avx2(const W* w, const float* x, float* y, int64_t k, int64_t r0,
-                                     int64_t r1) {
+// float32 weights (a float32 model's, in the fused decoder layer).
+TRAMONTANE_AVX2 void f32_rows_avx2(const float* w, const float* x, float* y, int64_t k,
+                                   int64_t r0, int64_t r1) {
   for (int64_t r = r0; r < r1; ++r) {
-    const W* row = w + r * k;
+    const float* row = w + r * k;
     __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
     __m256 a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
     int64_t i = 0;
@@ -115,7 +115,44 @@ TRAMONTANE_AVX2 void float_rows_avx2(const W* w, const float* x, float* y, int64
     }
     for (; i + 8 <= k; i += 8) a0 = _mm256_fmadd_ps(load8(row + i), _mm256_loadu_ps(x + i), a0);
     float acc = hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
-    for (; i < k; ++i) acc += to_float(row[i]) * x[i];
+    for (; i < k; ++i) acc += row[i] * x[i];
+    y[r] = acc;
+  }
+}
+
+// bfloat16 rows read 16 weights a 32-byte load: its even elements shifted up and its odd ones
+// masked are two vectors of float32 without widening across lanes, against the activations
+// laid out to match (`arranged_row`: each full block of 16 as its 8 even inputs, then its 8
+// odd ones).
+TRAMONTANE_AVX2 void bf16_rows_avx2(const uint16_t* w, const float* xa, float* y, int64_t k,
+                                    int64_t r0, int64_t r1) {
+  const __m256i high = _mm256_set1_epi32(static_cast<int>(0xffff0000u));
+  for (int64_t r = r0; r < r1; ++r) {
+    const uint16_t* row = w + r * k;
+    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+    __m256 a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 32 <= k; i += 32) {
+      const __m256i v0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + i));
+      const __m256i v1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + i + 16));
+      a0 = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_slli_epi32(v0, 16)),
+                           _mm256_loadu_ps(xa + i), a0);
+      a1 = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_and_si256(v0, high)),
+                           _mm256_loadu_ps(xa + i + 8), a1);
+      a2 = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_slli_epi32(v1, 16)),
+                           _mm256_loadu_ps(xa + i + 16), a2);
+      a3 = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_and_si256(v1, high)),
+                           _mm256_loadu_ps(xa + i + 24), a3);
+    }
+    for (; i + 16 <= k; i += 16) {
+      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + i));
+      a0 = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_slli_epi32(v, 16)),
+                           _mm256_loadu_ps(xa + i), a0);
+      a1 = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_and_si256(v, high)),
+                           _mm256_loadu_ps(xa + i + 8), a1);
+    }
+    float acc = hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+    for (; i < k; ++i) acc += bf16_to_float(row[i]) * xa[i];
     y[r] = acc;
   }
 }
@@ -479,16 +516,6 @@ Int4Row int4_row(const float* x, int64_t k, int64_t group, bool codes) {
   return row;
 }
 
-template <typename W>
-void float_run(const W* w, const float* x, float* y, int64_t k, bool avx2, int64_t r0,
-               int64_t r1) {
-#ifdef TRAMONTANE_X86
-  if (avx2) return float_rows_avx2(w, x, y, k, r0, r1);
-#endif
-  (void)avx2;
-  float_rows(w, x, y, k, r0, r1);
-}
-
 template <typename S>
 void int4_run(const Int4Row& x4, const uint8_t* qp, const S* sp, const S* zp, float* yp,
               int64_t k, int64_t group, bool avx2, int64_t r0, int64_t r1) {
@@ -500,6 +527,19 @@ void int4_run(const Int4Row& x4, const uint8_t* qp, const S* sp, const S* zp, fl
 #endif
   (void)avx2;
   int4_rows(qp, sp, zp, x4.xe.data(), x4.xo.data(), x4.gsum.data(), yp, k, group, r0, r1);
+}
+
+// An input row as `bf16_rows_avx2` reads it: each full block of 16 inputs as its 8 even ones,
+// then its 8 odd ones; the last k % 16 in place.
+std::vector<float> arranged_row(const float* x, int64_t k) {
+  std::vector<float> out(x, x + k);
+  for (int64_t b = 0; b + 16 <= k; b += 16) {
+    for (int64_t j = 0; j < 8; ++j) {
+      out[b + j] = x[b + 2 * j];
+      out[b + 8 + j] = x[b + 2 * j + 1];
+    }
+  }
+  return out;
 }
 
 void products_impl(const float* x, int64_t count, int64_t k, const std::vector<Weight>& ws,
@@ -524,6 +564,10 @@ void products_impl(const float* x, int64_t count, int64_t k, const std::vector<W
   std::vector<std::vector<int16_t>> x16(int8 && avx2 ? count : 0);
   std::vector<float> xscale(count, 0.f);
   for (size_t m = 0; m < x16.size(); ++m) x16[m] = quantize_row(x + m * k, k, &xscale[m]);
+  std::vector<std::vector<float>> xa;
+  const bool bf16 = std::any_of(ws.begin(), ws.end(),
+                                [](const Weight& w) { return w.kind == Kind::kBF16; });
+  for (int64_t m = 0; avx2 && bf16 && m < count; ++m) xa.push_back(arranged_row(x + m * k, k));
   const bool avx2_int4 = avx2 && group == 32;
   std::vector<Int4Row> x4;
   for (int64_t m = 0; group != 0 && m < count; ++m) {
@@ -547,10 +591,20 @@ void products_impl(const float* x, int64_t count, int64_t k, const std::vector<W
     const float* xm = x + m * k;
     float* yp = out[i] + m * rows[i];
     switch (ws[i].kind) {
-      case Kind::kBF16:
-        return float_run(static_cast<const uint16_t*>(w.w), xm, yp, k, avx2, r0, r1);
-      case Kind::kFloat32:
-        return float_run(static_cast<const float*>(w.w), xm, yp, k, avx2, r0, r1);
+      case Kind::kBF16: {
+        const uint16_t* wp = static_cast<const uint16_t*>(w.w);
+#ifdef TRAMONTANE_X86
+        if (avx2) return bf16_rows_avx2(wp, xa[m].data(), yp, k, r0, r1);
+#endif
+        return float_rows(wp, xm, yp, k, r0, r1);
+      }
+      case Kind::kFloat32: {
+        const float* wp = static_cast<const float*>(w.w);
+#ifdef TRAMONTANE_X86
+        if (avx2) return f32_rows_avx2(wp, xm, yp, k, r0, r1);
+#endif
+        return float_rows(wp, xm, yp, k, r0, r1);
+      }
       case Kind::kInt8: {
         const int8_t* qp = static_cast<const int8_t*>(w.w);
         const float* sp = static_cast<const float*>(w.scale);

@@ -2,7 +2,7 @@
 (opt-in; written for the CPU).
 
 Where the C++ kernels are built and the model is a dense decoder on the CPU, `FastDecoder`
-runs the native step instead (`native.py`: the same step as a few C++ calls, nothing to
+runs the native step instead (`native.py`: the same step as one C++ call, nothing to
 compile, a fraction of the graph's overhead); the compiled graph below serves the rest (no
 kernels, other devices, `native=False`).
 

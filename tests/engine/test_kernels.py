@@ -27,7 +27,7 @@ def reference(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 
 @needs_kernels
-@pytest.mark.parametrize("k", [8, 72, 1024, 1000])  # tails past the 32-wide loops included
+@pytest.mark.parametrize("k", [8, 48, 72, 1024, 1000])  # tails past the 32- and 16-wide loops
 @pytest.mark.parametrize("xdtype", [torch.bfloat16, torch.float32, torch.float16])
 @pytest.mark.parametrize("strided", [False, True])
 def test_gemv_bf16_is_the_float32_sum_of_products(k: int, xdtype: torch.dtype,
