@@ -61,7 +61,8 @@ class DecodeStep : public torch::CustomClassHolder {
                 what, ": expected a contiguous (V, dim) CPU embedding table");
     TORCH_CHECK(norms.size() == 2 * n && kinds.size() == 7 * n && groups.size() == n, what,
                 ": expected 2 norms, 7 kinds and a group for each of the ", n, " layers");
-    TORCH_CHECK(capacity_.size() == window_.size(), what, ": a window for each capacity");
+    TORCH_CHECK(n >= 1 && capacity_.size() == window_.size(), what,
+                ": expected at least one layer and a window for each capacity");
     size_t at = 0;
     for (size_t i = 0; i < n; ++i) {
       TORCH_CHECK(layer_group_[i] >= 0 &&
@@ -92,6 +93,8 @@ class DecodeStep : public torch::CustomClassHolder {
                 " groups of layers");
     TORCH_CHECK(tokens.sizes() == positions.sizes() && tokens.dim() >= 1 && tokens.dim() <= 2,
                 what, ": expected tokens and positions of one shape, (B,) or (B, T)");
+    TORCH_CHECK(keys[0].dim() == 4 && tokens.size(0) == keys[0].size(0), what, ": ",
+                tokens.size(0), " rows of tokens for a cache of ", keys[0].size(0));
     std::vector<std::tuple<at::Tensor, at::Tensor>> plans;
     for (size_t g = 0; g < capacity_.size(); ++g) {
       plans.push_back(decode_slots(positions, slot_pos[g], capacity_[g], window_[g], spans[g]));

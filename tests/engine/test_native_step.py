@@ -220,7 +220,8 @@ def test_bad_operands_get_a_message() -> None:
 def test_the_step_object_refuses_bad_input_and_keeps_stepping(
         make_checkpoint: CheckpointFactory) -> None:
     """`DecodeStep` (decode_step.cpp) checks what a step passes it: a token outside the
-    vocabulary, a chunk without its rows' last tokens, the wrong number of layers' caches. Each
+    vocabulary, a chunk without its rows' last tokens, more rows than the cache has, the wrong
+    number of layers' caches. Each
     is refused with a message before anything is written, and the next good step gives the
     eager path's logits."""
     model = engine.load(make_checkpoint("native", **SHAPE))
@@ -242,6 +243,8 @@ def test_the_step_object_refuses_bad_input_and_keeps_stepping(
                                                "last token"):
             step(torch.tensor([[7, 8]]), torch.tensor([[len(PROMPT), len(PROMPT) + 1]]), cache,
                  spans)
+        with pytest.raises(RuntimeError, match="2 rows of tokens for a cache of 1"):
+            step(torch.tensor([7, 7]), torch.tensor([len(PROMPT)] * 2), cache, spans)
         with pytest.raises(RuntimeError, match="expected the keys and values of 2 layers"):
             step._step.run(torch.tensor([7]), at, cache.keys[:1], cache.values[:1],
                            cache.slot_pos, spans, None)
