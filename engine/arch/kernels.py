@@ -2,7 +2,8 @@
 pure-PyTorch paths used where they are not built.
 
 - `kernels.cpp`: one-row products of bfloat16, int8 and int4 weights (`gemv_*`), and their
-  `_many` forms, several weights of the same input row in one call (`layers.linear_many`).
+  `_many` forms, several weights of the same input row in one call (`layers.linear_many`);
+  their loops are in `product_loops.h`.
 - `decode_attention.cpp`: one new token per row written into the key/value cache, and its
   grouped-query attention over the slots in use.
 - `decode_layer.cpp`: a dense decoder's one-token step in three ops (`decode_slots`,
@@ -54,7 +55,8 @@ NAME = "tramontane_kernels"
 MAX_ROWS = 16
 HERE = Path(__file__).parent
 # The one-row products, the decode step's attention, the fused decoder layer built on both,
-# and the whole step as one object; `simd.h` and `products.h` are shared.
+# and the whole step as one object; `simd.h` and `products.h` are shared, `product_loops.h`
+# holds the products' loops.
 SOURCES = (HERE / "kernels.cpp", HERE / "decode_attention.cpp", HERE / "decode_layer.cpp",
            HERE / "decode_step.cpp")
 _state: dict[str, bool] = {}
@@ -174,7 +176,8 @@ def cache_tag() -> str:
     key under which torch.compile caches a compiled step, so that a step compiled against
     other kernels is never loaded from the cache."""
     digest = hashlib.sha256()
-    for path in (*SOURCES, HERE / "simd.h", HERE / "products.h", Path(__file__)):
+    for path in (*SOURCES, HERE / "simd.h", HERE / "products.h", HERE / "product_loops.h",
+                 Path(__file__)):
         digest.update(path.read_bytes())
     return f"tramontane-kernels-{digest.hexdigest()[:16]}"
 

@@ -1,6 +1,7 @@
-// Small helpers shared by the C++ kernels (kernels.cpp, decode_attention.cpp): bfloat16 to
-// float32 (values and whole tensors), and the AVX2 + FMA loads and reductions. AVX2 code is compiled per function
-// (`target` attributes) and chosen at run time (`has_avx2`), so the library loads anywhere.
+// Small helpers shared by the C++ kernels (the products' loops, the attention, the decoder
+// layer): bfloat16 to float32 (values and whole tensors), and the AVX2 + FMA loads and
+// reductions. AVX2 code is compiled per function (`target` attributes) and chosen at run time
+// (`has_avx2`), so the library loads anywhere.
 
 #pragma once
 
