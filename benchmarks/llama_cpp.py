@@ -25,9 +25,11 @@ with each table. What is timed, both sides alike:
 - prefill: 512 and 2048 prompt tokens into an empty cache, logits of the last one.
 - decode: 128 greedy tokens after a 512-token prompt (from the first generated token on).
 
-Bandwidth: a 1 GiB float32 sum (read) just before each precision's runs; the share is
-decode tok/s x bytes one token reads (every weight but the embedding table, scales included)
-/ that bandwidth.
+Bandwidth: a 1 GiB float32 sum (read) just before each of our decode runs; the share is that
+run's decode tok/s x bytes one token reads (every weight but the embedding table, scales
+included) / the reading, the median over the runs. (A single reading before a precision's
+runs moved between 21 and 38 GB/s from one precision to the next on a shared host, minutes
+before the decode it was set against.)
 """
 
 from __future__ import annotations
@@ -249,7 +251,6 @@ def bench_precision(name: str, native: Path, gguf: Path, args: argparse.Namespac
     result: dict[str, Any] = {"compile_s": compile_s, "load": load_average(),
                               "step": args.step}
     try:
-        result["bandwidth_gbs"] = read_bandwidth()
         result["weight_bytes"] = weight_bytes(model)
         sampling = engine.SamplingParams(max_tokens=8)
         cache = engine.PrefixCache(model, max_seq_len=2560, budget_bytes=2**30, rewind=512)
@@ -285,14 +286,19 @@ def bench_precision(name: str, native: Path, gguf: Path, args: argparse.Namespac
                                           length / statistics.median(times["llama"]))
         prompt = [1, *torch.randint(100, 30000, (511,), generator=rng).tolist()]
         rates: dict[str, list[float]] = {"ours": [], "llama": []}
+        readings: list[float] = []  # the read bandwidth just before each of our decode runs
         for r in range(args.repeats):
             sides = [("ours", lambda p=prompt: _ours_decode(model, p, 129)),
                      ("llama", lambda p=prompt: _llama_decode(llama, p, 129))]
             for side, fn in sides if r % 2 == 0 else reversed(sides):
+                if side == "ours":
+                    readings.append(read_bandwidth())
                 rates[side].append(fn())
         result["decode"] = (statistics.median(rates["ours"]), statistics.median(rates["llama"]))
-        result["share"] = result["decode"][0] * result["weight_bytes"] / (
-            result["bandwidth_gbs"] * 1e9)
+        result["bandwidth_gbs"] = statistics.median(readings)
+        result["share"] = statistics.median(
+            rate * result["weight_bytes"] / (gbs * 1e9)
+            for rate, gbs in zip(rates["ours"], readings, strict=True))
         result["end_load"] = load_average()
     finally:
         llama.close()
@@ -329,7 +335,8 @@ def report(rows: dict[str, dict[str, Any]], cpu: str) -> None:
         _, gguf = PRECISIONS[name]
         label = f"{name} vs {gguf}"
         print(f"\n{label}: load average {r['load']} at start, {r['keys_load']} after the trace, "
-              f"{r['end_load']} at the end; read bandwidth {r['bandwidth_gbs']:.1f} GB/s; "
+              f"{r['end_load']} at the end; read bandwidth {r['bandwidth_gbs']:.1f} GB/s "
+              "(median, beside our decode runs); "
               f"our decode step ({r['step']}) reads {r['weight_bytes'] / 1e6:.0f} MB per "
               f"token; built in {r['compile_s']:.1f} s")
         k = r["keys"]
