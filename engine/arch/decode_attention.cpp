@@ -31,7 +31,6 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
-#include <type_traits>
 #include <vector>
 
 #include "products.h"
@@ -98,31 +97,13 @@ void attend(const Head& h, int64_t groups, int64_t S, int64_t hd, float scale, f
 // loops prefetch kAhead positions ahead, and the values are taken in blocks of kSpan positions
 // whose every pass stays in L1. A row of bfloat16 is read 16 values a load: its even elements
 // shifted up and its odd ones masked are two vectors of float32 without widening across lanes
-// (`load16`); the queries and the output accumulators are laid out to match (`arranged`).
+// (`load16`, simd.h); the queries and the output accumulators are laid out to match
+// (`arranged`).
 // Against the loops before (one widened load per 8 values, every pass over all positions),
 // on a Zen 3: one key/value head of 1792 cold positions, 86 -> 64 us; in the int4 step at
 // ~1.8k positions, attention's share of a layer 32% -> 28%.
 constexpr int64_t kAhead = 16;
 constexpr int64_t kSpan = 128;
-
-TRAMONTANE_AVX2 inline void load16(const uint16_t* p, __m256& a, __m256& b) {
-  const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  a = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
-  b = _mm256_castsi256_ps(_mm256_and_si256(v, _mm256_set1_epi32(static_cast<int>(0xffff0000u))));
-}
-
-TRAMONTANE_AVX2 inline void load16(const float* p, __m256& a, __m256& b) {
-  a = _mm256_loadu_ps(p);
-  b = _mm256_loadu_ps(p + 8);
-}
-
-// Where element i of a row sits in `load16`'s two vectors (a's 8 lanes, then b's).
-template <typename T>
-int64_t arranged(int64_t i) {
-  if constexpr (std::is_same_v<T, float>) return i;
-  const int64_t j = i % 16;
-  return i - j + (j % 2 == 0 ? j / 2 : 8 + j / 2);
-}
 
 template <typename T>
 TRAMONTANE_AVX2 inline void prefetch_row(const T* row, int64_t hd) {

@@ -228,12 +228,7 @@ void int4_run(const Int4Row& x4, const uint8_t* qp, const S* sp, const S* zp, fl
 // then its 8 odd ones; the last k % 16 in place.
 std::vector<float> arranged_row(const float* x, int64_t k) {
   std::vector<float> out(x, x + k);
-  for (int64_t b = 0; b + 16 <= k; b += 16) {
-    for (int64_t j = 0; j < 8; ++j) {
-      out[b + j] = x[b + 2 * j];
-      out[b + 8 + j] = x[b + 2 * j + 1];
-    }
-  }
+  for (int64_t i = 0; i < k - k % 16; ++i) out[arranged<uint16_t>(i)] = x[i];
   return out;
 }
 

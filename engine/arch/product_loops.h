@@ -97,36 +97,28 @@ TRAMONTANE_AVX2 inline void f32_rows_avx2(const float* w, const float* x, float*
   }
 }
 
-// bfloat16 rows read 16 weights a 32-byte load: its even elements shifted up and its odd ones
-// masked are two vectors of float32 without widening across lanes, against the activations
-// laid out to match (`arranged_row`: each full block of 16 as its 8 even inputs, then its 8
-// odd ones).
+// bfloat16 rows read 16 weights a load (`load16`), against the activations laid out to
+// match (`arranged_row`).
 TRAMONTANE_AVX2 inline void bf16_rows_avx2(const uint16_t* w, const float* xa, float* y, int64_t k,
                                            int64_t r0, int64_t r1) {
-  const __m256i high = _mm256_set1_epi32(static_cast<int>(0xffff0000u));
   for (int64_t r = r0; r < r1; ++r) {
     const uint16_t* row = w + r * k;
     __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
     __m256 a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
+    __m256 e, o;
     int64_t i = 0;
     for (; i + 32 <= k; i += 32) {
-      const __m256i v0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + i));
-      const __m256i v1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + i + 16));
-      a0 = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_slli_epi32(v0, 16)),
-                           _mm256_loadu_ps(xa + i), a0);
-      a1 = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_and_si256(v0, high)),
-                           _mm256_loadu_ps(xa + i + 8), a1);
-      a2 = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_slli_epi32(v1, 16)),
-                           _mm256_loadu_ps(xa + i + 16), a2);
-      a3 = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_and_si256(v1, high)),
-                           _mm256_loadu_ps(xa + i + 24), a3);
+      load16(row + i, e, o);
+      a0 = _mm256_fmadd_ps(e, _mm256_loadu_ps(xa + i), a0);
+      a1 = _mm256_fmadd_ps(o, _mm256_loadu_ps(xa + i + 8), a1);
+      load16(row + i + 16, e, o);
+      a2 = _mm256_fmadd_ps(e, _mm256_loadu_ps(xa + i + 16), a2);
+      a3 = _mm256_fmadd_ps(o, _mm256_loadu_ps(xa + i + 24), a3);
     }
     for (; i + 16 <= k; i += 16) {
-      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + i));
-      a0 = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_slli_epi32(v, 16)),
-                           _mm256_loadu_ps(xa + i), a0);
-      a1 = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_and_si256(v, high)),
-                           _mm256_loadu_ps(xa + i + 8), a1);
+      load16(row + i, e, o);
+      a0 = _mm256_fmadd_ps(e, _mm256_loadu_ps(xa + i), a0);
+      a1 = _mm256_fmadd_ps(o, _mm256_loadu_ps(xa + i + 8), a1);
     }
     float acc = hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
     for (; i < k; ++i) acc += bf16_to_float(row[i]) * xa[i];

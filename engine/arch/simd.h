@@ -9,6 +9,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #if defined(__x86_64__) || defined(_M_X64)
@@ -59,6 +60,15 @@ class Float32Values {
   const float* data_ = nullptr;
 };
 
+// Where element i of a block of 16 sits in `load16`'s two vectors (a's 8 lanes, then b's):
+// bfloat16 rows are read as their even elements, then their odd ones; float32 rows in order.
+template <typename T>
+int64_t arranged(int64_t i) {
+  if constexpr (std::is_same_v<T, float>) return i;
+  const int64_t j = i % 16;
+  return i - j + (j % 2 == 0 ? j / 2 : 8 + j / 2);
+}
+
 #ifdef TRAMONTANE_X86
 
 #define TRAMONTANE_AVX2 __attribute__((target("avx2,fma")))
@@ -85,6 +95,20 @@ TRAMONTANE_AVX2 inline __m256 load_bf16(const uint16_t* p) {
 // Eight values as float32, from float32 or bfloat16 storage.
 TRAMONTANE_AVX2 inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
 TRAMONTANE_AVX2 inline __m256 load8(const uint16_t* p) { return load_bf16(p); }
+
+// Sixteen values as two vectors of float32 (`arranged` says which goes where): bfloat16 in
+// one 32-byte load, its even elements shifted up and its odd ones masked, with no widening
+// across lanes; float32 as elements 0-7 and 8-15.
+TRAMONTANE_AVX2 inline void load16(const uint16_t* p, __m256& a, __m256& b) {
+  const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  a = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
+  b = _mm256_castsi256_ps(_mm256_and_si256(v, _mm256_set1_epi32(static_cast<int>(0xffff0000u))));
+}
+
+TRAMONTANE_AVX2 inline void load16(const float* p, __m256& a, __m256& b) {
+  a = _mm256_loadu_ps(p);
+  b = _mm256_loadu_ps(p + 8);
+}
 
 // exp(x) for x <= 88 (softmax's shifted scores, the SiLU's -x): 2^n exp(r), n = round(x / ln 2),
 // |r| <= ln2/2, exp(r) by its degree-6 Taylor polynomial (relative error < 2e-7, float32's own
