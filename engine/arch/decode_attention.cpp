@@ -18,10 +18,10 @@
 // head, reduce every score horizontally, and sum the values along one dependent chain of
 // additions per 16 outputs; at the ~2k positions of a completion prompt that took a few ms
 // a step. Here each (row, key/value head) is one task: its keys and values are read once for
-// all G heads (blocks of 4 query heads), scores and softmax in float32 in a buffer of G x S,
-// then the weighted sum of the values by blocks of positions that stay in L1 (the AVX2
-// section says how the loops meet the memory). float32 throughout, like SDPA's CPU kernel; the
-// result differs from a float64 reference by float32 roundings only.
+// all G heads (blocks of 4 query heads), in one pass (the AVX2 section says how the loops meet
+// the memory; the portable loops take the scores, the softmax, then the values). float32
+// throughout, like SDPA's CPU kernel; the result differs from a float64 reference by float32
+// roundings only.
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -93,17 +93,19 @@ void attend(const Head& h, int64_t groups, int64_t S, int64_t hd, float scale, f
 #ifdef TRAMONTANE_X86
 
 // Where the time goes at a completion prompt's ~2k positions: the keys and values come from
-// memory (every layer's, every step: the weights streamed in between evict them), so the
-// loops prefetch kAhead positions ahead, and the values are taken in blocks of kSpan positions
-// whose every pass stays in L1. A row of bfloat16 is read 16 values a load: its even elements
+// memory (every layer's, every step: the weights streamed in between evict them). So one pass
+// takes both, by blocks of kSpan positions (online softmax): a block's scores, their
+// exponentials against the running maximum (the sums and outputs so far rescaled when it
+// rises), then its values, the block's rows in L1 for each of the output passes. The scores'
+// loop prefetches the keys and the values kAhead positions ahead, so both are read while
+// there is arithmetic to do. A row of bfloat16 is read 16 values a load: its even elements
 // shifted up and its odd ones masked are two vectors of float32 without widening across lanes
 // (`load16`, simd.h); the queries and the output accumulators are laid out to match
-// (`arranged`).
-// Against the loops before (one widened load per 8 values, every pass over all positions),
-// on a Zen 3: one key/value head of 1792 cold positions, 86 -> 64 us; in the int4 step at
-// ~1.8k positions, attention's share of a layer 32% -> 28%.
+// (`arranged`). Against two passes (all the scores, then all the values): the int4 step at
+// ~1.5k positions 9.0 -> 8.2 ms (`benchmarks/compiled_step_ab.py`); prefetching a whole block
+// ahead instead of kAhead positions was no better (1.04x).
 constexpr int64_t kAhead = 16;
-constexpr int64_t kSpan = 128;
+constexpr int64_t kSpan = 64;
 
 template <typename T>
 TRAMONTANE_AVX2 inline void prefetch_row(const T* row, int64_t hd) {
@@ -118,17 +120,23 @@ TRAMONTANE_AVX2 inline __m128 hsum4(__m256 v0, __m256 v1, __m256 v2, __m256 v3) 
   return _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1));
 }
 
-// Scores of up to 4 query heads (q: G4 arranged rows) against every allowed key; two chains
-// per head (a's lanes and b's) halve the dependent additions of a dot product.
+// Scores of up to 4 query heads (q: G4 arranged rows) against the allowed keys of positions
+// s0..s1 (scores[g * kSpan + s - s0]; -inf where not allowed); two chains per head (a's lanes
+// and b's) halve the dependent additions of a dot product.
 template <typename T, int G4>
-TRAMONTANE_AVX2 void scores_block(const Head& h, const float* q, int64_t S, int64_t hd,
-                                  float scale, float* scores) {
+TRAMONTANE_AVX2 void scores_block(const Head& h, const float* q, int64_t s0, int64_t s1,
+                                  int64_t S, int64_t hd, float scale, float* scores) {
   const T* keys = static_cast<const T*>(h.keys);
-  for (int64_t s = 0; s < S; ++s) {
+  const T* values = static_cast<const T*>(h.values);
+  for (int64_t s = s0; s < s1; ++s) {
     const T* k = keys + s * h.stride;
-    if (s + kAhead < S) prefetch_row(k + kAhead * h.stride, hd);
+    if (s + kAhead < S) {
+      prefetch_row(k + kAhead * h.stride, hd);
+      prefetch_row(values + (s + kAhead) * h.stride, hd);
+    }
+    float* at = scores + (s - s0);
     if (!h.allowed[s]) {
-      for (int g = 0; g < G4; ++g) scores[g * S + s] = kNegInf;
+      for (int g = 0; g < G4; ++g) at[g * kSpan] = kNegInf;
       continue;
     }
     __m256 acc[4], odd[4];
@@ -144,25 +152,26 @@ TRAMONTANE_AVX2 void scores_block(const Head& h, const float* q, int64_t S, int6
     alignas(16) float sums[4];
     _mm_store_ps(sums, hsum4(_mm256_add_ps(acc[0], odd[0]), _mm256_add_ps(acc[1], odd[1]),
                              _mm256_add_ps(acc[2], odd[2]), _mm256_add_ps(acc[3], odd[3])));
-    for (int g = 0; g < G4; ++g) scores[g * S + s] = sums[g] * scale;
+    for (int g = 0; g < G4; ++g) at[g * kSpan] = sums[g] * scale;
   }
 }
 
-// Softmax of one row of scores in place (masked slots hold -inf and get 0); returns the sum
-// of the exponentials (0 when nothing is allowed).
-TRAMONTANE_AVX2 float softmax_row(float* row, int64_t S) {
+TRAMONTANE_AVX2 float row_max(const float* row, int64_t n) {
   __m256 vmax = _mm256_set1_ps(kNegInf);
   int64_t s = 0;
-  for (; s + 8 <= S; s += 8) vmax = _mm256_max_ps(vmax, _mm256_loadu_ps(row + s));
+  for (; s + 8 <= n; s += 8) vmax = _mm256_max_ps(vmax, _mm256_loadu_ps(row + s));
   float top = hmax(vmax);
-  for (; s < S; ++s) top = std::max(top, row[s]);
-  if (top == kNegInf) {
-    std::fill(row, row + S, 0.f);
-    return 0.f;
-  }
+  for (; s < n; ++s) top = std::max(top, row[s]);
+  return top;
+}
+
+// row[s] = exp(row[s] - top) in place (-inf, a slot not allowed, gives 0; top is finite);
+// returns their sum.
+TRAMONTANE_AVX2 float exp_row(float* row, int64_t n, float top) {
   const __m256 vtop = _mm256_set1_ps(top), ninf = _mm256_set1_ps(kNegInf);
   __m256 vsum = _mm256_setzero_ps();
-  for (s = 0; s + 8 <= S; s += 8) {
+  int64_t s = 0;
+  for (; s + 8 <= n; s += 8) {
     const __m256 x = _mm256_loadu_ps(row + s);
     const __m256 keep = _mm256_cmp_ps(x, ninf, _CMP_NEQ_OQ);
     const __m256 e = _mm256_and_ps(exp8(_mm256_sub_ps(x, vtop)), keep);
@@ -170,80 +179,91 @@ TRAMONTANE_AVX2 float softmax_row(float* row, int64_t S) {
     vsum = _mm256_add_ps(vsum, e);
   }
   float total = hsum(vsum);
-  for (; s < S; ++s) {
+  for (; s < n; ++s) {
     row[s] = row[s] == kNegInf ? 0.f : std::exp(row[s] - top);
     total += row[s];
   }
   return total;
 }
 
-// out[g] = sum_s p[g][s] v[s] for up to 4 heads: per block of kSpan positions, 16 outputs at
-// a time (2 x G4 chains, kept in `acc`, arranged, between blocks); each output still sums its
-// products in position order.
+// acc[g] += sum_s p[g][s - s0] v[s] over positions s0..s1, for up to 4 heads: 16 outputs at
+// a time (2 x G4 chains; acc arranged), each a pass over the block's rows, in L1.
 template <typename T, int G4>
-TRAMONTANE_AVX2 void values_block(const Head& h, const float* probs, const float* inv_total,
-                                  int64_t S, int64_t hd, float* acc, float* out) {
+TRAMONTANE_AVX2 void values_block(const Head& h, const float* probs, int64_t s0, int64_t s1,
+                                  int64_t hd, float* acc) {
   const T* values = static_cast<const T*>(h.values);
-  std::fill(acc, acc + G4 * hd, 0.f);
-  for (int64_t s0 = 0; s0 < S; s0 += kSpan) {
-    const int64_t s1 = std::min(S, s0 + kSpan);
-    for (int64_t c = 0; c < hd; c += 16) {
-      __m256 lo[G4], hi[G4];
+  for (int64_t c = 0; c < hd; c += 16) {
+    __m256 lo[G4], hi[G4];
+    for (int g = 0; g < G4; ++g) {
+      lo[g] = _mm256_loadu_ps(acc + g * hd + c);
+      hi[g] = _mm256_loadu_ps(acc + g * hd + c + 8);
+    }
+    for (int64_t s = s0; s < s1; ++s) {
+      if (!h.allowed[s]) continue;
+      __m256 a, b;
+      load16(values + s * h.stride + c, a, b);
       for (int g = 0; g < G4; ++g) {
-        lo[g] = _mm256_loadu_ps(acc + g * hd + c);
-        hi[g] = _mm256_loadu_ps(acc + g * hd + c + 8);
-      }
-      for (int64_t s = s0; s < s1; ++s) {
-        const T* v = values + s * h.stride;
-        if (c == 0 && s + kAhead < S) prefetch_row(v + kAhead * h.stride, hd);
-        if (!h.allowed[s]) continue;
-        __m256 a, b;
-        load16(v + c, a, b);
-        for (int g = 0; g < G4; ++g) {
-          const __m256 p = _mm256_broadcast_ss(probs + g * S + s);
-          lo[g] = _mm256_fmadd_ps(p, a, lo[g]);
-          hi[g] = _mm256_fmadd_ps(p, b, hi[g]);
-        }
-      }
-      for (int g = 0; g < G4; ++g) {
-        _mm256_storeu_ps(acc + g * hd + c, lo[g]);
-        _mm256_storeu_ps(acc + g * hd + c + 8, hi[g]);
+        const __m256 p = _mm256_broadcast_ss(probs + g * kSpan + (s - s0));
+        lo[g] = _mm256_fmadd_ps(p, a, lo[g]);
+        hi[g] = _mm256_fmadd_ps(p, b, hi[g]);
       }
     }
-  }
-  for (int g = 0; g < G4; ++g) {
-    for (int64_t i = 0; i < hd; ++i) out[g * hd + i] = acc[g * hd + arranged<T>(i)] * inv_total[g];
+    for (int g = 0; g < G4; ++g) {
+      _mm256_storeu_ps(acc + g * hd + c, lo[g]);
+      _mm256_storeu_ps(acc + g * hd + c + 8, hi[g]);
+    }
   }
 }
 
-// scratch: G x S scores, then G x hd arranged queries, then 4 x hd accumulators.
+// Query heads g0..g0+G4 of one key/value head. scratch: G4 x hd arranged queries, G4 x hd
+// accumulators, G4 x kSpan scores.
 template <typename T, int G4>
 TRAMONTANE_AVX2 void attend_block(const Head& h, int64_t g0, int64_t S, int64_t hd, float scale,
-                                  float* scratch, int64_t groups) {
-  float* scores = scratch;
-  float* q = scratch + groups * S + g0 * hd;
-  float* acc = scratch + groups * (S + hd);
+                                  float* scratch) {
+  float* q = scratch;
+  float* acc = q + G4 * hd;
+  float* probs = acc + G4 * hd;
   for (int g = 0; g < G4; ++g) {
     for (int64_t i = 0; i < hd; ++i) q[g * hd + arranged<T>(i)] = h.q[(g0 + g) * hd + i];
   }
-  scores_block<T, G4>(h, q, S, hd, scale, scores);
-  float inv_total[G4];
-  for (int g = 0; g < G4; ++g) {
-    const float total = softmax_row(scores + g * S, S);
-    inv_total[g] = total > 0.f ? 1.f / total : 0.f;
+  std::fill(acc, acc + G4 * hd, 0.f);
+  float top[G4], total[G4];
+  for (int g = 0; g < G4; ++g) top[g] = kNegInf, total[g] = 0.f;
+  for (int64_t s0 = 0; s0 < S; s0 += kSpan) {
+    const int64_t s1 = std::min(S, s0 + kSpan);
+    scores_block<T, G4>(h, q, s0, s1, S, hd, scale, probs);
+    for (int g = 0; g < G4; ++g) {
+      float* row = probs + g * kSpan;
+      const float high = row_max(row, s1 - s0);
+      if (high == kNegInf) {  // nothing allowed in this block: its values are skipped
+        continue;
+      }
+      if (high > top[g]) {  // the outputs and sum so far, against the new maximum
+        const float factor = top[g] == kNegInf ? 0.f : std::exp(top[g] - high);
+        for (int64_t i = 0; i < hd; ++i) acc[g * hd + i] *= factor;
+        total[g] *= factor;
+        top[g] = high;
+      }
+      total[g] += exp_row(row, s1 - s0, top[g]);
+    }
+    values_block<T, G4>(h, probs, s0, s1, hd, acc);
   }
-  values_block<T, G4>(h, scores, inv_total, S, hd, acc, h.out + g0 * hd);
+  float* out = h.out + g0 * hd;
+  for (int g = 0; g < G4; ++g) {
+    const float inv = total[g] > 0.f ? 1.f / total[g] : 0.f;  // nothing allowed: zeros
+    for (int64_t i = 0; i < hd; ++i) out[g * hd + i] = acc[g * hd + arranged<T>(i)] * inv;
+  }
 }
 
 template <typename T>
 TRAMONTANE_AVX2 void attend_avx2(const Head& h, int64_t groups, int64_t S, int64_t hd,
                                  float scale, float* scratch) {
   int64_t g = 0;
-  for (; g + 4 <= groups; g += 4) attend_block<T, 4>(h, g, S, hd, scale, scratch, groups);
+  for (; g + 4 <= groups; g += 4) attend_block<T, 4>(h, g, S, hd, scale, scratch);
   switch (groups - g) {
-    case 3: attend_block<T, 3>(h, g, S, hd, scale, scratch, groups); break;
-    case 2: attend_block<T, 2>(h, g, S, hd, scale, scratch, groups); break;
-    case 1: attend_block<T, 1>(h, g, S, hd, scale, scratch, groups); break;
+    case 3: attend_block<T, 3>(h, g, S, hd, scale, scratch); break;
+    case 2: attend_block<T, 2>(h, g, S, hd, scale, scratch); break;
+    case 1: attend_block<T, 1>(h, g, S, hd, scale, scratch); break;
     default: break;
   }
 }
@@ -325,7 +345,11 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
   const bool avx2 = has_avx2() && hd % 16 == 0;
 #endif
   at::parallel_for(0, B * Hkv, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<float> scratch(G * (S + hd) + 4 * hd);  // attend_avx2 takes it all
+#ifdef TRAMONTANE_X86
+    std::vector<float> scratch(avx2 ? 8 * hd + 4 * kSpan : G * S);
+#else
+    std::vector<float> scratch(G * S);
+#endif
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t b = t / Hkv, kv = t % Hkv;
       const Head h{qp + t * G * hd,

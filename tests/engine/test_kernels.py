@@ -238,6 +238,32 @@ def test_decode_attention_is_float32_softmax_attention_over_the_allowed_slots(
 
 
 @needs_kernels
+@pytest.mark.parametrize("cache_dtype", [torch.bfloat16, torch.float32])
+def test_decode_attention_rescales_as_the_maximum_rises_block_after_block(
+        cache_dtype: torch.dtype) -> None:
+    """One pass over blocks of 64 positions (online softmax): scores that grow with the position
+    move the running maximum in every block (from 0 to 20: the first blocks' weights fall by
+    e^-20 and must be rescaled, not dropped or kept), and a block with nothing allowed
+    (positions 64-127) leaves the sums alone."""
+    torch.manual_seed(7)
+    slots, hd = 250, 64
+    q = torch.randn(1, 2, 4, hd)
+    norm = q[0, :, :1].norm(dim=-1, keepdim=True)  # (2, 1, 1): the first head of each group
+    ramp = torch.linspace(0, 20 * hd ** 0.5, slots).view(1, slots, 1) / norm  # its scores 0..20
+    keys = (q[0, :, :1] / norm * ramp + 0.1 * torch.randn(2, slots, hd))[None].to(cache_dtype)
+    values = torch.randn(1, 2, slots, hd).to(cache_dtype)
+    allowed = torch.ones(1, 1, 1, slots, dtype=torch.bool)
+    allowed[..., 64:128] = False
+    values[:, :, 64:128] = float("nan")  # never read
+    new = torch.randn(1, 2, hd)
+    got = torch.ops.tramontane.decode_attention(q, new, new, keys, values, torch.tensor([-1]),
+                                                allowed)
+    want = attention_reference(q, keys, values.nan_to_num(), allowed)
+    assert not got.isnan().any()
+    assert float((got.double() - want).abs().max()) <= 2e-6
+
+
+@needs_kernels
 def test_decode_attention_with_nothing_allowed_is_zero_and_bad_shapes_are_refused() -> None:
     q, kv, new = torch.randn(1, 2, 4, 64), torch.randn(1, 2, 8, 64), torch.randn(1, 2, 64)
     nothing, no_write = torch.zeros(1, 8, dtype=torch.bool), torch.tensor([-1])
