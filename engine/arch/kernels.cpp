@@ -371,38 +371,6 @@ at::Tensor gemv_int4(const at::Tensor& x, const at::Tensor& q, const at::Tensor&
   return gemv_int4_many(x, {q}, {scale}, {zero}, group)[0];
 }
 
-at::Tensor dequantize_int4(const at::Tensor& q, const at::Tensor& scale, const at::Tensor& zero,
-                           int64_t group) {
-  check_int4(q, scale, zero, group);
-  const int64_t n = q.size(0), k = q.size(1) * 2, groups = k / group;
-  at::Tensor w = at::empty({n, k}, q.options().dtype(at::kFloat));
-  const uint8_t* qp = q.data_ptr<uint8_t>();
-  float* wp = w.data_ptr<float>();
-  auto run = [&](const auto* sp, const auto* zp) {
-    at::parallel_for(0, n, kGrain, [&](int64_t r0, int64_t r1) {
-      for (int64_t r = r0; r < r1; ++r) {
-        for (int64_t g = 0; g < groups; ++g) {
-          const float s = to_float(sp[r * groups + g]);
-          const float z = to_float(zp[r * groups + g]) - 8.f * s;
-          const uint8_t* src = qp + r * (k / 2) + g * (group / 2);
-          float* dst = wp + r * k + g * group;
-          for (int64_t j = 0; j < group / 2; ++j) {
-            dst[2 * j] = static_cast<float>(src[j] & 15) * s + z;
-            dst[2 * j + 1] = static_cast<float>(src[j] >> 4) * s + z;
-          }
-        }
-      }
-    });
-  };
-  if (scale.scalar_type() == at::kFloat) {
-    run(scale.data_ptr<float>(), zero.data_ptr<float>());
-  } else {
-    run(reinterpret_cast<const uint16_t*>(scale.data_ptr<at::BFloat16>()),
-        reinterpret_cast<const uint16_t*>(zero.data_ptr<at::BFloat16>()));
-  }
-  return w;
-}
-
 std::string instruction_set() { return has_avx2() ? "avx2" : "portable"; }
 
 // How many threads `at::parallel_for` runs a two-thread-or-more range on here: torch's
@@ -464,7 +432,6 @@ TORCH_LIBRARY(tramontane, m) {
   m.def("gemv_int8_many(Tensor x, Tensor[] qs, Tensor[] scales) -> Tensor[]");
   m.def("gemv_int4_many(Tensor x, Tensor[] qs, Tensor[] scales, Tensor[] zeros, int group) "
         "-> Tensor[]");
-  m.def("dequantize_int4(Tensor q, Tensor scale, Tensor zero, int group) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(tramontane, CompositeExplicitAutograd, m) {
@@ -479,5 +446,4 @@ TORCH_LIBRARY_IMPL(tramontane, CPU, m) {
   m.impl("gemv_bf16_many", &gemv_bf16_many);
   m.impl("gemv_int8_many", &gemv_int8_many);
   m.impl("gemv_int4_many", &gemv_int4_many);
-  m.impl("dequantize_int4", &dequantize_int4);
 }

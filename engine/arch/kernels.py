@@ -10,6 +10,9 @@ pure-PyTorch paths used where they are not built.
   `decode_layer`, `decode_logits`), built on the two above (`products.h` is what they share).
 - `decode_step.cpp`: the same step as one call, `torch.classes.tramontane.DecodeStep`, which
   holds the weights; `runtime/native.py` builds and runs it.
+- `prefill_linear.cpp`: many rows (a prompt's chunk) times a bfloat16, int8 or int4 weight in
+  float32, the weight converted by panels that stay in cache (`linear_rows`), and the int4
+  weight in float32 (`dequantize_int4`).
 
 Why a C++ extension: decoding one token streams every weight once, and on the AVX2 CPUs here
 neither inductor's loops nor PyTorch's kernels stream at the memory limit. Measured with one
@@ -54,11 +57,14 @@ NAME = "tramontane_kernels"
 # Beyond, a matmul is faster (the kernels' loops are per input row).
 MAX_ROWS = 16
 HERE = Path(__file__).parent
+# The weight kinds the C++ ops take (`decode_layer`'s `kinds`, `linear_rows`'s `kind`: `Kind` in
+# products.h).
+KINDS = {"bf16": 0, "int8": 1, "int4": 2, "f32": 3}
 # The one-row products, the decode step's attention, the fused decoder layer built on both,
-# and the whole step as one object; `simd.h` and `products.h` are shared, `product_loops.h`
-# holds the products' loops.
+# the whole step as one object, and the many-row products of a prompt's chunk; `simd.h` and
+# `products.h` are shared, `product_loops.h` holds the products' loops.
 SOURCES = (HERE / "kernels.cpp", HERE / "decode_attention.cpp", HERE / "decode_layer.cpp",
-           HERE / "decode_step.cpp")
+           HERE / "decode_step.cpp", HERE / "prefill_linear.cpp")
 _state: dict[str, bool] = {}
 
 
@@ -163,6 +169,10 @@ def _register_fakes() -> None:
     def _(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
           group: int) -> torch.Tensor:
         return q.new_empty(q.shape[0], q.shape[1] * 2, dtype=torch.float32)
+
+    @torch.library.register_fake("tramontane::linear_rows")  # type: ignore[misc]
+    def _(x: torch.Tensor, tensors: list[torch.Tensor], kind: int, group: int) -> torch.Tensor:
+        return x.new_empty(x.shape[0], tensors[0].shape[0])
 
     @torch.library.register_fake("tramontane::decode_attention")  # type: ignore[misc]
     def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keys: torch.Tensor,

@@ -38,6 +38,10 @@ std::vector<Weight> weights_of(at::TensorList tensors, at::IntArrayRef kinds, in
 void products(const float* x, int64_t count, int64_t k, const std::vector<Weight>& ws,
               const std::vector<float*>& out);
 
+// Rows r0..r1 of a weight in float32 (r1 - r0 rows of its k inputs, contiguous), as the
+// eager layers compute them (prefill_linear.cpp).
+void dequantize_rows(const Weight& w, int64_t r0, int64_t r1, float* out);
+
 // The decode step's parts (decode_layer.cpp says what each computes): a transformer block, the
 // slot map and mask of a group of layers, the final norm and output projection.
 at::Tensor decode_layer_impl(const at::Tensor& h, const at::Tensor& attention_norm,

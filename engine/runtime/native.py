@@ -33,8 +33,6 @@ from ..arch.lora import LoRALinear
 from ..arch.transformer import Transformer, TransformerBlock
 from ..errors import EngineError
 
-# The weight kinds of `decode_layer`'s `kinds` (`Kind` in arch/products.h).
-KINDS = {"bf16": 0, "int8": 1, "int4": 2, "f32": 3}
 # One operand set: (kind, tensors, int4 group or 0).
 Operands = tuple[int, tuple[torch.Tensor, ...], int]
 
@@ -45,12 +43,12 @@ def operands(layer: torch.nn.Module) -> Operands | None:
                                          and layer.weight.dtype == torch.float32):
         weight = cast(torch.Tensor, layer.weight)
         kind = {torch.bfloat16: "bf16", torch.float32: "f32"}.get(weight.dtype)
-        return (KINDS[kind], (weight.detach(),), 0) if kind else None
+        return (kernels.KINDS[kind], (weight.detach(),), 0) if kind else None
     if isinstance(layer, KernelLayer):
         plan = layer.kernel_operands()
         if plan is not None:
             name, _, group = plan[0].partition(":")
-            return KINDS[name], tuple(t.detach() for t in plan[1]), int(group or 0)
+            return kernels.KINDS[name], tuple(t.detach() for t in plan[1]), int(group or 0)
     return None
 
 

@@ -204,6 +204,44 @@ def attention_reference(q: torch.Tensor, keys: torch.Tensor, values: torch.Tenso
 
 
 @needs_kernels
+@pytest.mark.parametrize(("rows", "k"), [
+    (1100, 4096),  # panels of 256 weight rows (4 MiB of float32) and a tail of 76
+    (40, 1024),    # fewer rows than one panel
+])
+@pytest.mark.parametrize("kind", ["int8", "int4"])
+def test_linear_rows_is_the_float32_matmul_of_the_dequantized_weight(
+        rows: int, k: int, kind: str) -> None:
+    """A prompt chunk's product with an int8 or int4 weight, converted by panels: the float32
+    matmul of the whole dequantized weight, up to its summation order."""
+    torch.manual_seed(rows)
+    w = torch.randn(rows, k) / 8
+    if kind == "int8":
+        q, scale = quant.quantize_int8(w, torch.bfloat16)
+        tensors: tuple[torch.Tensor, ...] = (q, scale.float())
+        group = 0
+    else:
+        packed, scale, zero = quant.quantize_int4(w, torch.bfloat16)
+        tensors, group = (packed, scale.bfloat16(), zero.bfloat16()), 32
+    dense = layers.dequantized(kind, tensors, group)
+    x = torch.randn(37, k)
+    got = torch.ops.tramontane.linear_rows(x, list(tensors), kernels.KINDS[kind], group)
+    assert got.shape == (37, rows) and got.dtype == torch.float32
+    torch.testing.assert_close(got, x @ dense.t(), rtol=1e-5, atol=1e-4)
+
+
+@needs_kernels
+def test_linear_rows_refuses_rows_that_do_not_fit_the_weight() -> None:
+    q, scale = quant.quantize_int8(torch.randn(8, 64), torch.float32)
+    with pytest.raises(RuntimeError, match=r"linear_rows: expected float32 CPU rows of 64 "
+                                           r"inputs, got BFloat16 \[3, 64\]"):
+        torch.ops.tramontane.linear_rows(torch.randn(3, 64).bfloat16(), [q, scale], 1, 0)
+    with pytest.raises(RuntimeError, match=r"got Float \[3, 32\]"):
+        torch.ops.tramontane.linear_rows(torch.randn(3, 32), [q, scale], 1, 0)
+    with pytest.raises(RuntimeError, match="linear_rows: expected 8 float32 scales"):
+        torch.ops.tramontane.linear_rows(torch.randn(3, 64), [q, scale[:4]], 1, 0)
+
+
+@needs_kernels
 @pytest.mark.parametrize("cache_dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize(("slots", "groups", "hd"), [
     (37, 4, 64),    # Mistral 7B's grouping: one block of four query heads
