@@ -44,6 +44,7 @@ import logging
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -126,8 +127,8 @@ def build(verbose: bool = False) -> None:
     try:
         load_with(openmp)
     except (RuntimeError, subprocess.SubprocessError) as e:
-        if not openmp:
-            raise
+        if not openmp or compiler_takes_openmp():
+            raise  # not OpenMP's failure: the compiler's own message, unchanged
         why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         log.warning("the C++ kernels did not build with OpenMP (%s): building them for one "
                     "thread", why)
@@ -135,6 +136,21 @@ def build(verbose: bool = False) -> None:
         # Only now: a failure that was not OpenMP's failed again just above.
         (build_dir / NO_OPENMP).write_text(f"{e}\n(remove this file to try OpenMP again)\n")
     _register_fakes()
+
+
+def compiler_takes_openmp() -> bool:
+    """Whether the compiler torch builds with (`CXX`, else `c++`) compiles and links a small
+    OpenMP program: tells a compiler without OpenMP from an error in the kernels' sources."""
+    source = "#include <omp.h>\nint main() { return omp_get_max_threads() > 0 ? 0 : 1; }\n"
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            done = subprocess.run(
+                [os.environ.get("CXX", "c++"), *OPENMP, "-x", "c++", "-", "-o",
+                 str(Path(tmp) / "probe")], input=source, capture_output=True, text=True,
+                timeout=120)
+        except (OSError, subprocess.SubprocessError):
+            return False
+    return done.returncode == 0
 
 
 def _register_fakes() -> None:

@@ -396,3 +396,24 @@ def test_a_compiler_without_openmp_gets_the_one_thread_library_once(tmp_path: Pa
     assert "did not build with OpenMP" in runs[0].stderr
     assert "did not build with OpenMP" not in runs[1].stderr
     assert list((tmp_path / "ext").glob(f"*/{kernels.NO_OPENMP}"))
+
+
+@needs_kernels
+def test_an_error_in_the_sources_is_reported_as_itself_not_as_missing_openmp(
+        tmp_path: Path) -> None:
+    """A compiler that takes OpenMP but fails on one source (a wrapper standing in for a
+    genuine compile error): the build fails with the compiler's message, says nothing about
+    OpenMP and leaves no one-thread marker behind."""
+    compiler = tmp_path / "c++"
+    compiler.write_text('#!/bin/sh\ncase " $* " in *prefill_linear.cpp*) '
+                        'echo "prefill_linear.cpp:1:1: error: stand-in failure" >&2; exit 1;; '
+                        'esac\nexec c++ "$@"\n')
+    compiler.chmod(0o755)
+    env = {**os.environ, "CXX": str(compiler), "TORCH_EXTENSIONS_DIR": str(tmp_path / "ext")}
+    run = subprocess.run([sys.executable, "-c", "from engine.arch import kernels; kernels.build()"],
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 1
+    assert "RuntimeError: Error building extension 'tramontane_kernels'" in run.stderr
+    assert "stand-in failure" in run.stderr
+    assert "did not build with OpenMP" not in run.stderr
+    assert not list((tmp_path / "ext").glob(f"*/{kernels.NO_OPENMP}"))
