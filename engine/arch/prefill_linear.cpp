@@ -1,18 +1,19 @@
-// Many input rows (a prompt's chunk) times a weight stored as bfloat16, int8 or int4, on a CPU
-// whose bfloat16 matmuls are emulated: float32 arithmetic, the weight converted by panels.
+// Many input rows (a prompt's chunk) times a weight stored as int8 or int4 (or bfloat16), on a
+// CPU whose bfloat16 matmuls are emulated: float32 arithmetic, the weight converted by panels.
 //
 //   linear_rows(x, tensors, kind, group): x (M, K) float32 -> (M, N) float32 = x W^T, the
 //     weight given as `decode_layer` takes one (`kind` and its 1-3 tensors, products.h)
 //   dequantize_int4(q, scale, zero, group) -> the int4 weight in float32 (N, K)
 //
 // How: a panel of weight rows at a time (kPanelBytes of float32) is converted into one buffer,
-// and each panel is multiplied by PyTorch's float32 matmul (oneDNN or MKL, both threads) straight into its
-// columns of the result, while the panel is still in cache.
+// and each panel is multiplied by PyTorch's float32 matmul (oneDNN or MKL, both threads)
+// straight into its columns of the result, while the panel is still in cache.
 //
-// Why: converting the whole weight first (`weight.float()`; `q.float() * scale`) wrote 4 bytes
-// per parameter into a fresh buffer at every call (the output projection's: 134 MB), and read
-// them back in the matmul: a first prompt of 1530 tokens in chunks of 256 spent 1.6 of its 6.7
-// s in those conversions with int8 weights (torch.profiler), where the matmuls took 4.0 s.
+// Why: converting the whole weight first (`q.float() * scale`, two passes) wrote 4 bytes per
+// parameter into fresh buffers at every call and read them back in the matmul: a first prompt
+// of 1530 tokens in chunks of 256 spent 1.6 of its 6.7 s in those conversions with int8
+// weights (torch.profiler), where the matmuls took 4.0 s. (bfloat16 weights keep
+// `weight.float()`, one vectorised pass: by panels they were no faster.)
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
