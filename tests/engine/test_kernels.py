@@ -373,17 +373,23 @@ def test_a_lock_left_by_a_killed_build_is_removed_and_a_live_builds_is_kept(
         in caplog.text
 
 
+def failing_compiler(tmp_path: Path, pattern: str, message: str) -> dict[str, str]:
+    """The environment of a kernel build (into tmp_path) whose compiler, `CXX`, is the system's
+    `c++` except when its arguments match the shell `case` pattern: then it prints `message`
+    and fails."""
+    compiler = tmp_path / "c++"
+    compiler.write_text(f'#!/bin/sh\ncase " $* " in {pattern}) echo "{message}" >&2; exit 1;; '
+                        'esac\nexec c++ "$@"\n')
+    compiler.chmod(0o755)
+    return {**os.environ, "CXX": str(compiler), "TORCH_EXTENSIONS_DIR": str(tmp_path / "ext")}
+
+
 @needs_kernels
 def test_a_compiler_without_openmp_gets_the_one_thread_library_once(tmp_path: Path) -> None:
     """A compiler that cannot build with OpenMP (here a wrapper that refuses `-fopenmp`): the
     build says so once and makes the library for one thread, which runs the same products;
     the next load goes straight to it (no failing compile at every start)."""
-    compiler = tmp_path / "c++"
-    compiler.write_text('#!/bin/sh\ncase " $* " in *" -fopenmp "*) '
-                        'echo "c++: error: unsupported option -fopenmp" >&2; exit 1;; esac\n'
-                        'exec c++ "$@"\n')
-    compiler.chmod(0o755)
-    env = {**os.environ, "CXX": str(compiler), "TORCH_EXTENSIONS_DIR": str(tmp_path / "ext")}
+    env = failing_compiler(tmp_path, '*" -fopenmp "*', "c++: error: unsupported option -fopenmp")
     check = ("import torch; from engine.arch import kernels; kernels.build(); "
              "torch.set_num_threads(2); print(kernels.parallel_threads()); "
              "x = torch.ones(1, 64); w = torch.ones(48, 64).to(torch.bfloat16); "
@@ -404,12 +410,8 @@ def test_an_error_in_the_sources_is_reported_as_itself_not_as_missing_openmp(
     """A compiler that takes OpenMP but fails on one source (a wrapper standing in for a
     genuine compile error): the build fails with the compiler's message, says nothing about
     OpenMP and leaves no one-thread marker behind."""
-    compiler = tmp_path / "c++"
-    compiler.write_text('#!/bin/sh\ncase " $* " in *prefill_linear.cpp*) '
-                        'echo "prefill_linear.cpp:1:1: error: stand-in failure" >&2; exit 1;; '
-                        'esac\nexec c++ "$@"\n')
-    compiler.chmod(0o755)
-    env = {**os.environ, "CXX": str(compiler), "TORCH_EXTENSIONS_DIR": str(tmp_path / "ext")}
+    env = failing_compiler(tmp_path, "*prefill_linear.cpp*",
+                           "prefill_linear.cpp:1:1: error: stand-in failure")
     run = subprocess.run([sys.executable, "-c", "from engine.arch import kernels; kernels.build()"],
                          env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 1
