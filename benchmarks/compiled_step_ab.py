@@ -7,10 +7,12 @@ the two checkouts (`--pairs` times), so a change in the machine's load falls on 
 medians and their ratio are printed. Each checkout's C++ kernels (`engine/arch/kernels.py`,
 where it has them) are built first, into `<checkout>/.torch_extensions`. Works with checkouts
 from before the engine's layout changed (`engine/fast_decode.py`) and after
-(`engine/runtime/compiled.py`).
+(`engine/runtime/compiled.py`). `--baseline-isa avx2` caps the baseline's kernels at that
+instruction set's loops: with `--baseline .`, this checkout's AVX-512 loops against its AVX2 ones.
 
     .venv/bin/python benchmarks/compiled_step_ab.py --model-dir /tmp/bench-model \\
-        --baseline /tmp/before [--dtype float32] [--quantize int8|int4] [--pairs 3]
+        --baseline /tmp/before [--dtype float32] [--quantize int8|int4] [--pairs 3] \\
+        [--baseline-isa avx2]
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 SAMPLE = r"""
-import json, sys, time, torch
+import json, os, sys, time, torch
 from pathlib import Path
 import engine
 checkout = Path(sys.argv[3])
@@ -38,6 +40,10 @@ assert Path(engine.__file__).resolve().is_relative_to(checkout.resolve()), engin
 quantize = sys.argv[4] if len(sys.argv) > 4 else None
 model = engine.load(sys.argv[1], dtype=getattr(torch, sys.argv[2]),
                     **({"quantize": quantize} if quantize else {}))
+if os.environ.get("BENCH_ISA"):
+    from engine.arch import kernels
+    assert kernels.available()
+    torch.ops.tramontane.cap_instruction_set(os.environ["BENCH_ISA"])
 decoder = FastDecoder(model, 1, 2304, 16)
 torch.manual_seed(0)
 with torch.inference_mode():
@@ -69,9 +75,10 @@ def build_kernels(checkout: Path) -> None:
                        cwd=checkout, timeout=900, check=True)
 
 
-def sample(checkout: Path, model: Path, dtype: str, quantize: str | None) -> list[float]:
+def sample(checkout: Path, model: Path, dtype: str, quantize: str | None,
+           isa: str | None) -> list[float]:
     # From the checkout itself: `-c` puts the working directory first on sys.path.
-    env = checkout_env(checkout)
+    env = {**checkout_env(checkout), **({"BENCH_ISA": isa} if isa else {})}
     done = subprocess.run([sys.executable, "-c", SAMPLE, str(model), dtype, str(checkout),
                            *([quantize] if quantize else [])],
                           env=env, cwd=checkout, capture_output=True, text=True, timeout=600)
@@ -91,20 +98,25 @@ def main() -> None:
                         help="weight-only quantization at load (checkouts that have it; the "
                              "quantized sidecar in the user's cache makes later loads fast)")
     parser.add_argument("--pairs", type=int, default=3)
+    parser.add_argument("--baseline-isa", choices=["avx2", "portable"],
+                        help="cap the baseline's kernels at this instruction set's loops")
     args = parser.parse_args()
-    sides = {"baseline": args.baseline, "current": ROOT}
+    sides = {"baseline": args.baseline.resolve(), "current": ROOT}
+    isas = {"baseline": args.baseline_isa, "current": None}
     results: dict[str, list[float]] = {name: [] for name in sides}
     for checkout in sides.values():
         build_kernels(checkout)
     for pair in range(args.pairs):
         order = list(sides) if pair % 2 == 0 else list(reversed(sides))
         for name in order:
-            ms = sample(sides[name], args.model_dir, args.dtype, args.quantize)
+            ms = sample(sides[name], args.model_dir, args.dtype, args.quantize, isas[name])
             results[name] += ms
             print(f"pair {pair + 1}, {name}: " + ", ".join(f"{m:.1f}" for m in ms) + " ms/step",
                   flush=True)
     base, cur = (statistics.median(results[n]) for n in ("baseline", "current"))
     weights = args.dtype + (f", {args.quantize} weights" if args.quantize else "")
+    if args.baseline_isa:
+        weights += f"; the baseline's kernels capped at {args.baseline_isa}"
     print(f"\ncompiled decode step at ~1.5k positions, {weights}, median of "
           f"{len(results['current'])} samples: baseline {base:.1f} ms, current {cur:.1f} ms, "
           f"ratio {cur / base:.2f}")

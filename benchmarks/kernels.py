@@ -1,6 +1,7 @@
 """One-row weight products (what a decode step is made of), each kernel against the read
 bandwidth: inductor's broadcast-multiply-and-sum (bfloat16, int8), PyTorch's weight-only kernels
-(`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`) and ours (`engine.arch.kernels`).
+(`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`) and ours (`engine.arch.kernels`), with
+each vector instruction set the CPU has (AVX-512 and AVX2 on an AVX-512 machine).
 
 Eight weights of 12288 x 1024 per call (200 MB in bfloat16: far beyond the caches), timed in
 thread CPU time with one thread by default (`--threads 1`): other processes on a shared machine
@@ -20,6 +21,14 @@ from collections.abc import Callable
 import torch
 
 from engine.arch import kernels, quant
+
+
+def capped(isa: str, fn: Callable[[], object]) -> Callable[[], object]:
+    """fn with the kernels' loops capped at `isa` (the best the CPU has, by default)."""
+    def run() -> object:
+        with kernels.instruction_set_capped(isa):
+            return fn()
+    return run
 
 
 def main() -> None:
@@ -78,14 +87,21 @@ def main() -> None:
                   for p, s in zip(packed4, sz4, strict=True)]),
     ]
     if kernels.available():
-        rows += [
-            ("bf16, tramontane::gemv_bf16", bytes16,
-             lambda: [torch.ops.tramontane.gemv_bf16(x, w) for w in ws]),
-            ("int8, tramontane::gemv_int8", bytes8,
-             lambda: [torch.ops.tramontane.gemv_int8(x, q, s) for q, s in q8]),
-            ("int4, tramontane::gemv_int4", bytes4,
-             lambda: [torch.ops.tramontane.gemv_int4(x, p, s, z, 32) for p, s, z in q4]),
-        ]
+        x32 = torch.randn(1, inp)  # not bfloat16 values: the float32 loops, not BF16's dots
+        for isa in kernels.cpu_instruction_sets():
+            if isa == "portable":
+                continue
+            rows += [
+                (f"bf16, tramontane::gemv_bf16 [{isa}]", bytes16,
+                 capped(isa, lambda: [torch.ops.tramontane.gemv_bf16(x, w) for w in ws])),
+                (f"bf16, float32 x, tramontane [{isa}]", bytes16,
+                 capped(isa, lambda: [torch.ops.tramontane.gemv_bf16(x32, w) for w in ws])),
+                (f"int8, tramontane::gemv_int8 [{isa}]", bytes8,
+                 capped(isa, lambda: [torch.ops.tramontane.gemv_int8(x, q, s) for q, s in q8])),
+                (f"int4, tramontane::gemv_int4 [{isa}]", bytes4,
+                 capped(isa, lambda: [torch.ops.tramontane.gemv_int4(x, p, s, z, 32)
+                                      for p, s, z in q4])),
+            ]
     else:
         print("(the C++ kernels are not built: python -m engine.arch.kernels)")
     print(f"{args.threads} thread(s), load average {os.getloadavg()[0]:.1f}; read bandwidth "

@@ -2,15 +2,29 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 import torch
 
+from engine.arch import kernels
 from engine.checkpoints.tiny import make_tiny, random_state_dict, tiny_config, write_checkpoint
 
 CheckpointFactory = Callable[..., Path]
+
+
+@pytest.fixture(params=["avx512", "avx2", "portable"])
+def isa(request: pytest.FixtureRequest) -> Iterator[str]:
+    """The C++ kernels run the loops of one instruction set (each that this CPU has, in turn;
+    `kernels.instruction_set_capped`)."""
+    if not kernels.available():
+        pytest.skip("the C++ kernels are not built here (python -m engine.arch.kernels)")
+    if request.param not in kernels.cpu_instruction_sets():
+        pytest.skip(f"this CPU does not run the {request.param} loops")
+    with kernels.instruction_set_capped(request.param) as running:
+        assert running == request.param
+        yield running
 
 
 @pytest.fixture(scope="session")

@@ -377,4 +377,6 @@ TORCH_LIBRARY_FRAGMENT(tramontane, m) {
         "Tensor slot, Tensor allowed) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(tramontane, CPU, m) { m.impl("decode_attention", &tramontane::decode_attention); }
+TORCH_LIBRARY_IMPL(tramontane, CPU, m) {
+  m.impl("decode_attention", &tramontane::decode_attention);
+}

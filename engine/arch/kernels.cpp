@@ -8,9 +8,10 @@
 // Each row is one dot product over a contiguous stretch of the weight, so the whole matrix is
 // read as one sequential stream (the hardware prefetchers' best case); rows are shared among
 // torch's intra-op threads. The activation row is converted to float32 once per call and stays
-// in L1/L2. AVX2+FMA code is chosen at run time where the CPU has it; elsewhere the same loops
-// in plain C++ (the compiler vectorises what it can). The loops are in product_loops.h; this
-// file shares the rows among the threads, checks the operands and registers the ops.
+// in L1/L2. AVX-512 (with VNNI) or AVX2+FMA code is chosen at run time where the CPU has it
+// (simd.h's `isa`); elsewhere the same loops in plain C++ (the compiler vectorises what it
+// can). The loops are in product_loops.h; this file shares the rows among the threads, checks
+// the operands and registers the ops.
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -56,16 +57,17 @@ Rows input_rows(const at::Tensor& x, int64_t k) {
   return Rows{x.numel() / k, k, Float32Values(x)};
 }
 
-// A row as int16 codes of one scale: x ~ code * scale; on AVX2, each full block of 32 laid out
-// as `int8_rows_avx2` reads it (inputs 0-7, 16-23, 8-15, 24-31).
-std::vector<int16_t> quantize_row(const float* x, int64_t k, float* scale) {
-  std::vector<int16_t> out(k);
+// A row as int16 codes of one scale: x ~ code * scale; in order for AVX-512, and on AVX2 each
+// full block of 32 laid out as `int8_rows_avx2` reads it (inputs 0-7, 16-23, 8-15, 24-31).
+AlignedVector<int16_t> quantize_row(const float* x, int64_t k, float* scale, Isa isa) {
+  AlignedVector<int16_t> out(k);
 #ifdef TRAMONTANE_X86
-  if (has_avx2()) {
+  if (isa >= Isa::kAvx2) {
     const float amax = amax_avx2(x, k);
     *scale = amax > 0.f ? amax / 32767.f : 1.f;
     int16_codes_avx2(x, k, *scale, out.data());
-    for (int64_t b = 0; b + 32 <= k; b += 32) {  // as `int8_rows_avx2` unpacks the weights
+    // as `int8_rows_avx2` unpacks the weights
+    for (int64_t b = 0; isa == Isa::kAvx2 && b + 32 <= k; b += 32) {
       int16_t block[32];
       for (int j = 0; j < 8; ++j) {
         block[j] = out[b + j];
@@ -78,6 +80,7 @@ std::vector<int16_t> quantize_row(const float* x, int64_t k, float* scale) {
     return out;
   }
 #endif
+  (void)isa;
   float amax = 0.f;
   for (int64_t i = 0; i < k; ++i) amax = std::max(amax, std::fabs(x[i]));
   *scale = amax > 0.f ? amax / 32767.f : 1.f;
@@ -183,21 +186,22 @@ void check(const Weight& w, const char* what) {
 }
 
 // One input row as the int4 loops take it: the sum of each group's inputs (float32); for the
-// portable loops its even and odd inputs, for AVX2 (groups of 32) its int8 codes, one scale
-// per group (laid out as `even_codes` says).
+// portable loops its even and odd inputs, for AVX2 and AVX-512 (groups of 32) its int8 codes,
+// one scale per group (laid out as `even_codes` says, by blocks of 2 or 4 groups).
 struct Int4Row {
-  std::vector<float> xe, xo, gsum, xscale;
-  std::vector<int8_t> codes;
+  AlignedVector<float> xe, xo, gsum, xscale;
+  AlignedVector<int8_t> codes;
 };
 
-Int4Row int4_row(const float* x, int64_t k, int64_t group, bool codes) {
+Int4Row int4_row(const float* x, int64_t k, int64_t group, Isa isa) {
   Int4Row row;
   row.gsum.assign(k / group, 0.f);
 #ifdef TRAMONTANE_X86
-  if (codes) {  // `codes` is the AVX2 loops' choice (groups of 32)
+  if (isa >= Isa::kAvx2) {  // the vector loops take groups of 32 (`int4_isa`)
     row.xscale.resize(k / 32);
     row.codes.resize(k);
-    int4_codes_avx2(x, k / 32, row.codes.data(), row.xscale.data(), row.gsum.data());
+    int4_codes_avx2(x, k / 32, isa == Isa::kAvx512 ? 4 : 2, row.codes.data(),
+                    row.xscale.data(), row.gsum.data());
     return row;
   }
 #endif
@@ -213,22 +217,43 @@ Int4Row int4_row(const float* x, int64_t k, int64_t group, bool codes) {
 
 template <typename S>
 void int4_run(const Int4Row& x4, const uint8_t* qp, const S* sp, const S* zp, float* yp,
-              int64_t k, int64_t group, bool avx2, int64_t r0, int64_t r1) {
+              int64_t k, int64_t group, Isa isa, int64_t r0, int64_t r1) {
 #ifdef TRAMONTANE_X86
-  if (avx2) {
+  if (isa == Isa::kAvx512) {
+    return int4_rows_avx512(qp, sp, zp, x4.codes.data(), x4.xscale.data(), x4.gsum.data(), yp,
+                            k, r0, r1);
+  }
+  if (isa == Isa::kAvx2) {
     return int4_rows_avx2(qp, sp, zp, x4.codes.data(), x4.xscale.data(), x4.gsum.data(), yp,
                           k, r0, r1);
   }
 #endif
-  (void)avx2;
+  (void)isa;
   int4_rows(qp, sp, zp, x4.xe.data(), x4.xo.data(), x4.gsum.data(), yp, k, group, r0, r1);
 }
 
-// An input row as `bf16_rows_avx2` reads it: each full block of 16 inputs as its 8 even ones,
-// then its 8 odd ones; the last k % 16 in place.
-std::vector<float> arranged_row(const float* x, int64_t k) {
-  std::vector<float> out(x, x + k);
-  for (int64_t i = 0; i < k - k % 16; ++i) out[arranged<uint16_t>(i)] = x[i];
+// An input row as the vector bfloat16 loops read it: each full block of `block` inputs (16 for
+// `bf16_rows_avx2`, 32 for `bf16_rows_avx512`) as its even ones, then its odd ones; the last
+// k % block in place.
+AlignedVector<float> arranged_row(const float* x, int64_t k, int64_t block) {
+  AlignedVector<float> out(x, x + k);
+  for (int64_t i = 0; i < k - k % block; ++i) {
+    const int64_t j = i % block;
+    out[i - j + (j % 2 == 0 ? j / 2 : block / 2 + j / 2)] = x[i];
+  }
+  return out;
+}
+
+// An input row as bfloat16, if every value is one (a bfloat16 model's activations): what
+// `bf16_rows_dot` takes; empty otherwise.
+AlignedVector<uint16_t> bf16_row(const float* x, int64_t k) {
+  AlignedVector<uint16_t> out(k);
+  for (int64_t i = 0; i < k; ++i) {
+    uint32_t bits;
+    std::memcpy(&bits, x + i, sizeof(bits));
+    if ((bits & 0xffffu) != 0) return {};
+    out[i] = static_cast<uint16_t>(bits >> 16);
+  }
   return out;
 }
 
@@ -236,7 +261,7 @@ void products_impl(const float* x, int64_t count, int64_t k, const std::vector<W
                    const std::vector<float*>& out) {
   TORCH_CHECK(count >= 1 && count <= kMaxRows, "expected 1 to ", kMaxRows, " input rows, got ",
               count);
-  const bool avx2 = has_avx2();
+  const Isa isa = tramontane::isa();
   bool int8 = false;
   int64_t group = 0;  // the int4 weights' (one for all of them)
   std::vector<int64_t> rows;
@@ -251,17 +276,23 @@ void products_impl(const float* x, int64_t count, int64_t k, const std::vector<W
     rows.push_back(w.rows());
   }
   // The activations as each kind of loop takes them, once for all the weights.
-  std::vector<std::vector<int16_t>> x16(int8 && avx2 ? count : 0);
+  std::vector<AlignedVector<int16_t>> x16(int8 && isa >= Isa::kAvx2 ? count : 0);
   std::vector<float> xscale(count, 0.f);
-  for (size_t m = 0; m < x16.size(); ++m) x16[m] = quantize_row(x + m * k, k, &xscale[m]);
-  std::vector<std::vector<float>> xa;
+  for (size_t m = 0; m < x16.size(); ++m) x16[m] = quantize_row(x + m * k, k, &xscale[m], isa);
+  // bfloat16 weights: on AVX-512 with BF16, rows of bfloat16 values take its dot products
+  // (xb); other rows, and AVX2, the arranged float32 row (xa).
   const bool bf16 = std::any_of(ws.begin(), ws.end(),
                                 [](const Weight& w) { return w.kind == Kind::kBF16; });
-  for (int64_t m = 0; avx2 && bf16 && m < count; ++m) xa.push_back(arranged_row(x + m * k, k));
-  const bool avx2_int4 = avx2 && group == 32;
+  std::vector<AlignedVector<float>> xa(bf16 ? count : 0);
+  std::vector<AlignedVector<uint16_t>> xb(bf16 ? count : 0);
+  for (int64_t m = 0; bf16 && isa >= Isa::kAvx2 && m < count; ++m) {
+    if (has_avx512_bf16()) xb[m] = bf16_row(x + m * k, k);
+    if (xb[m].empty()) xa[m] = arranged_row(x + m * k, k, isa == Isa::kAvx512 ? 32 : 16);
+  }
+  const Isa int4_isa = group == 32 ? isa : Isa::kPortable;  // the vector loops: groups of 32
   std::vector<Int4Row> x4;
   for (int64_t m = 0; group != 0 && m < count; ++m) {
-    x4.push_back(int4_row(x + m * k, k, group, avx2_int4));
+    x4.push_back(int4_row(x + m * k, k, group, int4_isa));
   }
   // The weights' storage, taken once: `data_ptr<T>()` checks the dtype at every call, and
   // the loop below runs once per block of kBlock rows (perf: 5% of an int4 step's samples
@@ -284,14 +315,16 @@ void products_impl(const float* x, int64_t count, int64_t k, const std::vector<W
       case Kind::kBF16: {
         const uint16_t* wp = static_cast<const uint16_t*>(w.w);
 #ifdef TRAMONTANE_X86
-        if (avx2) return bf16_rows_avx2(wp, xa[m].data(), yp, k, r0, r1);
+        if (!xb.empty() && !xb[m].empty()) return bf16_rows_dot(wp, xb[m].data(), yp, k, r0, r1);
+        if (isa == Isa::kAvx512) return bf16_rows_avx512(wp, xa[m].data(), yp, k, r0, r1);
+        if (isa == Isa::kAvx2) return bf16_rows_avx2(wp, xa[m].data(), yp, k, r0, r1);
 #endif
         return float_rows(wp, xm, yp, k, r0, r1);
       }
       case Kind::kFloat32: {
         const float* wp = static_cast<const float*>(w.w);
 #ifdef TRAMONTANE_X86
-        if (avx2) return f32_rows_avx2(wp, xm, yp, k, r0, r1);
+        if (isa >= Isa::kAvx2) return f32_rows_avx2(wp, xm, yp, k, r0, r1);
 #endif
         return float_rows(wp, xm, yp, k, r0, r1);
       }
@@ -299,7 +332,12 @@ void products_impl(const float* x, int64_t count, int64_t k, const std::vector<W
         const int8_t* qp = static_cast<const int8_t*>(w.w);
         const float* sp = static_cast<const float*>(w.scale);
 #ifdef TRAMONTANE_X86
-        if (avx2) return int8_rows_avx2(qp, sp, x16[m].data(), xscale[m], yp, k, r0, r1);
+        if (isa == Isa::kAvx512) {
+          return int8_rows_avx512(qp, sp, x16[m].data(), xscale[m], yp, k, r0, r1);
+        }
+        if (isa == Isa::kAvx2) {
+          return int8_rows_avx2(qp, sp, x16[m].data(), xscale[m], yp, k, r0, r1);
+        }
 #endif
         return int8_rows(qp, sp, xm, yp, k, r0, r1);
       }
@@ -307,10 +345,10 @@ void products_impl(const float* x, int64_t count, int64_t k, const std::vector<W
         const uint8_t* qp = static_cast<const uint8_t*>(w.w);
         if (w.f32_scales) {
           return int4_run(x4[m], qp, static_cast<const float*>(w.scale),
-                          static_cast<const float*>(w.zero), yp, k, group, avx2_int4, r0, r1);
+                          static_cast<const float*>(w.zero), yp, k, group, int4_isa, r0, r1);
         }
         return int4_run(x4[m], qp, static_cast<const uint16_t*>(w.scale),
-                        static_cast<const uint16_t*>(w.zero), yp, k, group, avx2_int4, r0, r1);
+                        static_cast<const uint16_t*>(w.zero), yp, k, group, int4_isa, r0, r1);
       }
     }
   });
@@ -371,7 +409,29 @@ at::Tensor gemv_int4(const at::Tensor& x, const at::Tensor& q, const at::Tensor&
   return gemv_int4_many(x, {q}, {scale}, {zero}, group)[0];
 }
 
-std::string instruction_set() { return has_avx2() ? "avx2" : "portable"; }
+const char* const kIsaNames[] = {"portable", "avx2", "avx512"};
+
+std::string instruction_set() { return kIsaNames[static_cast<int>(isa())]; }
+
+// Run the loops of `name` (or a lower set, where the CPU has nothing better) from now on, in
+// every kernel of the library: the tests and benchmarks compare the sets in one process. What
+// ran before is returned.
+std::string cap_instruction_set(const std::string& name) {
+  const std::string before = instruction_set();
+  for (int i = 0; i < 3; ++i) {
+    if (name == kIsaNames[i]) {
+      cap_isa(static_cast<Isa>(i));
+      return before;
+    }
+  }
+  TORCH_CHECK(false, "unknown instruction set '", name, "' (portable, avx2 or avx512)");
+}
+
+std::vector<std::string> cpu_instruction_sets() {
+  std::vector<std::string> out;
+  for (int i = static_cast<int>(cpu_isa()); i >= 0; --i) out.emplace_back(kIsaNames[i]);
+  return out;
+}
 
 // How many threads `at::parallel_for` runs a two-thread-or-more range on here: torch's
 // intra-op threads when this library was compiled with OpenMP, else 1 (the pragma inside the
@@ -424,6 +484,8 @@ void products(const float* x, int64_t count, int64_t k, const std::vector<Weight
 
 TORCH_LIBRARY(tramontane, m) {
   m.def("instruction_set() -> str");
+  m.def("cap_instruction_set(str name) -> str");
+  m.def("cpu_instruction_sets() -> str[]");
   m.def("parallel_threads() -> int");
   m.def("gemv_bf16(Tensor x, Tensor w) -> Tensor");
   m.def("gemv_int8(Tensor x, Tensor q, Tensor scale) -> Tensor");
@@ -436,6 +498,8 @@ TORCH_LIBRARY(tramontane, m) {
 
 TORCH_LIBRARY_IMPL(tramontane, CompositeExplicitAutograd, m) {
   m.impl("instruction_set", &instruction_set);
+  m.impl("cap_instruction_set", &cap_instruction_set);
+  m.impl("cpu_instruction_sets", &cpu_instruction_sets);
   m.impl("parallel_threads", &parallel_threads);
 }
 

@@ -38,6 +38,7 @@ projection, gate and up in one call, down; then the attention).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import logging
@@ -46,6 +47,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -231,10 +233,27 @@ def available() -> bool:
 
 
 def instruction_set() -> str:
-    """Which loops the kernels run here: "avx2" (AVX2 + FMA, chosen at run time) or "portable".
-    They differ in how int4 products take their activations: the AVX2 loops round them to int8
-    per group of 32 (one scale per group), the portable ones keep them in float32."""
+    """Which loops the kernels run here, chosen at run time: "avx512" (AVX-512 with VNNI, and
+    BF16's dot products where the CPU has them), "avx2" (AVX2 + FMA) or "portable". They differ
+    in how int4 products take their activations: the vector loops round them to int8 per group
+    of 32 (one scale per group), the portable ones keep them in float32."""
     return str(torch.ops.tramontane.instruction_set())
+
+
+def cpu_instruction_sets() -> list[str]:
+    """The instruction sets whose loops this CPU runs, best first (ending with "portable")."""
+    return [str(name) for name in torch.ops.tramontane.cpu_instruction_sets()]
+
+
+@contextlib.contextmanager
+def instruction_set_capped(name: str) -> Iterator[str]:
+    """Run the loops of `name` or lower in every kernel inside the block (the tests and the
+    benchmarks compare the sets in one process); yields the set that runs."""
+    before = str(torch.ops.tramontane.cap_instruction_set(name))
+    try:
+        yield instruction_set()
+    finally:
+        torch.ops.tramontane.cap_instruction_set(before)
 
 
 def parallel_threads() -> int:

@@ -1,14 +1,17 @@
 // Small helpers shared by the C++ kernels (the products' loops, the attention, the decoder
-// layer): bfloat16 to float32 (values and whole tensors), and the AVX2 + FMA loads and
-// reductions. AVX2 code is compiled per function (`target` attributes) and chosen at run time
-// (`has_avx2`), so the library loads anywhere.
+// layer): bfloat16 to float32 (values and whole tensors), the instruction sets the loops choose
+// from, and the AVX2 + FMA loads and reductions. Vector code is compiled per function (`target`
+// attributes) and chosen at run time (`has_avx2`, `has_avx512`), so the library loads anywhere.
 
 #pragma once
 
 #include <ATen/core/Tensor.h>
 
+#include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <cstring>
+#include <new>
 #include <type_traits>
 #include <vector>
 
@@ -28,6 +31,26 @@ inline float bf16_to_float(uint16_t v) {
 
 inline float to_float(float v) { return v; }
 inline float to_float(uint16_t v) { return bf16_to_float(v); }
+
+// Storage for the operands the vector loops read again and again (an activation row in its
+// loops' layout): 64-byte aligned, so that no 64-byte load of it splits across cache lines.
+template <typename T>
+struct Aligned64 {
+  using value_type = T;
+  Aligned64() = default;
+  template <typename U>
+  explicit Aligned64(const Aligned64<U>&) {}
+  T* allocate(size_t n) {
+    return static_cast<T*>(::operator new(n * sizeof(T), std::align_val_t{64}));
+  }
+  void deallocate(T* p, size_t) { ::operator delete(p, std::align_val_t{64}); }
+  template <typename U>
+  bool operator==(const Aligned64<U>&) const { return true; }
+  template <typename U>
+  bool operator!=(const Aligned64<U>&) const { return false; }
+};
+template <typename T>
+using AlignedVector = std::vector<T, Aligned64<T>>;
 
 // A tensor's values as contiguous float32, without a tensor op where it can (a dispatch per
 // call adds up over a step's several kernel calls a layer): read in place when it is float32,
@@ -131,15 +154,60 @@ TRAMONTANE_AVX2 inline __m256 exp8(__m256 x) {
   return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
 }
 
-inline bool has_avx2() {
-  static const bool yes = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return yes;
+// AVX-512 F/BW/VL/DQ with VNNI (`has_avx512`); with BF16's dot products (`has_avx512_bf16`).
+#define TRAMONTANE_AVX512 \
+  __attribute__((target("avx2,fma,avx512f,avx512bw,avx512vl,avx512dq,avx512vnni")))
+#define TRAMONTANE_AVX512_BF16 \
+  __attribute__((target("avx2,fma,avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx512bf16")))
+
+// Sixteen values as float32, from float32 or bfloat16 storage.
+TRAMONTANE_AVX512 inline __m512 load_zmm(const float* p) { return _mm512_loadu_ps(p); }
+TRAMONTANE_AVX512 inline __m512 load_zmm(const uint16_t* p) {
+  const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
 }
 
-#else
-
-inline bool has_avx2() { return false; }
-
 #endif
+
+// The loops' instruction sets, each a superset of the one before: portable C++; AVX2 + FMA;
+// AVX-512 with the byte and word instructions and VNNI's integer dot products (Ice Lake and
+// later, Zen 4 and later). The best the CPU has runs, unless `cap_isa` lowered it (the tests
+// and benchmarks run every level a machine has, in one process).
+enum class Isa : int { kPortable = 0, kAvx2 = 1, kAvx512 = 2 };
+
+inline Isa cpu_isa() {
+#ifdef TRAMONTANE_X86
+  static const Isa best = [] {
+    if (!__builtin_cpu_supports("avx2") || !__builtin_cpu_supports("fma")) return Isa::kPortable;
+    const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+                        __builtin_cpu_supports("avx512vnni");
+    return avx512 ? Isa::kAvx512 : Isa::kAvx2;
+  }();
+  return best;
+#else
+  return Isa::kPortable;
+#endif
+}
+
+// The cap, one for the library (every kernel reads it at each call).
+inline std::atomic<int> isa_cap{static_cast<int>(Isa::kAvx512)};
+
+inline Isa isa() {
+  return static_cast<Isa>(std::min(static_cast<int>(cpu_isa()), isa_cap.load()));
+}
+inline void cap_isa(Isa cap) { isa_cap.store(static_cast<int>(cap)); }
+inline bool has_avx2() { return isa() >= Isa::kAvx2; }
+inline bool has_avx512() { return isa() >= Isa::kAvx512; }
+
+// The bfloat16 dot products of AVX512-BF16 (Zen 4, Sapphire Rapids), with the AVX-512 loops.
+inline bool has_avx512_bf16() {
+#ifdef TRAMONTANE_X86
+  static const bool yes = __builtin_cpu_supports("avx512bf16");
+  return yes && has_avx512();
+#else
+  return false;
+#endif
+}
 
 }  // namespace tramontane

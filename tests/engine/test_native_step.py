@@ -59,11 +59,12 @@ def test_float32_logits_are_the_eager_forwards_within_1e_5(
 
 @pytest.mark.parametrize("mode", [None, "int8", "int4"])
 def test_bfloat16_and_quantized_logits_stay_within_the_compiled_steps_bounds(
-        make_checkpoint: CheckpointFactory, tmp_path: Path, mode: str | None) -> None:
+        make_checkpoint: CheckpointFactory, tmp_path: Path, mode: str | None, isa: str) -> None:
     """The bounds test_compiled_step.py holds the compiled graph to: within two bfloat16 steps
     of the largest logit (int4: ten; measured 1.2, 0.8 and 4.9), greedy tokens agreeing at 20
     of 24 steps or more (near-ties flip with the attention's float32 against eager's
-    bfloat16). The same roundings as eager otherwise: bfloat16 values at the same places."""
+    bfloat16). The same roundings as eager otherwise: bfloat16 values at the same places.
+    With each instruction set's loops (both sides run them)."""
     model = engine.load(make_checkpoint("native", seed=3, dtype=torch.bfloat16, **SHAPE),
                         quantize=mode, quantized_dir=tmp_path)
     decoder = FastDecoder(model, 1, MAX_SEQ_LEN, 5, native=True)
