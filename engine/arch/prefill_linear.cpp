@@ -1,13 +1,16 @@
-// Many input rows (a prompt's chunk) times a weight stored as int8 or int4 (or bfloat16), on a
-// CPU whose bfloat16 matmuls are emulated: float32 arithmetic, the weight converted by panels.
+// Many input rows (a prompt's chunk) times a weight stored as int8 or int4 (or bfloat16): the
+// weight converted by panels to the rows' dtype, float32 or bfloat16 (where the CPU multiplies
+// bfloat16 natively, `layers.panel_rows` passes bfloat16 rows).
 //
-//   linear_rows(x, tensors, kind, group): x (M, K) float32 -> (M, N) float32 = x W^T, the
-//     weight given as `decode_layer` takes one (`kind` and its 1-3 tensors, products.h)
+//   linear_rows(x, tensors, kind, group): x (M, K) float32 or bfloat16 -> (M, N) of x's dtype
+//     = x W^T, the weight given as `decode_layer` takes one (`kind` and its 1-3 tensors,
+//     products.h)
 //   dequantize_int4(q, scale, zero, group) -> the int4 weight in float32 (N, K)
 //
-// How: a panel of weight rows at a time (kPanelBytes of float32) is converted into one buffer,
-// and each panel is multiplied by PyTorch's float32 matmul (oneDNN or MKL, both threads)
-// straight into its columns of the result, while the panel is still in cache.
+// How: a panel of weight rows at a time (kPanelBytes) is converted into one buffer, and each
+// panel is multiplied by PyTorch's matmul (oneDNN or MKL, both threads) straight into its
+// columns of the result, while the panel is still in cache. bfloat16 panels hold the float32
+// values rounded to nearest (even): one rounding of each weight, as a bfloat16 checkpoint's.
 //
 // Why: converting the whole weight first (`q.float() * scale`, two passes) wrote 4 bytes per
 // parameter into fresh buffers at every call and read them back in the matmul: a first prompt
@@ -32,10 +35,22 @@ namespace {
 
 using namespace tramontane;
 
-// The float32 bytes of one panel: a few MiB stay in the last-level cache for the matmul (1024
-// rows of 1024 inputs; panels of 256 rows were ~8% slower, the whole weight 25-45% slower).
+// The bytes of one panel: a few MiB stay in the last-level cache for the matmul (1024 rows of
+// 1024 float32 inputs; panels of 256 rows were ~8% slower, the whole weight 25-45% slower).
 constexpr int64_t kPanelBytes = 4 << 20;
 constexpr int64_t kGrain = 16;   // weight rows per thread's task, at least
+
+// Rows r0..r1 of a weight as bfloat16 (rounded to nearest even), a row at a time through a
+// float32 row.
+void dequantize_rows_bf16(const Weight& w, int64_t r0, int64_t r1, at::BFloat16* out) {
+  const int64_t k = w.inputs();
+  std::vector<float> row(k);
+  for (int64_t r = r0; r < r1; ++r) {
+    dequantize_rows(w, r, r + 1, row.data());
+    at::BFloat16* to = out + (r - r0) * k;
+    for (int64_t i = 0; i < k; ++i) to[i] = at::BFloat16(row[i]);
+  }
+}
 
 template <typename S>
 void int4_rows(const Weight& w, const S* scale, const S* zero, int64_t r0, int64_t r1,
@@ -96,19 +111,25 @@ at::Tensor linear_rows(const at::Tensor& x, at::TensorList tensors, int64_t kind
   const std::vector<Weight> ws = weights_of(tensors, {kind}, group, "linear_rows");
   const Weight& w = ws[0];
   const int64_t n = w.rows(), k = w.inputs();
-  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.dim() == 2 &&
+  const bool bf16 = x.scalar_type() == at::kBFloat16;
+  TORCH_CHECK(x.device().is_cpu() && (bf16 || x.scalar_type() == at::kFloat) && x.dim() == 2 &&
                   x.size(1) == k,
-              "linear_rows: expected float32 CPU rows of ", k, " inputs, got ", x.scalar_type(),
-              " ", x.sizes());
-  if (w.kind == Kind::kFloat32) return at::mm(x, w.w.t());
-  const int64_t rows = std::max<int64_t>(kGrain, kPanelBytes / (k * 4) / kGrain * kGrain);
+              "linear_rows: expected float32 or bfloat16 CPU rows of ", k, " inputs, got ",
+              x.scalar_type(), " ", x.sizes());
+  if (w.kind == Kind::kFloat32 && !bf16) return at::mm(x, w.w.t());
+  if (w.kind == Kind::kBF16 && bf16) return at::mm(x, w.w.t());
+  const int64_t rows =
+      std::max<int64_t>(kGrain, kPanelBytes / (k * x.element_size()) / kGrain * kGrain);
   at::Tensor out = at::empty({x.size(0), n}, x.options());
   at::Tensor panel = at::empty({std::min(rows, n), k}, x.options());
-  float* buffer = panel.data_ptr<float>();
   for (int64_t n0 = 0; n0 < n; n0 += rows) {
     const int64_t n1 = std::min(n, n0 + rows);
     at::parallel_for(n0, n1, kGrain, [&](int64_t r0, int64_t r1) {
-      dequantize_rows(w, r0, r1, buffer + (r0 - n0) * k);
+      if (bf16) {
+        dequantize_rows_bf16(w, r0, r1, panel.data_ptr<at::BFloat16>() + (r0 - n0) * k);
+      } else {
+        dequantize_rows(w, r0, r1, panel.data_ptr<float>() + (r0 - n0) * k);
+      }
     });
     at::Tensor columns = out.narrow(1, n0, n1 - n0);  // row stride n: the matmul's ldc
     at::mm_out(columns, x, panel.narrow(0, 0, n1 - n0).t());

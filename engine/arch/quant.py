@@ -9,10 +9,11 @@ Kernels (`Int8Linear` and `Int4Linear` say which runs where): one row (decode) b
 kernels of `kernels.py`, which stream the codes at 60-75% of one thread's read bandwidth where
 PyTorch's own weight-only kernels (`aten._weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`,
 the fallback when the C++ library is not built) reach 26-42% and inductor's int8 loop 6-8%
-(its AVX2 int8-to-float conversion is the bottleneck); many rows (prefill) by a float32 matmul
-with the weight dequantized by panels for the call (`layers.float32_rows`), on CPUs that
-emulate bfloat16 matmuls (4-5x faster than the aten kernels at 256 rows on the AVX2 machine
-here; `benchmarks/kernels.py`). Inside
+(its AVX2 int8-to-float conversion is the bottleneck); many rows (prefill) by a matmul with the
+weight dequantized by panels for the call (`layers.panel_rows`): bfloat16 panels where the CPU
+multiplies bfloat16 natively, float32 ones elsewhere (4-5x faster than the aten kernels at 256
+rows on the AVX2 machine here; on a Zen 4 the bfloat16 panels took 0.35-0.45x the time of
+`_weight_int8pack_mm`). Inside
 the compiled decode step the kernels are extern calls: the step needs no special case.
 
 Layouts: what is saved (`quantize`'s portable form, in the sidecar file of
@@ -46,7 +47,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import kernels
-from .layers import KernelLayer, KernelOperands, Linear, float32_rows, native_bf16_matmul
+from .layers import KernelLayer, KernelOperands, Linear, native_bf16_matmul, panel_rows
 
 QuantMode = Literal["int8", "int4"]
 QUANT_MODES: tuple[QuantMode, ...] = ("int8", "int4")
@@ -91,11 +92,11 @@ def _cpu_upcast(x: torch.Tensor) -> bool:
 class Int8Linear(KernelLayer):
     """`y = x W^T` with `W = q * scale[:, None]`; `q` int8, one scale per output row.
 
-    CPU: one row by the C++ kernel (`kernels.py`; else PyTorch's `_weight_int8pack_mm`); many
-    rows by a float32 matmul with the weight dequantized by panels (`layers.float32_rows`) where
-    bfloat16 matmuls are emulated
-    (4-5x faster than `_weight_int8pack_mm` at 256 rows on the AVX2 machine here), else by
-    `_weight_int8pack_mm`. Other devices: the dequantized weight, at each call."""
+    CPU with the C++ kernels: up to `kernels.MAX_ROWS` rows by `tramontane::gemv_int8`, more
+    by a matmul with the weight dequantized by panels (`layers.panel_rows`; 4-5x faster than
+    `_weight_int8pack_mm` at 256 rows on the AVX2 machine here, 2.2-2.8x on a Zen 4). Without
+    them: PyTorch's `_weight_int8pack_mm`, or where bfloat16 matmuls are emulated a float32
+    matmul of the dequantized weight. Other devices: the dequantized weight, at each call."""
 
     q: torch.Tensor
     scale: torch.Tensor
@@ -115,10 +116,10 @@ class Int8Linear(KernelLayer):
             y = F.linear(rows, self.q.to(x.dtype) * self.scale.to(x.dtype)[:, None])
         elif rows.shape[0] <= kernels.MAX_ROWS and kernels.available():
             y = torch.ops.tramontane.gemv_int8(rows, self.q, self.scale)
-        elif rows.shape[0] == 1 or not _cpu_upcast(x):
-            y = torch.ops.aten._weight_int8pack_mm(rows, self.q, self.scale.to(x.dtype))
+        elif kernels.available() or (rows.shape[0] > 1 and _cpu_upcast(x)):
+            y = panel_rows(rows, "int8", (self.q, self.scale))
         else:
-            y = float32_rows(rows, "int8", (self.q, self.scale)).to(x.dtype)
+            y = torch.ops.aten._weight_int8pack_mm(rows, self.q, self.scale.to(x.dtype))
         return cast(torch.Tensor, y).view(*x.shape[:-1], self.out_features)
 
     def kernel_operands(self) -> KernelOperands | None:
@@ -135,8 +136,8 @@ class Int4Linear(KernelLayer):
     """`y = x W^T` with `W = (q - 8) * scale + zero` per group of `group` inputs.
 
     CPU with the C++ kernels: the portable codes, scales and zeros in the model dtype; one row
-    by `tramontane::gemv_int4`, many by a float32 matmul with the weight dequantized by panels
-    (`layers.float32_rows`). CPU without them: PyTorch's `_weight_int4pack_mm_for_cpu` on
+    by `tramontane::gemv_int4`, many by a matmul with the weight dequantized by panels
+    (`layers.panel_rows`). CPU without them: PyTorch's `_weight_int4pack_mm_for_cpu` on
     its own packed layout. Other devices: the portable form, dequantized at each call."""
 
     packed: torch.Tensor
@@ -174,8 +175,7 @@ class Int4Linear(KernelLayer):
             y = torch.ops.tramontane.gemv_int4(rows, self.packed, self.scale, self.zero,
                                                self.group)
         elif x.device.type == "cpu":
-            y = float32_rows(rows, "int4", (self.packed, self.scale, self.zero),
-                             self.group).to(x.dtype)
+            y = panel_rows(rows, "int4", (self.packed, self.scale, self.zero), self.group)
         else:
             g = self.group
             q = unpack_int4(self.packed).to(x.dtype) - 8
