@@ -232,15 +232,11 @@ void int4_run(const Int4Row& x4, const uint8_t* qp, const S* sp, const S* zp, fl
   int4_rows(qp, sp, zp, x4.xe.data(), x4.xo.data(), x4.gsum.data(), yp, k, group, r0, r1);
 }
 
-// An input row as the vector bfloat16 loops read it: each full block of `block` inputs (16 for
-// `bf16_rows_avx2`, 32 for `bf16_rows_avx512`) as its even ones, then its odd ones; the last
-// k % block in place.
-AlignedVector<float> arranged_row(const float* x, int64_t k, int64_t block) {
+// An input row as `bf16_rows_avx2` reads it: each full block of 16 inputs as its 8 even ones,
+// then its 8 odd ones; the last k % 16 in place.
+AlignedVector<float> arranged_row(const float* x, int64_t k) {
   AlignedVector<float> out(x, x + k);
-  for (int64_t i = 0; i < k - k % block; ++i) {
-    const int64_t j = i % block;
-    out[i - j + (j % 2 == 0 ? j / 2 : block / 2 + j / 2)] = x[i];
-  }
+  for (int64_t i = 0; i < k - k % 16; ++i) out[arranged<uint16_t>(i)] = x[i];
   return out;
 }
 
@@ -287,7 +283,7 @@ void products_impl(const float* x, int64_t count, int64_t k, const std::vector<W
   std::vector<AlignedVector<uint16_t>> xb(bf16 ? count : 0);
   for (int64_t m = 0; bf16 && isa >= Isa::kAvx2 && m < count; ++m) {
     if (has_avx512_bf16()) xb[m] = bf16_row(x + m * k, k);
-    if (xb[m].empty()) xa[m] = arranged_row(x + m * k, k, isa == Isa::kAvx512 ? 32 : 16);
+    if (xb[m].empty()) xa[m] = arranged_row(x + m * k, k);
   }
   const Isa int4_isa = group == 32 ? isa : Isa::kPortable;  // the vector loops: groups of 32
   std::vector<Int4Row> x4;
@@ -316,8 +312,7 @@ void products_impl(const float* x, int64_t count, int64_t k, const std::vector<W
         const uint16_t* wp = static_cast<const uint16_t*>(w.w);
 #ifdef TRAMONTANE_X86
         if (!xb.empty() && !xb[m].empty()) return bf16_rows_dot(wp, xb[m].data(), yp, k, r0, r1);
-        if (isa == Isa::kAvx512) return bf16_rows_avx512(wp, xa[m].data(), yp, k, r0, r1);
-        if (isa == Isa::kAvx2) return bf16_rows_avx2(wp, xa[m].data(), yp, k, r0, r1);
+        if (isa >= Isa::kAvx2) return bf16_rows_avx2(wp, xa[m].data(), yp, k, r0, r1);
 #endif
         return float_rows(wp, xm, yp, k, r0, r1);
       }

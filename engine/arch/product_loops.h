@@ -323,68 +323,41 @@ TRAMONTANE_AVX2 inline void int4_codes_avx2(const float* x, int64_t groups, int6
 #endif
 
 // ------------------------------------------------------------------------------------------
-// AVX-512 (F, BW, VL, DQ) with VNNI: the same products as the AVX2 loops, twice the width, and
-// the integer loops' multiply-and-add-pairs-and-accumulate in one instruction (`dpwssd`,
-// `dpbusd`): the integer sums are the AVX2 loops' exactly, only the float32 additions of
-// their partial sums come in another order.
+// AVX-512 (F, BW, VL, DQ) with VNNI, and BF16 where the CPU has it: the integer loops'
+// multiply-and-add-pairs-and-accumulate in one instruction (`dpwssd`, `dpbusd`), their integer
+// sums the AVX2 loops' exactly, only the float32 additions of their partial sums in another
+// order; bfloat16's pairs in one instruction (`dpbf16ps`).
 
 #ifdef TRAMONTANE_X86
 
-// bfloat16 rows read 32 weights a 64-byte load, its even elements shifted up and its odd ones
-// masked, against the activations arranged by blocks of 32 (`arranged_row(x, k, 32)`).
-TRAMONTANE_AVX512 inline void bf16_rows_avx512(const uint16_t* w, const float* xa, float* y,
-                                               int64_t k, int64_t r0, int64_t r1) {
-  const __m512i high = _mm512_set1_epi32(static_cast<int>(0xffff0000u));
-  for (int64_t r = r0; r < r1; ++r) {
-    const uint16_t* row = w + r * k;
-    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
-    __m512 a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
-    int64_t i = 0;
-    for (; i + 64 <= k; i += 64) {
-      const __m512i v = _mm512_loadu_si512(row + i), u = _mm512_loadu_si512(row + i + 32);
-      a0 = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_slli_epi32(v, 16)),
-                           _mm512_loadu_ps(xa + i), a0);
-      a1 = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_and_si512(v, high)),
-                           _mm512_loadu_ps(xa + i + 16), a1);
-      a2 = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_slli_epi32(u, 16)),
-                           _mm512_loadu_ps(xa + i + 32), a2);
-      a3 = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_and_si512(u, high)),
-                           _mm512_loadu_ps(xa + i + 48), a3);
-    }
-    for (; i + 32 <= k; i += 32) {
-      const __m512i v = _mm512_loadu_si512(row + i);
-      a0 = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_slli_epi32(v, 16)),
-                           _mm512_loadu_ps(xa + i), a0);
-      a1 = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_and_si512(v, high)),
-                           _mm512_loadu_ps(xa + i + 16), a1);
-    }
-    float acc = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
-    for (; i < k; ++i) acc += bf16_to_float(row[i]) * xa[i];
-    y[r] = acc;
-  }
+// bfloat16 rows against activations that are bfloat16 values already (a bfloat16 model's), by
+// BF16's dot products: `dpbf16ps` adds the exact products of pairs to float32 lanes, so the
+// sum is `bf16_rows_avx2`'s, in another order; 16 weights an instruction, no shifts (other
+// activation rows take `bf16_rows_avx2`: a 512-bit form of it streamed 76% of one thread's
+// read bandwidth against its 89%). xb: the
+// activations as bfloat16, in order. 256-bit (BF16 with VL): on a Zen 4 the 512-bit form was
+// 5-9% slower in the one-row decode step (memory-bound; 32-byte loads stream better there)
+// and 8% faster at 12 rows, where the 256-bit form is still 0.70x the AVX2 loop's time.
+TRAMONTANE_AVX512_BF16 inline __m256 dot16(__m256 acc, const uint16_t* a, const uint16_t* b) {
+  return _mm256_dpbf16_ps(acc, (__m256bh)_mm256_loadu_si256(reinterpret_cast<const __m256i*>(a)),
+                          (__m256bh)_mm256_loadu_si256(reinterpret_cast<const __m256i*>(b)));
 }
 
-// The same with BF16's dot products, for activations that are bfloat16 values already (a
-// bfloat16 model's): `dpbf16ps` adds the exact products of pairs to float32 lanes, so the sum
-// is the one above, in another order; 32 weights an instruction, no shifts. xb: the
-// activations as bfloat16, in order.
 TRAMONTANE_AVX512_BF16 inline void bf16_rows_dot(const uint16_t* w, const uint16_t* xb,
                                                  float* y, int64_t k, int64_t r0, int64_t r1) {
   for (int64_t r = r0; r < r1; ++r) {
     const uint16_t* row = w + r * k;
-    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+    __m256 a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
     int64_t i = 0;
     for (; i + 64 <= k; i += 64) {
-      a0 = _mm512_dpbf16_ps(a0, (__m512bh)_mm512_loadu_si512(row + i),
-                            (__m512bh)_mm512_loadu_si512(xb + i));
-      a1 = _mm512_dpbf16_ps(a1, (__m512bh)_mm512_loadu_si512(row + i + 32),
-                            (__m512bh)_mm512_loadu_si512(xb + i + 32));
+      a0 = dot16(a0, row + i, xb + i);
+      a1 = dot16(a1, row + i + 16, xb + i + 16);
+      a2 = dot16(a2, row + i + 32, xb + i + 32);
+      a3 = dot16(a3, row + i + 48, xb + i + 48);
     }
-    for (; i + 32 <= k; i += 32) {
-      a0 = _mm512_dpbf16_ps(a0, (__m512bh)_mm512_loadu_si512(row + i),
-                            (__m512bh)_mm512_loadu_si512(xb + i));
-    }
-    float acc = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
+    for (; i + 16 <= k; i += 16) a0 = dot16(a0, row + i, xb + i);
+    float acc = hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
     for (; i < k; ++i) acc += bf16_to_float(row[i]) * bf16_to_float(xb[i]);
     y[r] = acc;
   }
