@@ -8,7 +8,10 @@ thread CPU time with one thread by default (`--threads 1`): other processes on a
 then do not count, and the share of the one-thread read bandwidth (a float32 sum, timed the
 same way) compares kernels fairly. With more threads the clock is the wall clock.
 
-    .venv/bin/python benchmarks/kernels.py [--threads 1]
+    .venv/bin/python benchmarks/kernels.py [--threads 1] [--rows 1]
+
+`--rows 4`: four input rows per call (a keystroke's new prompt tokens; our kernels read the
+weights once for all of them, so the rows' arithmetic, not the memory, sets their speed).
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--rows", type=int, default=1, help="input rows per call (1-16)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     clock = time.thread_time if args.threads == 1 else time.perf_counter
@@ -55,7 +59,7 @@ def main() -> None:
     out, inp, n = 12288, 1024, 8
     torch.manual_seed(0)
     ws = [torch.randn(out, inp).to(torch.bfloat16) for _ in range(n)]
-    x = torch.randn(1, inp).to(torch.bfloat16)
+    x = torch.randn(args.rows, inp).to(torch.bfloat16)
     q8 = [quant.quantize_int8(w, torch.bfloat16) for w in ws]
     q4 = [quant.quantize_int4(w, torch.bfloat16) for w in ws]
     layers8 = [quant.build({"q8": q, "scale": s}, torch.bfloat16, "cpu") for q, s in q8]
@@ -75,10 +79,7 @@ def main() -> None:
     bytes8 = sum(q.numel() + s.numel() * 4 for q, s in q8)
     bytes4 = sum(p.numel() + s.numel() * 8 for p, s, _ in q4)
     rows: list[tuple[str, int, Callable[[], object]]] = [
-        ("bf16, inductor broadcast-sum", bytes16, lambda: [stream(x, w) for w in ws]),
         ("bf16, F.linear", bytes16, lambda: [torch.nn.functional.linear(x, w) for w in ws]),
-        ("int8, inductor broadcast-sum", bytes8,
-         lambda: [stream8(x, q, s) for q, s in q8]),
         ("int8, aten._weight_int8pack_mm", bytes8,
          lambda: [torch.ops.aten._weight_int8pack_mm(x, m.q, m.scale.to(x.dtype))
                   for m in layers8]),
@@ -86,8 +87,13 @@ def main() -> None:
          lambda: [torch.ops.aten._weight_int4pack_mm_for_cpu(x, p, 32, s)
                   for p, s in zip(packed4, sz4, strict=True)]),
     ]
+    if args.rows == 1:  # the compiled step's one-row loops
+        rows += [
+            ("bf16, inductor broadcast-sum", bytes16, lambda: [stream(x, w) for w in ws]),
+            ("int8, inductor broadcast-sum", bytes8, lambda: [stream8(x, q, s) for q, s in q8]),
+        ]
     if kernels.available():
-        x32 = torch.randn(1, inp)  # not bfloat16 values: the float32 loops, not BF16's dots
+        x32 = torch.randn(args.rows, inp)  # not bfloat16 values: the float32 loops, not BF16's dots
         for isa in kernels.cpu_instruction_sets():
             if isa == "portable":
                 continue
@@ -104,8 +110,9 @@ def main() -> None:
             ]
     else:
         print("(the C++ kernels are not built: python -m engine.arch.kernels)")
-    print(f"{args.threads} thread(s), load average {os.getloadavg()[0]:.1f}; read bandwidth "
-          f"{bandwidth:.1f} GB/s ({'thread CPU time' if args.threads == 1 else 'wall clock'})")
+    print(f"{args.threads} thread(s), {args.rows} input row(s), load average "
+          f"{os.getloadavg()[0]:.1f}; read bandwidth {bandwidth:.1f} GB/s "
+          f"({'thread CPU time' if args.threads == 1 else 'wall clock'})")
     for name, nbytes, fn in rows:
         seconds = timed(fn)
         rate = nbytes / seconds / 1e9
