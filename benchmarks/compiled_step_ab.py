@@ -10,7 +10,7 @@ from before the engine's layout changed (`engine/fast_decode.py`) and after
 (`engine/runtime/compiled.py`). `--baseline-isa avx2` caps the baseline's kernels at that
 instruction set's loops: with `--baseline .`, this checkout's AVX-512 loops against its AVX2 ones.
 
-    .venv/bin/python benchmarks/compiled_step_ab.py --model-dir /tmp/bench-model \\
+    .venv/bin/python benchmarks/compiled_step_ab.py --model-dir /tmp/bench-model/native \\
         --baseline /tmp/before [--dtype float32] [--quantize int8|int4] [--pairs 3] \\
         [--baseline-isa avx2]
 """
