@@ -84,6 +84,17 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     return pairs.view(packed.shape[0], -1).to(torch.int32)
 
 
+def aligned(t: torch.Tensor) -> torch.Tensor:
+    """`t`, or on the CPU a copy of it starting on a 64-byte boundary. PyTorch's int8 kernel
+    (`_weight_int8pack_mm`) crashed the process on an AVX-512 CPU (a Zen 4) with a weight that
+    does not: the int8 codes of a sidecar file, read in place, started 8 bytes short of one.
+    The C++ kernels take any address, but their 64-byte loads would each split across two
+    cache lines."""
+    if t.device.type != "cpu" or t.data_ptr() % 64 == 0:
+        return t
+    return t.clone()
+
+
 def _cpu_upcast(x: torch.Tensor) -> bool:
     """Many rows on a CPU whose bfloat16 matmuls are emulated: dequantize to float32."""
     return x.dtype == torch.float32 or not native_bf16_matmul()
@@ -107,7 +118,7 @@ class Int8Linear(KernelLayer):
         self.dtype = dtype
         # Non-persistent: the state dict holds the checkpoint's other tensors; these come from
         # the quantizer or the sidecar file (`quantize`'s portable form, through `build`).
-        self.register_buffer("q", q, persistent=False)
+        self.register_buffer("q", aligned(q), persistent=False)
         self.register_buffer("scale", scale.float().contiguous(), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -162,7 +173,7 @@ class Int4Linear(KernelLayer):
                 "scales_zeros", torch.stack((scale.t(), zero.t()), dim=-1).to(dtype).contiguous(),
                 persistent=False)
         else:
-            self.register_buffer("packed", packed, persistent=False)
+            self.register_buffer("packed", aligned(packed), persistent=False)
             self.register_buffer("scale", scale.to(kind).contiguous(), persistent=False)
             self.register_buffer("zero", zero.to(kind).contiguous(), persistent=False)
 

@@ -168,9 +168,36 @@ def test_the_sidecar_makes_the_next_load_read_instead_of_quantize(
         second = engine.load(folders[False], quantize=mode, quantized_dir=tmp_path)
     assert f"{mode} weights read from {sidecar}" in caplog.text
     assert sidecar.stat().st_mtime_ns == written
+    codes = [m.q if isinstance(m, quant.Int8Linear) else m.packed
+             for m in second.module.modules() if isinstance(m, quant.Int8Linear | quant.Int4Linear)]
+    assert codes and all(c.data_ptr() % 64 == 0 for c in codes)  # read in place, then aligned
     prompt = [PROMPTS[0]]
     assert engine.generate(prompt, first, max_tokens=8, eos_id=-1) == \
         engine.generate(prompt, second, max_tokens=8, eos_id=-1)
+
+
+@pytest.mark.parametrize("with_kernels", [True, False])
+def test_int8_codes_at_any_address_are_kept_aligned_and_multiply_alike(
+        with_kernels: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A sidecar's int8 codes, read in place, started 8 bytes past a 64-byte boundary, and
+    PyTorch's AVX-512 int8 kernel (`_weight_int8pack_mm`, the path without the C++ kernels)
+    crashed the process on them (a Zen 4): the layer keeps a 64-byte-aligned copy, and its
+    products are the aligned weight's."""
+    if not with_kernels:
+        monkeypatch.setattr(kernels, "available", lambda: False)
+    torch.manual_seed(0)
+    q, scale = quant.quantize_int8(torch.randn(48, 64), torch.bfloat16)
+    buffer = torch.empty(q.numel() + 128, dtype=torch.int8)
+    start = (-buffer.data_ptr()) % 64 + 8
+    shifted = buffer[start:start + q.numel()].view(q.shape)
+    shifted.copy_(q)
+    assert shifted.data_ptr() % 64 == 8
+    layer = quant.Int8Linear(shifted, scale, torch.bfloat16)
+    assert layer.q.data_ptr() % 64 == 0 and torch.equal(layer.q, q)
+    reference = quant.Int8Linear(q.clone(), scale, torch.bfloat16)
+    for rows in (1, 40):  # a decode row; a prompt's chunk
+        x = torch.randn(rows, 64).bfloat16()
+        assert torch.equal(layer(x), reference(x))
 
 
 def test_a_changed_checkpoint_gets_a_new_sidecar_and_the_old_one_goes(tmp_path: Path) -> None:
