@@ -11,8 +11,8 @@ pure-PyTorch paths used where they are not built.
 - `decode_step.cpp`: the same step as one call, `torch.classes.tramontane.DecodeStep`, which
   holds the weights; `runtime/native.py` builds and runs it.
 - `prefill_linear.cpp`: many rows (a prompt's chunk) times a bfloat16, int8 or int4 weight in
-  float32, the weight converted by panels that stay in cache (`linear_rows`), and the int4
-  weight in float32 (`dequantize_int4`).
+  the rows' float32 or bfloat16, the weight converted by panels that stay in cache
+  (`linear_rows`), and the int4 weight in float32 (`dequantize_int4`).
 
 Why a C++ extension: decoding one token streams every weight once, and on the AVX2 CPUs here
 neither inductor's loops nor PyTorch's kernels stream at the memory limit. Measured with one

@@ -334,10 +334,10 @@ TRAMONTANE_AVX2 inline void int4_codes_avx2(const float* x, int64_t groups, int6
 // BF16's dot products: `dpbf16ps` adds the exact products of pairs to float32 lanes, so the
 // sum is `bf16_rows_avx2`'s, in another order; 16 weights an instruction, no shifts (other
 // activation rows take `bf16_rows_avx2`: a 512-bit form of it streamed 76% of one thread's
-// read bandwidth against its 89%). xb: the
-// activations as bfloat16, in order. 256-bit (BF16 with VL): on a Zen 4 the 512-bit form was
-// 5-9% slower in the one-row decode step (memory-bound; 32-byte loads stream better there)
-// and 8% faster at 12 rows, where the 256-bit form is still 0.70x the AVX2 loop's time.
+// read bandwidth against its 89%). xb: the activations as bfloat16, in order. 256-bit (BF16
+// with VL): on a Zen 4 the 512-bit form was 5-9% slower in the one-row decode step
+// (memory-bound; 32-byte loads stream better there) and 8% faster at 12 rows, where the
+// 256-bit form is still 0.70x the AVX2 loop's time.
 TRAMONTANE_AVX512_BF16 inline __m256 dot16(__m256 acc, const uint16_t* a, const uint16_t* b) {
   return _mm256_dpbf16_ps(acc, (__m256bh)_mm256_loadu_si256(reinterpret_cast<const __m256i*>(a)),
                           (__m256bh)_mm256_loadu_si256(reinterpret_cast<const __m256i*>(b)));

@@ -1,7 +1,7 @@
 // Small helpers shared by the C++ kernels (the products' loops, the attention, the decoder
 // layer): bfloat16 to float32 (values and whole tensors), the instruction sets the loops choose
 // from, and the AVX2 + FMA loads and reductions. Vector code is compiled per function (`target`
-// attributes) and chosen at run time (`has_avx2`, `has_avx512`), so the library loads anywhere.
+// attributes) and chosen at run time (`isa`), so the library loads anywhere.
 
 #pragma once
 
@@ -154,7 +154,7 @@ TRAMONTANE_AVX2 inline __m256 exp8(__m256 x) {
   return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
 }
 
-// AVX-512 F/BW/VL/DQ with VNNI (`has_avx512`); with BF16's dot products (`has_avx512_bf16`).
+// AVX-512 F/BW/VL/DQ with VNNI (`Isa::kAvx512`); with BF16's dot products (`has_avx512_bf16`).
 #define TRAMONTANE_AVX512 \
   __attribute__((target("avx2,fma,avx512f,avx512bw,avx512vl,avx512dq,avx512vnni")))
 #define TRAMONTANE_AVX512_BF16 \
@@ -198,13 +198,12 @@ inline Isa isa() {
 }
 inline void cap_isa(Isa cap) { isa_cap.store(static_cast<int>(cap)); }
 inline bool has_avx2() { return isa() >= Isa::kAvx2; }
-inline bool has_avx512() { return isa() >= Isa::kAvx512; }
 
 // The bfloat16 dot products of AVX512-BF16 (Zen 4, Sapphire Rapids), with the AVX-512 loops.
 inline bool has_avx512_bf16() {
 #ifdef TRAMONTANE_X86
   static const bool yes = __builtin_cpu_supports("avx512bf16");
-  return yes && has_avx512();
+  return yes && isa() >= Isa::kAvx512;
 #else
   return false;
 #endif
