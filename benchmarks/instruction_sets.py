@@ -9,7 +9,11 @@ positions: 1500 random tokens prefilled, then `--rounds` blocks of 20 timed step
 3 untimed ones.
 
     .venv/bin/python benchmarks/instruction_sets.py --model-dir /tmp/bench-model/native \\
-        [--weights bf16,int8,int4] [--rounds 10]
+        [--weights bf16,int8,int4] [--rounds 10] [--keys 120]
+
+`--keys N` also replays the first N keystrokes of edit_trace.py's trace (llama_cpp.py's FIM
+prompts, 8 greedy tokens each, the prefix cache kept), the set switched every two keystrokes,
+and prints each set's keystroke p50.
 """
 
 from __future__ import annotations
@@ -52,12 +56,36 @@ def step_times(model_dir: Path, weights: str, sets: list[str], rounds: int) -> d
     return {name: statistics.median(ms) for name, ms in blocks.items()}
 
 
+def keystrokes(model_dir: Path, weights: str, sets: list[str], keys: int) -> dict[str, float]:
+    """Median milliseconds per keystroke of the trace under each instruction set."""
+    from llama_cpp import trace_prompts
+
+    quantize = None if weights == "bf16" else weights
+    model = engine.load(model_dir, dtype=torch.bfloat16, quantize=quantize,
+                        quantized_dir=model_dir.parent / "quantized")
+    model.decoder = engine.compile_decode_step(model, 2560, 1, 512, native=True)
+    prompts = trace_prompts(engine.load(model_dir), keys + 1)
+    sampling = engine.SamplingParams(max_tokens=8)
+    cache = engine.PrefixCache(model, max_seq_len=2560, budget_bytes=2**30, rewind=512)
+    times: dict[str, list[float]] = {name: [] for name in sets}
+    for i, prompt in enumerate(prompts):
+        name = sets[(i // 2) % len(sets)]
+        with kernels.instruction_set_capped(name):
+            start = time.perf_counter()
+            list(engine.stream(prompt, model, sampling, eos_id=-1, chunk_size=256,
+                               prefix_cache=cache, cache_key="doc"))
+        if i:  # the first is the whole prompt's prefill
+            times[name].append((time.perf_counter() - start) * 1e3)
+    return {name: statistics.median(ms) for name, ms in times.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model-dir", required=True, type=Path,
                         help="a dense checkpoint (bench_models.py's, native layout)")
     parser.add_argument("--weights", default="bf16,int8,int4")
     parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--keys", type=int, default=0, help="keystrokes of the trace to replay")
     args = parser.parse_args()
     if not kernels.available():
         raise SystemExit("the C++ kernels are not built here (python -m engine.arch.kernels)")
@@ -72,6 +100,11 @@ def main() -> None:
         others = ", ".join(f"{name} {ms[name]:.2f} ms (ratio {ms[best] / ms[name]:.3f})"
                            for name in sets[1:])
         print(f"  {weights:5} {best} {ms[best]:.2f} ms; {others}", flush=True)
+        if args.keys:
+            ms = keystrokes(args.model_dir, weights, sets, args.keys)
+            others = ", ".join(f"{name} {ms[name]:.1f} ms (ratio {ms[best] / ms[name]:.3f})"
+                               for name in sets[1:])
+            print(f"  {weights:5} keystroke p50: {best} {ms[best]:.1f} ms; {others}", flush=True)
 
 
 if __name__ == "__main__":
