@@ -68,7 +68,7 @@ HERE = Path(__file__).parent
 KINDS = {"bf16": 0, "int8": 1, "int4": 2, "f32": 3}
 # The one-row products, the decode step's attention, the fused decoder layer built on both,
 # the whole step as one object, and the many-row products of a prompt's chunk; `simd.h` and
-# `products.h` are shared, `product_loops.h` holds the products' loops.
+# `products.h` are shared, `product_loops.h` and `attention_loops.h` hold the loops.
 SOURCES = (HERE / "kernels.cpp", HERE / "decode_attention.cpp", HERE / "decode_layer.cpp",
            HERE / "decode_step.cpp", HERE / "prefill_linear.cpp")
 _state: dict[str, bool] = {}

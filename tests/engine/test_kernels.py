@@ -308,16 +308,19 @@ def test_decode_attention_is_float32_softmax_attention_over_the_allowed_slots(
     assert float((got.double() - want).abs().max()) <= 2e-6
 
 
+@pytest.mark.parametrize("query_dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("cache_dtype", [torch.bfloat16, torch.float32])
 def test_decode_attention_rescales_as_the_maximum_rises_block_after_block(
-        cache_dtype: torch.dtype, isa: str) -> None:
+        cache_dtype: torch.dtype, query_dtype: torch.dtype, isa: str) -> None:
     """One pass over blocks of 64 positions (online softmax): scores that grow with the position
     move the running maximum in every block (from 0 to 20: the first blocks' weights fall by
     e^-20 and must be rescaled, not dropped or kept), and a block with nothing allowed
-    (positions 64-127) leaves the sums alone."""
+    (positions 64-127) leaves the sums alone. bfloat16 queries over a bfloat16 cache take
+    AVX512-BF16's dot products where the CPU has them; float32 queries of other values are
+    read as they are (rounded to bfloat16, the result would be ~1e-3 off)."""
     torch.manual_seed(7)
     slots, hd = 250, 64
-    q = torch.randn(1, 2, 4, hd)
+    q = torch.randn(1, 2, 4, hd).to(query_dtype)
     norm = q[0, :, :1].norm(dim=-1, keepdim=True)  # (2, 1, 1): the first head of each group
     ramp = torch.linspace(0, 20 * hd ** 0.5, slots).view(1, slots, 1) / norm  # its scores 0..20
     keys = (q[0, :, :1] / norm * ramp + 0.1 * torch.randn(2, slots, hd))[None].to(cache_dtype)
