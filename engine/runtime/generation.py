@@ -107,11 +107,13 @@ def _check_prompts(prompts: Sequence[Sequence[int]], vocab_size: int) -> None:
     for i, p in enumerate(prompts):
         if len(p) == 0:
             raise GenerationError(f"prompt {i} is empty")
+        # Every keystroke checks a ~2k-token prompt: the types, the smallest and the largest in
+        # C loops (a Python loop over the tokens took ~0.3 ms).
+        if all(issubclass(t, int) for t in set(map(type, p))) and \
+                min(p) >= 0 and max(p) < vocab_size:
+            continue
         bad = [t for t in p if not isinstance(t, int) or not 0 <= t < vocab_size]
-        if bad:
-            raise GenerationError(
-                f"prompt {i} has token ids outside [0, {vocab_size}): {bad[:5]}"
-            )
+        raise GenerationError(f"prompt {i} has token ids outside [0, {vocab_size}): {bad[:5]}")
 
 
 class Generation:

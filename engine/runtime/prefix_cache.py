@@ -57,7 +57,14 @@ DEFAULT_REWIND = 512
 
 def common_prefix_length(a: Sequence[Hashable], b: Sequence[Hashable]) -> int:
     n = min(len(a), len(b))
-    for i in range(n):
+    a, b = list(a), list(b)
+    # By blocks compared in C, then one block element by element: a keystroke's ~2k tokens
+    # took ~0.1 ms one by one in Python.
+    block = 64
+    start = 0
+    while start + block <= n and a[start:start + block] == b[start:start + block]:
+        start += block
+    for i in range(start, n):
         if a[i] != b[i]:
             return i
     return n

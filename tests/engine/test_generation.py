@@ -94,8 +94,11 @@ def test_seeded_sampling_is_reproducible_and_seed_dependent(model: engine.Model)
 def test_bad_requests_raise_clear_errors(model: engine.Model) -> None:
     with pytest.raises(engine.GenerationError, match="prompt 1 is empty"):
         engine.generate([[1, 2], []], model)
-    with pytest.raises(engine.GenerationError, match=r"outside \[0, 32768\)"):
+    with pytest.raises(engine.GenerationError, match=r"prompt 0 has token ids outside "
+                                                     r"\[0, 32768\): \[40000\]"):
         engine.generate([[1, 40000]], model)
+    with pytest.raises(engine.GenerationError, match=r"prompt 1 .*: \[-1, 2\.5, '3'\]"):
+        engine.generate([[1], [5, -1, 2.5, 7, "3"]], model)  # type: ignore[list-item]
     with pytest.raises(ValueError, match="temperature must be"):
         engine.generate([[1, 2]], model, temperature=-0.5)
     with pytest.raises(ValueError, match="chunk_size must be"):

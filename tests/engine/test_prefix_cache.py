@@ -190,3 +190,22 @@ def test_a_request_longer_than_the_cache_runs_without_it(model: engine.Model) ->
     cache = new_cache(model, max_seq_len=len(BASE) + 3)
     tokens, _, end = run(model, BASE, cache)
     assert len(tokens) == 6 and cache.cached_keys() == []
+
+
+@pytest.mark.parametrize("first_difference", [0, 1, 63, 64, 65, 127, 128, 200, None])
+def test_common_prefix_length_finds_the_first_difference_across_its_blocks(
+        first_difference: int | None) -> None:
+    """It compares blocks of 64 tokens at a time, then one block token by token: the answer is
+    the index of the first difference wherever it falls, or the shorter length."""
+    a = list(range(1000, 1300))
+    b = list(a)
+    if first_difference is not None:
+        b[first_difference] = -1
+        b[first_difference + 5] = -2  # a later difference does not matter
+        assert common_prefix_length(a, b) == first_difference
+        assert common_prefix_length(tuple(b), a) == first_difference
+    else:
+        assert common_prefix_length(a, b) == 300
+        assert common_prefix_length(a, b[:129]) == 129
+        assert common_prefix_length(a[:64], b) == 64
+        assert common_prefix_length([], b) == 0
