@@ -35,6 +35,7 @@ before the decode it was set against.)
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import statistics
@@ -243,6 +244,8 @@ def bench_precision(name: str, native: Path, gguf: Path, args: argparse.Namespac
     quantize, _ = PRECISIONS[name]
     model = engine.load(native, dtype="bfloat16", quantize=quantize,
                         quantized_dir=Path(args.model_dir) / "quantized")
+    gc.collect()
+    gc.freeze()  # as the server does after a load (backends/local.py)
     t0 = time.perf_counter()
     model.decoder = engine.compile_decode_step(model, 2560, 1, 512,
                                                native=args.step == "native")
@@ -303,6 +306,7 @@ def bench_precision(name: str, native: Path, gguf: Path, args: argparse.Namespac
     finally:
         llama.close()
         model.decoder = None
+        gc.unfreeze()
     return result
 
 

@@ -4,6 +4,7 @@ the compiled step follow the prompt budgets), requests stream through the engine
 from __future__ import annotations
 
 import asyncio
+import gc
 import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -80,6 +81,11 @@ async def test_ready_on_the_eager_path_then_the_compiled_step_is_swapped_in(
     model = local.model
     assert model is not None and model.decoder is not None
     assert model.decoder.max_seq_len == 256 and model.decoder.batch_size == 1
+    # The loaded model's objects are frozen: a full collection (~200 ms over a real model's
+    # and tokenizer's objects) does not walk them.
+    walked = gc.get_objects()
+    assert gc.get_freeze_count() > 10_000
+    assert not any(o is model.tokenizer or o is model.module for o in walked)
 
     # New budgets: new caches at once (eager meanwhile), a new compiled step for them.
     await local.configure(Settings(model=str(folder), completion=LARGE,
