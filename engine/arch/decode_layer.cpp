@@ -160,12 +160,29 @@ at::Tensor as_tensor(const std::vector<float>& xs, at::IntArrayRef shape,
   return t;
 }
 
-std::vector<float> product(const std::vector<float>& x, int64_t rows, int64_t k,
-                           const Weight& w, const Rounding& rnd) {
-  std::vector<float> y(rows * w.rows());
+void product(const std::vector<float>& x, int64_t rows, int64_t k, const Weight& w,
+             const Rounding& rnd, std::vector<float>& y) {
+  y.resize(rows * w.rows());
   products(x.data(), rows, k, {w}, {y.data()});
   rnd.all(y);
-  return y;
+}
+
+// A layer's float32 buffers, kept from call to call on each thread (sized once for a decode
+// step's rows, then neither allocated nor zeroed again): allocating and zeroing a dozen of
+// them in every layer put malloc, free and memset at ~4% of the calling thread's time in an
+// int4 step (perf), while the other thread waited.
+struct Buffers {
+  std::vector<float> x, q, k, v, out, qt, kt, vt, o, h1, gate, up, down;
+};
+
+Buffers& buffers() {
+  static thread_local Buffers b;
+  return b;
+}
+
+std::vector<float>& sized(std::vector<float>& v, int64_t n) {
+  v.resize(n);
+  return v;
 }
 
 void check_rows(const at::Tensor& h, const char* what) {
@@ -222,9 +239,12 @@ at::Tensor decode_layer_impl(const at::Tensor& h, const at::Tensor& attention_no
 
   const Float32Values h32(h), norm1(attention_norm), norm2(ffn_norm);
   const float epsf = static_cast<float>(eps);
-  std::vector<float> x(N * dim);
+  Buffers& buf = buffers();
+  std::vector<float>& x = sized(buf.x, N * dim);
   rms_norm(h32.data(), norm1.data(), N, dim, epsf, rnd, x.data());
-  std::vector<float> q(N * nq), k(N * nkv), v(N * nkv);
+  std::vector<float>& q = sized(buf.q, N * nq);
+  std::vector<float>& k = sized(buf.k, N * nkv);
+  std::vector<float>& v = sized(buf.v, N * nkv);
   products(x.data(), N, dim, {wq, wk, wv}, {q.data(), k.data(), v.data()});
   rnd.all(q);
   rnd.all(k);
@@ -248,11 +268,13 @@ at::Tensor decode_layer_impl(const at::Tensor& h, const at::Tensor& attention_no
 
   // Token t of every row writes its key and value, then attends (its mask holds no later
   // position): the chunk is causal, written and read in order.
-  std::vector<float> out(N * nq);
+  std::vector<float>& out = sized(buf.out, N * nq);
   at::Tensor kv_keys = keys.narrow(2, 0, span), kv_values = values.narrow(2, 0, span);
   const int64_t* slot_at = slot.data_ptr<int64_t>();
   const bool* mask = allowed.data_ptr<bool>();
-  std::vector<float> qt(B * nq), kt(B * nkv), vt(B * nkv);
+  std::vector<float>& qt = sized(buf.qt, B * nq);
+  std::vector<float>& kt = sized(buf.kt, B * nkv);
+  std::vector<float>& vt = sized(buf.vt, B * nkv);
   at::Tensor slot_t = at::empty({B}, slot.options());
   at::Tensor allowed_t = at::empty({B, span}, allowed.options());
   for (int64_t t = 0; t < T; ++t) {
@@ -275,14 +297,17 @@ at::Tensor decode_layer_impl(const at::Tensor& h, const at::Tensor& attention_no
   }
   rnd.all(out);
 
-  const std::vector<float> o = product(out, N, nq, wo, rnd);
-  std::vector<float> h1(N * dim);
+  std::vector<float>& o = buf.o;
+  product(out, N, nq, wo, rnd, o);
+  std::vector<float>& h1 = sized(buf.h1, N * dim);
   for (int64_t i = 0; i < N * dim; ++i) h1[i] = rnd(h32.data()[i] + o[i]);
   rms_norm(h1.data(), norm2.data(), N, dim, epsf, rnd, x.data());
-  std::vector<float> gate(N * hidden), up(N * hidden);
+  std::vector<float>& gate = sized(buf.gate, N * hidden);
+  std::vector<float>& up = sized(buf.up, N * hidden);
   products(x.data(), N, dim, {w1, w3}, {gate.data(), up.data()});
   silu_mul(gate, up, rnd);
-  const std::vector<float> down = product(gate, N, hidden, w2, rnd);
+  std::vector<float>& down = buf.down;
+  product(gate, N, hidden, w2, rnd, down);
   for (int64_t i = 0; i < N * dim; ++i) h1[i] = rnd(h1[i] + down[i]);
   return as_tensor(h1, {N, dim}, h.options());
 }
@@ -346,7 +371,7 @@ at::Tensor decode_logits_impl(const at::Tensor& h, const at::Tensor& norm,
   TORCH_CHECK(ws[0].inputs() == dim && norm.numel() == dim, what,
               ": the norm and the output weight do not take ", dim, " inputs");
   const Float32Values h32(h), weight(norm);
-  std::vector<float> x(B * dim);
+  std::vector<float>& x = sized(buffers().x, B * dim);
   rms_norm(h32.data(), weight.data(), B, dim, static_cast<float>(eps), rnd, x.data());
   at::Tensor logits = at::empty({B, ws[0].rows()}, h.options().dtype(at::kFloat));
   products(x.data(), B, dim, ws, {logits.data_ptr<float>()});
