@@ -44,6 +44,9 @@ class DecodeStep(Protocol):
     def prefill(self, tokens: torch.Tensor, positions: torch.Tensor, cache: Any,
                 output_index: torch.Tensor) -> torch.Tensor: ...
 
+    def greedy(self, tokens: torch.Tensor, positions: torch.Tensor,
+               cache: Any) -> tuple[list[int], list[float]] | None: ...
+
 
 class Model:
     """A checkpoint ready to run: `module` (PyTorch), `tokenizer` (mistral-common), `config`.

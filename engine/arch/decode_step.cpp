@@ -15,17 +15,25 @@
 //       cache's per-layer tensors; slot_pos: its per-group slot maps; spans: the slots each
 //       group attends over; last: (B,) the token of each row whose logits to return when T > 1)
 //   -> (B, V) float32 logits
+//   greedy(tokens, positions, keys, values, slot_pos, spans): one token per row, (B,)
+//   -> ([B] token ids, [B] log-probabilities): each row's greedy token (`torch.argmax` of its
+//       logits: the first maximum, the first NaN if any) and its `log_softmax` value; the
+//       same on given logits: `torch.ops.tramontane.greedy(logits)`
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <torch/custom_class.h>
 #include <torch/library.h>
 
+#include <cmath>
 #include <cstring>
+#include <limits>
 #include <optional>
+#include <tuple>
 #include <vector>
 
 #include "products.h"
+#include "simd.h"
 
 namespace {
 
@@ -37,6 +45,94 @@ int64_t tensors_per(int64_t kind) {
     case Kind::kInt4: return 3;
     default: return 1;
   }
+}
+
+#ifdef TRAMONTANE_X86
+// The first index of the largest of n values, or of the first NaN (torch.argmax's).
+TRAMONTANE_AVX2 int64_t argmax_avx2(const float* y, int64_t n) {
+  __m256 top = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
+  __m256 nan = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 v = _mm256_loadu_ps(y + i);
+    top = _mm256_max_ps(top, v);
+    nan = _mm256_or_ps(nan, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+  }
+  float best = hmax(top);
+  bool any_nan = _mm256_movemask_ps(nan) != 0;
+  for (; i < n; ++i) {
+    any_nan |= std::isnan(y[i]);
+    best = std::max(best, y[i]);
+  }
+  for (i = 0; i + 8 <= n; i += 8) {
+    const __m256 v = _mm256_loadu_ps(y + i);
+    const int hit = _mm256_movemask_ps(any_nan ? _mm256_cmp_ps(v, v, _CMP_UNORD_Q)
+                                               : _mm256_cmp_ps(v, _mm256_set1_ps(best),
+                                                               _CMP_EQ_OQ));
+    if (hit != 0) return i + __builtin_ctz(static_cast<unsigned>(hit));
+  }
+  for (; i < n; ++i) {
+    if (any_nan ? std::isnan(y[i]) : y[i] == best) return i;
+  }
+  return 0;  // every value -inf: torch.argmax's 0
+}
+
+// sum(exp(y[i] - top)) over n values, eight exponentials at a time, summed in float64 (a
+// float32 sum of 32k terms in 8 lanes was 5e-6 off log_softmax's).
+TRAMONTANE_AVX2 double exp_sum_avx2(const float* y, int64_t n, float top) {
+  const __m256 vtop = _mm256_set1_ps(top);
+  __m256d lo = _mm256_setzero_pd(), hi = _mm256_setzero_pd();
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(y + i), vtop));
+    lo = _mm256_add_pd(lo, _mm256_cvtps_pd(_mm256_castps256_ps128(e)));
+    hi = _mm256_add_pd(hi, _mm256_cvtps_pd(_mm256_extractf128_ps(e, 1)));
+  }
+  alignas(32) double lanes[4];
+  _mm256_store_pd(lanes, _mm256_add_pd(lo, hi));
+  double total = (lanes[0] + lanes[1]) + (lanes[2] + lanes[3]);
+  for (; i < n; ++i) total += std::exp(y[i] - top);
+  return total;
+}
+#endif
+
+// A row's greedy token and its log-probability, as the generation loop takes them from the
+// logits (`sampling.sample`'s argmax, `token_logprobs`), without the logits leaving C++: after
+// a step, whose weights have streamed through the caches, each tensor op run from Python
+// costs several times what it does warm.
+std::pair<int64_t, double> greedy_pick(const float* y, int64_t n) {
+  constexpr double kNaN = std::numeric_limits<double>::quiet_NaN();
+#ifdef TRAMONTANE_X86
+  if (has_avx2()) {
+    const int64_t at = argmax_avx2(y, n);
+    if (!std::isfinite(y[at])) return {at, kNaN};  // log_softmax's NaN for these
+    return {at, static_cast<float>(-std::log(exp_sum_avx2(y, n, y[at])))};
+  }
+#endif
+  int64_t at = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    if (std::isnan(y[i])) return {i, kNaN};
+    if (y[i] > y[at]) at = i;
+  }
+  if (!std::isfinite(y[at])) return {at, kNaN};
+  double total = 0.0;
+  for (int64_t i = 0; i < n; ++i) total += std::exp(y[i] - y[at]);
+  return {at, static_cast<float>(-std::log(total))};
+}
+
+// `greedy_pick` of each row of (B, V) float32 logits: `torch.ops.tramontane.greedy`.
+std::tuple<std::vector<int64_t>, std::vector<double>> greedy_rows(const at::Tensor& logits) {
+  TORCH_CHECK(logits.dim() == 2 && logits.scalar_type() == at::kFloat && logits.is_cpu() &&
+                  logits.is_contiguous() && logits.size(1) >= 1,
+              "greedy: expected contiguous (B, V) float32 CPU logits, got ", logits.sizes(), " ",
+              logits.scalar_type());
+  const int64_t B = logits.size(0), V = logits.size(1);
+  std::vector<int64_t> ids(B);
+  std::vector<double> logprobs(B);
+  for (int64_t b = 0; b < B; ++b) {
+    std::tie(ids[b], logprobs[b]) = greedy_pick(logits.data_ptr<float>() + b * V, V);
+  }
+  return {ids, logprobs};
 }
 
 struct Layer {
@@ -115,6 +211,17 @@ class DecodeStep : public torch::CustomClassHolder {
     return decode_logits_impl(h, norm_, output_, eps_);
   }
 
+  std::tuple<std::vector<int64_t>, std::vector<double>> greedy(
+      const at::Tensor& tokens, const at::Tensor& positions, std::vector<at::Tensor> keys,
+      std::vector<at::Tensor> values, std::vector<at::Tensor> slot_pos,
+      std::vector<int64_t> spans) const {
+    TORCH_CHECK(tokens.dim() == 1, "DecodeStep.greedy: expected one token per row, got ",
+                tokens.sizes());
+    const at::Tensor logits = run(tokens, positions, std::move(keys), std::move(values),
+                                  std::move(slot_pos), std::move(spans), std::nullopt);
+    return greedy_rows(logits);
+  }
+
  private:
   // The embedding rows of `tokens`, in the table's dtype (`F.embedding`).
   at::Tensor embed(const at::Tensor& tokens) const {
@@ -166,5 +273,11 @@ TORCH_LIBRARY_FRAGMENT(tramontane, m) {
                        std::vector<int64_t>, std::vector<int64_t>, at::Tensor,
                        std::vector<at::Tensor>, int64_t, int64_t, double, at::Tensor,
                        std::vector<int64_t>, std::vector<int64_t>, std::vector<int64_t>>())
-      .def("run", &DecodeStep::run);
+      .def("run", &DecodeStep::run)
+      .def("greedy", &DecodeStep::greedy);
+  m.def("greedy(Tensor logits) -> (int[], float[])");
+}
+
+TORCH_LIBRARY_IMPL(tramontane, CPU, m) {
+  m.impl("greedy", &greedy_rows);
 }

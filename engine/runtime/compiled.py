@@ -293,6 +293,15 @@ class FastDecoder:
             return self.native(tokens, positions, cache, self._spans(cache, positions),
                                output_index)
 
+    def greedy(self, tokens: torch.Tensor, positions: torch.Tensor,
+               cache: KVCache) -> tuple[list[int], list[float]] | None:
+        """`step` and greedy sampling in one native call: each row's next token and its
+        log-probability, or None without the native step. `tokens`, `positions`: (B,) int64,
+        contiguous (no compiled graph guards on them here)."""
+        if self.native is None:
+            return None
+        return self.native.greedy(tokens, positions, cache, self._spans(cache, positions))
+
     def step(self, tokens: torch.Tensor, positions: torch.Tensor,
              cache: KVCache | None = None) -> torch.Tensor:
         """Logits `(B, V)` float32 of `tokens: (B,)` at `positions: (B,)` (-1 = padding).

@@ -33,7 +33,7 @@ from ..checkpoints.tokenizer import TextStream
 from ..errors import GenerationError
 from ..images import DEFAULT_LIMITS, ImageLimits
 from .image_inputs import RequestImages
-from .phases import decode_one, prefill, uses_fast_step
+from .phases import decode_greedy, decode_one, prefill, uses_fast_step
 from .prefix_cache import Lease, PrefixCache
 from .sampling import SamplingParams, make_generator, sample, token_logprobs
 
@@ -242,10 +242,13 @@ class Generation:
         positions = torch.tensor(
             [self.lengths[i] + self.steps - 1 if self.active[i] else -1
              for i in range(self.batch_size)], device=self.padded.device)
-        self.logits = decode_one(self.model, self.last, positions, self.cache)
+        picked = (decode_greedy(self.model, self.last, positions, self.cache)
+                  if self.params.greedy else None)
+        if picked is None:
+            self.logits = decode_one(self.model, self.last, positions, self.cache)
         self.stats.cached = [n + 1 if a else n
                              for n, a in zip(self.stats.cached, self.active, strict=True)]
-        decoded = self._sample()
+        decoded = self._sample() if picked is None else self._emit(*picked)
         self.stats.decode_seconds += time.perf_counter() - t0
         return decoded
 
@@ -274,7 +277,12 @@ class Generation:
     def _sample(self) -> Decoded:
         next_tokens = sample(self.logits, self.params, self.generator)
         logprobs = token_logprobs(self.logits, next_tokens)
-        tokens = next_tokens.tolist()
+        return self._emit(next_tokens.tolist(), logprobs.tolist(), next_tokens)
+
+    def _emit(self, tokens: list[int], logprobs: list[float],
+              as_tensor: torch.Tensor | None = None) -> Decoded:
+        """The bookkeeping of one sampled token per row: EOS, the step count, the tokens to
+        feed back (`as_tensor`: the same tokens, made already)."""
         emit = list(self.active)
         for i, tok in enumerate(tokens):
             if self.active[i] and tok == self.eos_id:
@@ -282,11 +290,12 @@ class Generation:
                 emit[i] = False
                 self.reasons[i] = "stop"
         self.steps += 1
-        self.last = next_tokens
+        self.last = as_tensor if as_tensor is not None else torch.tensor(
+            tokens, device=self.padded.device)
         if not any(self.active) or self.steps == self.max_tokens:
             self.done = True
             self.stats.reasons = list(self.reasons)
-        return Decoded(tokens, logprobs.tolist(), emit)
+        return Decoded(tokens, logprobs, emit)
 
 
 def generate(

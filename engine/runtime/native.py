@@ -139,3 +139,12 @@ class NativeStep:
         slots group g attends over (every position written so far lies within them)."""
         return cast(torch.Tensor, self._step.run(tokens, positions, cache.keys, cache.values,
                                                  cache.slot_pos, spans, last))
+
+    def greedy(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache,
+               spans: list[int]) -> tuple[list[int], list[float]]:
+        """One token per row (`tokens`, `positions`: (B,)), and each row's greedy next token
+        with its log-probability, computed where the logits are (`DecodeStep.greedy`): what
+        `sampling.sample` and `token_logprobs` give for greedy sampling."""
+        ids, logprobs = self._step.greedy(tokens, positions, cache.keys, cache.values,
+                                          cache.slot_pos, spans)
+        return list(ids), list(logprobs)

@@ -5,7 +5,8 @@ phase plugs in here without the loop knowing.
 - `prefill`: a chunk of prompt tokens per row (rows of unequal lengths padded with position
   -1), the logits of one chosen position per row;
 - `decode_one`: one token per row, through the model's compiled step (`model.decoder`) when it
-  accepts the cache's geometry, else the eager forward;
+  accepts the cache's geometry, else the eager forward; `decode_greedy`, the same with greedy
+  sampling done in the native step (no logits to Python);
 - `verify`: k tokens per row in one pass, the logits at every position: what speculative
   decoding checks drafted tokens with (then `cache.keep(n)` cuts back to the accepted ones).
 
@@ -51,6 +52,17 @@ def decode_one(model: Model, tokens: torch.Tensor, positions: torch.Tensor,
         return step.step(tokens, positions, cache)
     zeros = torch.zeros(tokens.shape[0], dtype=torch.long, device=tokens.device)
     return model.forward(tokens[:, None], positions[:, None], cache, output_index=zeros)
+
+
+def decode_greedy(model: Model, tokens: torch.Tensor, positions: torch.Tensor,
+                  cache: Cache) -> tuple[list[int], list[float]] | None:
+    """`decode_one` followed by greedy sampling, in one native call where the model's step
+    has one (each row's next token and its log-probability); None otherwise (then
+    `decode_one` and `sampling` do it)."""
+    step = model.decoder
+    if step is None or not uses_fast_step(model, cache):
+        return None
+    return step.greedy(tokens, positions, cache)
 
 
 def verify(model: Model, tokens: torch.Tensor, positions: torch.Tensor,

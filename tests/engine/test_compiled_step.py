@@ -11,6 +11,7 @@ import subprocess
 import sys
 import uuid
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 import torch
@@ -69,11 +70,16 @@ def test_a_typing_session_compiles_nothing_after_the_first_compile(
     assert isinstance(decoder, FastDecoder)
     calls = [0]
     prefills: list[int] = []
-    step, prefill = decoder.step, decoder.prefill
+    step, prefill, greedy = decoder.step, decoder.prefill, decoder.greedy
 
     def counting_step(*args: torch.Tensor) -> torch.Tensor:
         calls[0] += 1
         return step(*args)
+
+    def counting_greedy(*args: Any) -> tuple[list[int], list[float]] | None:
+        picked = greedy(*args)
+        calls[0] += picked is not None  # the native step, with greedy sampling
+        return picked
 
     def counting_prefill(tokens: torch.Tensor, *args: torch.Tensor) -> torch.Tensor:
         prefills.append(tokens.shape[1])
@@ -81,6 +87,7 @@ def test_a_typing_session_compiles_nothing_after_the_first_compile(
 
     decoder.step = counting_step  # type: ignore[method-assign]
     decoder.prefill = counting_prefill  # type: ignore[method-assign]
+    decoder.greedy = counting_greedy  # type: ignore[method-assign]
     cache = engine.PrefixCache(model, max_seq_len=MAX_SEQ_LEN, budget_bytes=2**26,
                                rewind=REWIND)
     sampling = engine.SamplingParams(max_tokens=8)
@@ -103,7 +110,7 @@ def test_a_typing_session_compiles_nothing_after_the_first_compile(
             assert len(events) == 9
         engine.generate([base], model, max_tokens=8, eos_id=-1)
     finally:
-        del decoder.step, decoder.prefill
+        del decoder.step, decoder.prefill, decoder.greedy
     assert graphs_compiled() == before
     # Every decode step took the fast path: 7 per request and generate's 7; so did the 1, 2,
     # 2 and 1 new prompt tokens of the second, third, fourth and last requests: one step per

@@ -20,15 +20,22 @@ def model(request: pytest.FixtureRequest, make_checkpoint: CheckpointFactory) ->
 
 
 def count_steps(decoder: FastDecoder) -> list[int]:
-    """Count the decoder's steps from now on, in the returned one-element list."""
+    """Count the decoder's steps from now on, in the returned one-element list: `step`, and
+    `greedy` where it runs one (the native step with greedy sampling)."""
     calls = [0]
-    step = decoder.step
+    step, greedy = decoder.step, decoder.greedy
 
     def counting_step(*args: object) -> torch.Tensor:
         calls[0] += 1
         return step(*args)  # type: ignore[arg-type]
 
+    def counting_greedy(*args: object) -> tuple[list[int], list[float]] | None:
+        picked = greedy(*args)  # type: ignore[arg-type]
+        calls[0] += picked is not None
+        return picked
+
     decoder.step = counting_step  # type: ignore[method-assign]
+    decoder.greedy = counting_greedy  # type: ignore[method-assign]
     return calls
 
 

@@ -146,22 +146,34 @@ def test_generation_runs_the_native_step_by_default_and_agrees_with_eager(
     decoder = engine.enable_fast_decode(model, MAX_SEQ_LEN, rewind=8)
     assert decoder.compile_seconds == 0.0 and not decoder.compiled
     assert decoder.chunk_tokens == kernels.MAX_ROWS
-    calls: list[tuple[int, ...]] = []
-    run = native.NativeStep.__call__
+    calls: list[tuple[str, tuple[int, ...]]] = []
+    run, greedy = native.NativeStep.__call__, native.NativeStep.greedy
 
     def counting(self: native.NativeStep, tokens: torch.Tensor, *args: object) -> torch.Tensor:
-        calls.append(tuple(tokens.shape))
+        calls.append(("logits", tuple(tokens.shape)))
         return run(self, tokens, *args)  # type: ignore[arg-type]
 
+    def counting_greedy(self: native.NativeStep, tokens: torch.Tensor,
+                        *args: object) -> tuple[list[int], list[float]]:
+        calls.append(("greedy", tuple(tokens.shape)))
+        return greedy(self, tokens, *args)  # type: ignore[arg-type]
+
     monkeypatch.setattr(native.NativeStep, "__call__", counting)
+    monkeypatch.setattr(native.NativeStep, "greedy", counting_greedy)
     cache = engine.PrefixCache(model, max_seq_len=MAX_SEQ_LEN, budget_bytes=2**26, rewind=8)
     try:
         got = [list(engine.stream(p, model, sampling, eos_id=-1, prefix_cache=cache,
                                   cache_key="doc")) for p in (PROMPT, grown)]
+        calls_greedy = list(calls)
+        calls.clear()
+        list(engine.stream(PROMPT, model, engine.SamplingParams(max_tokens=3, temperature=0.8,
+                                                                seed=1), eos_id=-1))
     finally:
         model.decoder = None
-    # 11 steps each; the second prompt's 5 new tokens in one call
-    assert calls == [(1,)] * 11 + [(1, 5)] + [(1,)] * 11
+    # 11 steps each, greedy sampling in the step; the second prompt's 5 new tokens in one call
+    assert calls_greedy == ([("greedy", (1,))] * 11 + [("logits", (1, 5))] +
+                            [("greedy", (1,))] * 11)
+    assert calls == [("logits", (1,))] * 2  # sampling at a temperature takes the logits
     assert got[1][-1].cached_tokens == len(PROMPT)  # type: ignore[union-attr]
     for events, expected in zip(got, want, strict=True):
         assert [e.token for e in events[:-1]] == [  # type: ignore[union-attr]
@@ -274,3 +286,36 @@ def test_the_step_object_refuses_weights_that_do_not_make_its_layers() -> None:
         build(2, 6, 0)
     with pytest.raises(RuntimeError, match="DecodeStep: layer 0's cache group 1 does not exist"):
         build(2, 7, 1)
+
+
+@pytest.mark.parametrize("vocab", [32768, 13])
+def test_greedy_is_argmax_and_log_softmax_of_the_logits(vocab: int, isa: str) -> None:
+    """The native step's greedy sampling (`tramontane::greedy`): torch.argmax's token (the
+    first of equal maxima, the first NaN) and the log-softmax there to float32's precision
+    (NaN where the maximum is not finite, as torch.log_softmax), under each instruction
+    set's loops."""
+    torch.manual_seed(vocab)
+    logits = torch.randn(6, vocab).bfloat16().float() * 4  # bfloat16 values: ties happen
+    logits[1, 3] = logits[1, 9] = logits[1].max() + 1  # two equal maxima: the first
+    logits[2, 5], logits[2, 8] = float("nan"), float("nan")
+    logits[3] = float("-inf")
+    logits[4, 7] = float("inf")
+    logits[5, -1] = logits[5].max() + 0.5  # in the tail past the last block of 8
+    ids, logprobs = torch.ops.tramontane.greedy(logits)
+    want = torch.argmax(logits, dim=-1)
+    assert ids == want.tolist() and ids[1:3] == [3, 5] and ids[5] == vocab - 1
+    # log_softmax in float64: the greedy sum is closer to it than torch's float32 one (2.7e-6
+    # off at 32k values here)
+    expected = torch.log_softmax(logits.double(), dim=-1).gather(-1, want[:, None]).squeeze(-1)
+    for row in (0, 1, 5):
+        assert logprobs[row] == pytest.approx(float(expected[row]), abs=3e-7)
+    assert all(torch.tensor(logprobs[2:5]).isnan())
+    assert bool(expected[2:5].isnan().all())
+
+
+def test_greedy_refuses_what_is_not_float32_logits() -> None:
+    with pytest.raises(RuntimeError, match=r"greedy: expected contiguous \(B, V\) float32 "
+                                           r"CPU logits, got \[4\] Float"):
+        torch.ops.tramontane.greedy(torch.zeros(4))
+    with pytest.raises(RuntimeError, match=r"got \[2, 3\] BFloat16"):
+        torch.ops.tramontane.greedy(torch.zeros(2, 3, dtype=torch.bfloat16))
