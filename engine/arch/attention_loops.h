@@ -99,6 +99,22 @@ TRAMONTANE_AVX2 inline __m128 hsum4(__m256 v0, __m256 v1, __m256 v2, __m256 v3) 
   return _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1));
 }
 
+// The part of a block's scores loop both instruction sets share, for position s: the keys and
+// values kAhead positions on prefetched, and false (its scores -inf) where s is not allowed.
+template <typename T, int G4>
+TRAMONTANE_AVX2 inline bool take_slot(const Head& h, int64_t s, int64_t s0, int64_t S,
+                                      int64_t hd, float* scores) {
+  const T* keys = static_cast<const T*>(h.keys);
+  const T* values = static_cast<const T*>(h.values);
+  if (s + kAhead < S) {
+    prefetch_row(keys + (s + kAhead) * h.stride, hd);
+    prefetch_row(values + (s + kAhead) * h.stride, hd);
+  }
+  if (h.allowed[s]) return true;
+  for (int g = 0; g < G4; ++g) scores[g * kSpan + (s - s0)] = kNegInf;
+  return false;
+}
+
 // Scores of up to 4 query heads (q: G4 arranged rows) against the allowed keys of positions
 // s0..s1 (scores[g * kSpan + s - s0]; -inf where not allowed); two chains per head (a's lanes
 // and b's) halve the dependent additions of a dot product.
@@ -106,18 +122,10 @@ template <typename T, int G4>
 TRAMONTANE_AVX2 void scores_block(const Head& h, const float* q, int64_t s0, int64_t s1,
                                   int64_t S, int64_t hd, float scale, float* scores) {
   const T* keys = static_cast<const T*>(h.keys);
-  const T* values = static_cast<const T*>(h.values);
   for (int64_t s = s0; s < s1; ++s) {
+    if (!take_slot<T, G4>(h, s, s0, S, hd, scores)) continue;
     const T* k = keys + s * h.stride;
-    if (s + kAhead < S) {
-      prefetch_row(k + kAhead * h.stride, hd);
-      prefetch_row(values + (s + kAhead) * h.stride, hd);
-    }
     float* at = scores + (s - s0);
-    if (!h.allowed[s]) {
-      for (int g = 0; g < G4; ++g) at[g * kSpan] = kNegInf;
-      continue;
-    }
     __m256 acc[4], odd[4];
     for (int g = 0; g < 4; ++g) acc[g] = odd[g] = _mm256_setzero_ps();
     for (int64_t i = 0; i < hd; i += 16) {
@@ -242,19 +250,11 @@ TRAMONTANE_AVX512_BF16 void scores_block_dot(const Head& h, const uint16_t* q, i
                                              int64_t s1, int64_t S, int64_t hd, float scale,
                                              float* scores) {
   const uint16_t* keys = static_cast<const uint16_t*>(h.keys);
-  const uint16_t* values = static_cast<const uint16_t*>(h.values);
   const __m128 vscale = _mm_set1_ps(scale);
   for (int64_t s = s0; s < s1; ++s) {
+    if (!take_slot<uint16_t, G4>(h, s, s0, S, hd, scores)) continue;
     const uint16_t* k = keys + s * h.stride;
-    if (s + kAhead < S) {
-      prefetch_row(k + kAhead * h.stride, hd);
-      prefetch_row(values + (s + kAhead) * h.stride, hd);
-    }
     float* at = scores + (s - s0);
-    if (!h.allowed[s]) {
-      for (int g = 0; g < G4; ++g) at[g * kSpan] = kNegInf;
-      continue;
-    }
     __m512 acc[4];
     for (int g = 0; g < 4; ++g) acc[g] = _mm512_setzero_ps();
     for (int64_t i = 0; i < hd; i += 32) {
