@@ -105,6 +105,6 @@ logged, aborts included."""
     server = start(python, model, folder / "vllm.log", extra=[
         "--structured-outputs-config",
         '{"backend": "xgrammar", "disable_any_whitespace": true}',
-        "--enable-log-requests"])  # "Request ... aborted." lines, which the tests look for
+        "--enable-log-requests"])  # each request and abort in the log, for failures
     yield server
     server.stop()

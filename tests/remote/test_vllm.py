@@ -150,9 +150,11 @@ async def test_a_chat_with_tools_and_a_tool_turn_streams_text(remote: RemoteClie
 @pytest.mark.asyncio
 async def test_cancelling_the_stream_aborts_the_vllm_request(
         remote: RemoteClient, vllm_server: VllmServer, model: engine.Model) -> None:
-    """vLLM aborts a request when its client disconnects: no request left running, its log says
-    "aborted", and the generation stopped far short of its 3000 tokens."""
-    aborts = vllm_server.log_path.read_text().count(" aborted.")
+    """vLLM aborts a request when its client disconnects: no request left running, none
+    finished (a client's abort is not a finish), and the generation stopped short of its 3000
+    tokens."""
+    assert vllm_server.idle(30)
+    finished = vllm_server.finished()
     generated = vllm_server.metric("vllm:generation_tokens_total")
     prompt = engine.encode_fim(model.tokenizer, *PROMPTS[0])
     body = completion_request("tiny", prompt, Sampling(max_tokens=3000))
@@ -179,9 +181,9 @@ async def test_cancelling_the_stream_aborts_the_vllm_request(
     elapsed = time.monotonic() - cancelled
     assert running == 0
     assert elapsed < 5, f"vLLM took {elapsed:.2f} s to abort"
-    for _ in range(50):  # the log line may trail the metric a little
-        if vllm_server.log_path.read_text().count(" aborted.") == aborts + 1:
-            break
-        await asyncio.sleep(0.1)
-    assert vllm_server.log_path.read_text().count(" aborted.") == aborts + 1
-    assert vllm_server.metric("vllm:generation_tokens_total") - generated < 1000
+    # Its generated-token count stands still (idle) short of the 3000, and the request is not
+    # counted as finished: aborted. (Not how short: a loaded 2-core machine let vLLM generate
+    # 1221 tokens between the first one read and the abort.)
+    assert vllm_server.idle(5)
+    assert vllm_server.finished() == finished
+    assert vllm_server.metric("vllm:generation_tokens_total") - generated < 3000

@@ -60,20 +60,6 @@ def local(vllm_server: VllmServer) -> Iterator[Server]:
     server.close()
 
 
-def aborts(vllm: VllmServer) -> int:
-    return vllm.log_path.read_text(errors="replace").count(" aborted.")
-
-
-def wait_for_aborts(vllm: VllmServer, count: int, timeout: float = 30) -> int:
-    # vLLM logs the abort from its engine loop once it gets to it: on a starved 2-core machine
-    # (a CI run whose 4 s budget reply took 20.6 s) the line was not there 10 s later although
-    # generation had stopped at 212 of the 4000 tokens allowed. A healthy run returns at once.
-    deadline = time.monotonic() + timeout
-    while aborts(vllm) < count and time.monotonic() < deadline:
-        time.sleep(0.05)
-    return aborts(vllm)
-
-
 def last_metric(server: Server) -> dict[str, Any]:
     """The `tramontane/metrics` of the last request (sent once the backend is done with it)."""
     deadline = time.monotonic() + 10
@@ -154,19 +140,6 @@ class WakeLateness:
         self._steal_end = steal_seconds()
 
 
-def generation_stopped(vllm: VllmServer, within: float) -> bool:
-    """Whether vLLM stops generating (no request running, the token count still) in time."""
-    deadline = time.monotonic() + within
-    while time.monotonic() < deadline:
-        if vllm.metric("vllm:num_requests_running") == 0:
-            count = vllm.metric("vllm:generation_tokens_total")
-            time.sleep(1.0)
-            if vllm.metric("vllm:generation_tokens_total") == count:
-                return True
-        time.sleep(0.05)
-    return False
-
-
 @dataclass(frozen=True)
 class BudgetRun:
     short: list[str]  # the 32-token completion at the cursor
@@ -177,25 +150,29 @@ class BudgetRun:
     stolen: float  # of which the most the hypervisor stole from one CPU
     budget_late: float  # how late the server's loop ran the budget's timer (its status says)
     metric: dict[str, Any]  # what the backend counted when it closed the stream
-    aborted: int  # requests vLLM logged as aborted meanwhile
-    stopped: bool  # vLLM stopped generating after the reply
+    stopped: bool  # vLLM stopped generating after the reply (VllmServer.idle)
+    finished: float  # requests vLLM finished by itself meanwhile (not aborted)
+    generated: float  # tokens vLLM generated meanwhile
 
 
 @pytest.fixture(scope="module")
 def budget_run(remote: Server, vllm_server: VllmServer) -> BudgetRun:
     short, _ = remote.complete(4, 4)
     remote.settings(remote_options(vllm_server, maxTokens=4000, timeBudgetMs=4000))
-    before = aborts(vllm_server)
+    assert vllm_server.idle(30)  # and the short completion counted as finished
+    finished = vllm_server.finished()
+    generated = vllm_server.metric("vllm:generation_tokens_total")
     with WakeLateness() as lateness:
         started = time.monotonic()
         texts, status = remote.complete(4, 4)
         seconds = time.monotonic() - started
     metric = last_metric(remote)
-    aborted = wait_for_aborts(vllm_server, before + 1) - before
-    stopped = generation_stopped(vllm_server, 10)
+    stopped = vllm_server.idle(10 + lateness.seconds)
     remote.settings(remote_options(vllm_server))
     return BudgetRun(short, texts, status, seconds, lateness.seconds, lateness.stolen,
-                     status.get("budgetLateMs", 0.0) / 1000, metric, aborted, stopped)
+                     status.get("budgetLateMs", 0.0) / 1000, metric, stopped,
+                     vllm_server.finished() - finished,
+                     vllm_server.metric("vllm:generation_tokens_total") - generated)
 
 
 def test_at_the_time_budget_the_editor_gets_what_streamed_and_vllm_aborts(
@@ -211,7 +188,11 @@ def test_at_the_time_budget_the_editor_gets_what_streamed_and_vllm_aborts(
     assert run.status["budgetLateMs"] >= 0, run
     assert run.seconds - run.budget_late < 4 + 1.5 + run.lateness, run
     assert run.metric["cancelled"] is True and run.metric["generatedTokens"] < 4000
-    assert run.aborted == 1 and run.stopped
+    # vLLM stopped at once and did not finish the request: it aborted it (or, on a machine so
+    # starved that the budget ran out before vLLM took the request in, never ran it). Its log
+    # line "Request ... aborted." is no measure: it is written only for a request that reached
+    # the engine, and once was not there 30 s after the reply on a loaded CI machine.
+    assert run.stopped and run.finished == 0 and run.generated < 4000, run
     if run.texts:  # a starved machine may not have read a token by then
         # The same greedy tokens, cut at another place: one text begins the other.
         assert len(run.texts) == 1 and len(run.short) == 1
@@ -224,7 +205,8 @@ def test_at_the_time_budget_the_editor_gets_what_streamed_and_vllm_aborts(
 def test_cancel_request_closes_the_stream_and_vllm_aborts(remote: Server,
                                                           vllm_server: VllmServer) -> None:
     remote.settings(remote_options(vllm_server, maxTokens=4000, timeBudgetMs=120_000))
-    before = aborts(vllm_server)
+    assert vllm_server.idle(30)
+    finished = vllm_server.finished()
     msg = remote.inline(4, 4)  # ~4000 tokens of noise on one line: a minute on 2 cores
     deadline = time.monotonic() + 60
     while vllm_server.metric("vllm:num_requests_running") < 1:
@@ -234,9 +216,8 @@ def test_cancel_request_closes_the_stream_and_vllm_aborts(remote: Server,
     with WakeLateness() as lateness:
         remote.notify("$/cancelRequest", {"id": msg})
         assert remote.response(msg, timeout=60)["error"]["code"] == -32800
-        assert generation_stopped(vllm_server, 5 + lateness.seconds), \
-            "vLLM still runs the cancelled request"
-    assert wait_for_aborts(vllm_server, before + 1) == before + 1
+        assert vllm_server.idle(5 + lateness.seconds), "vLLM still runs the cancelled request"
+    assert vllm_server.finished() == finished  # aborted, not finished
     metric = last_metric(remote)
     assert metric["cancelled"] is True
     assert metric["stoppedMs"] < 500 + 1000 * lateness.seconds, (metric, lateness.seconds)

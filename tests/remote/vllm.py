@@ -109,6 +109,27 @@ class VllmServer:
             raise KeyError(f"no metric {name} with {labels} at {self.url}/metrics")
         return total
 
+    def finished(self) -> float:
+        """How many requests vLLM has finished by itself (a stop, the length, an error): its
+        `request_success_total`, which a client's abort does not count (vLLM 0.32 drops an
+        aborted request's state before its statistics are taken)."""
+        return (self.metric("vllm:request_success_total")
+                - self.metric("vllm:request_success_total", finished_reason="abort"))
+
+    def idle(self, within: float) -> bool:
+        """Whether vLLM stops generating in time: no request running or waiting, and its count
+        of generated tokens still for a second (so its statistics are up to date, too)."""
+        deadline = time.monotonic() + within
+        while time.monotonic() < deadline:
+            if (self.metric("vllm:num_requests_running") == 0
+                    and self.metric("vllm:num_requests_waiting") == 0):
+                count = self.metric("vllm:generation_tokens_total")
+                time.sleep(1.0)
+                if self.metric("vllm:generation_tokens_total") == count:
+                    return True
+            time.sleep(0.05)
+        return False
+
     def log_tail(self, lines: int = 40) -> str:
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
 
