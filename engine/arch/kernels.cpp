@@ -10,8 +10,8 @@
 // torch's intra-op threads. The activation row is converted to float32 once per call and stays
 // in L1/L2. AVX-512 (with VNNI) or AVX2+FMA code is chosen at run time where the CPU has it
 // (simd.h's `isa`); elsewhere the same loops in plain C++ (the compiler vectorises what it
-// can). The loops are in product_loops.h; this file shares the rows among the threads, checks
-// the operands and registers the ops.
+// can). The loops are in product_loops.h, the input rows they read in input_rows.h; this file
+// shares the rows among the threads, checks the operands and registers the ops.
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -26,6 +26,7 @@
 #include <string>
 #include <vector>
 
+#include "input_rows.h"
 #include "product_loops.h"
 #include "products.h"
 #include "simd.h"
@@ -55,37 +56,6 @@ Rows input_rows(const at::Tensor& x, int64_t k) {
                   x.numel() / k <= kMaxRows,
               "expected 1 to ", kMaxRows, " rows of ", k, " values, got ", x.sizes());
   return Rows{x.numel() / k, k, Float32Values(x)};
-}
-
-// A row as int16 codes of one scale: x ~ code * scale; in order for AVX-512, and on AVX2 each
-// full block of 32 laid out as `int8_rows_avx2` reads it (inputs 0-7, 16-23, 8-15, 24-31).
-AlignedVector<int16_t> quantize_row(const float* x, int64_t k, float* scale, Isa isa) {
-  AlignedVector<int16_t> out(k);
-#ifdef TRAMONTANE_X86
-  if (isa >= Isa::kAvx2) {
-    const float amax = amax_avx2(x, k);
-    *scale = amax > 0.f ? amax / 32767.f : 1.f;
-    int16_codes_avx2(x, k, *scale, out.data());
-    // as `int8_rows_avx2` unpacks the weights
-    for (int64_t b = 0; isa == Isa::kAvx2 && b + 32 <= k; b += 32) {
-      int16_t block[32];
-      for (int j = 0; j < 8; ++j) {
-        block[j] = out[b + j];
-        block[8 + j] = out[b + 16 + j];
-        block[16 + j] = out[b + 8 + j];
-        block[24 + j] = out[b + 24 + j];
-      }
-      std::memcpy(out.data() + b, block, sizeof(block));
-    }
-    return out;
-  }
-#endif
-  (void)isa;
-  float amax = 0.f;
-  for (int64_t i = 0; i < k; ++i) amax = std::max(amax, std::fabs(x[i]));
-  *scale = amax > 0.f ? amax / 32767.f : 1.f;
-  for (int64_t i = 0; i < k; ++i) out[i] = static_cast<int16_t>(std::nearbyint(x[i] / *scale));
-  return out;
 }
 
 void check_weight(const at::Tensor& w, at::ScalarType dtype, const char* what) {
@@ -185,36 +155,6 @@ void check(const Weight& w, const char* what) {
   }
 }
 
-// One input row as the int4 loops take it: the sum of each group's inputs (float32); for the
-// portable loops its even and odd inputs, for AVX2 and AVX-512 (groups of 32) its int8 codes,
-// one scale per group (laid out as `even_codes` says, by blocks of 2 or 4 groups).
-struct Int4Row {
-  AlignedVector<float> xe, xo, gsum, xscale;
-  AlignedVector<int8_t> codes;
-};
-
-Int4Row int4_row(const float* x, int64_t k, int64_t group, Isa isa) {
-  Int4Row row;
-  row.gsum.assign(k / group, 0.f);
-#ifdef TRAMONTANE_X86
-  if (isa >= Isa::kAvx2) {  // the vector loops take groups of 32 (`int4_isa`)
-    row.xscale.resize(k / 32);
-    row.codes.resize(k);
-    int4_codes_avx2(x, k / 32, isa == Isa::kAvx512 ? 4 : 2, row.codes.data(),
-                    row.xscale.data(), row.gsum.data());
-    return row;
-  }
-#endif
-  for (int64_t i = 0; i < k; ++i) row.gsum[i / group] += x[i];
-  row.xe.resize(k / 2);  // the portable loops
-  row.xo.resize(k / 2);
-  for (int64_t j = 0; j < k / 2; ++j) {
-    row.xe[j] = x[2 * j];
-    row.xo[j] = x[2 * j + 1];
-  }
-  return row;
-}
-
 template <typename S>
 void int4_run(const Int4Row& x4, const uint8_t* qp, const S* sp, const S* zp, float* yp,
               int64_t k, int64_t group, Isa isa, int64_t r0, int64_t r1) {
@@ -230,27 +170,6 @@ void int4_run(const Int4Row& x4, const uint8_t* qp, const S* sp, const S* zp, fl
 #endif
   (void)isa;
   int4_rows(qp, sp, zp, x4.xe.data(), x4.xo.data(), x4.gsum.data(), yp, k, group, r0, r1);
-}
-
-// An input row as `bf16_rows_avx2` reads it: each full block of 16 inputs as its 8 even ones,
-// then its 8 odd ones; the last k % 16 in place.
-AlignedVector<float> arranged_row(const float* x, int64_t k) {
-  AlignedVector<float> out(x, x + k);
-  for (int64_t i = 0; i < k - k % 16; ++i) out[arranged<uint16_t>(i)] = x[i];
-  return out;
-}
-
-// An input row as bfloat16, if every value is one (a bfloat16 model's activations): what
-// `bf16_rows_dot` takes; empty otherwise.
-AlignedVector<uint16_t> bf16_row(const float* x, int64_t k) {
-  AlignedVector<uint16_t> out(k);
-  for (int64_t i = 0; i < k; ++i) {
-    uint32_t bits;
-    std::memcpy(&bits, x + i, sizeof(bits));
-    if ((bits & 0xffffu) != 0) return {};
-    out[i] = static_cast<uint16_t>(bits >> 16);
-  }
-  return out;
 }
 
 void products_impl(const float* x, int64_t count, int64_t k, const std::vector<Weight>& ws,

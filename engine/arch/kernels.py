@@ -68,9 +68,12 @@ HERE = Path(__file__).parent
 KINDS = {"bf16": 0, "int8": 1, "int4": 2, "f32": 3}
 # The one-row products, the decode step's attention, the fused decoder layer built on both,
 # the whole step as one object, and the many-row products of a prompt's chunk; `simd.h` and
-# `products.h` are shared, `product_loops.h` and `attention_loops.h` hold the loops.
+# `products.h` are shared, `product_loops.h` and `attention_loops.h` hold the loops,
+# `input_rows.h` the input rows as the product loops read them.
 SOURCES = (HERE / "kernels.cpp", HERE / "decode_attention.cpp", HERE / "decode_layer.cpp",
            HERE / "decode_step.cpp", HERE / "prefill_linear.cpp")
+# What the sources include (the compiler tracks them; `cache_tag` and the package data too).
+HEADERS = tuple(sorted(HERE.glob("*.h")))
 _state: dict[str, bool] = {}
 
 
@@ -207,8 +210,7 @@ def cache_tag() -> str:
     key under which torch.compile caches a compiled step, so that a step compiled against
     other kernels is never loaded from the cache."""
     digest = hashlib.sha256()
-    for path in (*SOURCES, HERE / "simd.h", HERE / "products.h", HERE / "product_loops.h",
-                 Path(__file__)):
+    for path in (*SOURCES, *HEADERS, Path(__file__)):
         digest.update(path.read_bytes())
     return f"tramontane-kernels-{digest.hexdigest()[:16]}"
 

@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import subprocess
 import sys
 import time
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -454,3 +456,25 @@ def test_an_error_in_the_sources_is_reported_as_itself_not_as_missing_openmp(
     assert "stand-in failure" in run.stderr
     assert "did not build with OpenMP" not in run.stderr
     assert not list((tmp_path / "ext").glob(f"*/{kernels.NO_OPENMP}"))
+
+
+def test_every_file_the_sources_include_is_packaged_and_in_the_cache_tag() -> None:
+    """An installed engine compiles the kernels on first use, so the package data must hold
+    each source and each header they include (once, attention_loops.h was missing); the
+    compiled step's cache key (`cache_tag`) digests the same headers."""
+    root = Path(kernels.__file__).parents[2]
+    included: set[Path] = set()
+    todo = list(kernels.SOURCES)
+    while todo:
+        for name in re.findall(r'^#include "([^"]+)"', todo.pop().read_text(), re.MULTILINE):
+            path = kernels.HERE / name
+            assert path.is_file(), name
+            if path not in included:
+                included.add(path)
+                todo.append(path)
+    assert included == set(kernels.HEADERS)
+    assert {"attention_loops.h", "input_rows.h", "simd.h"} <= {p.name for p in included}
+    patterns = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"][
+        "package-data"]["engine"]
+    packaged = {p for pattern in patterns for p in (root / "engine").glob(pattern)}
+    assert packaged == {*kernels.SOURCES, *kernels.HEADERS}
