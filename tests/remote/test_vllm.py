@@ -168,7 +168,12 @@ async def test_cancelling_the_stream_aborts_the_vllm_request(
 
     task = asyncio.ensure_future(read())
     await asyncio.wait_for(started.wait(), 60)
-    assert vllm_server.metric("vllm:num_requests_running") == 1
+    # The gauge may trail the stream: with both cores busy, the first token was read here while
+    # /metrics still said no request ran.
+    deadline = time.monotonic() + 10
+    while vllm_server.metric("vllm:num_requests_running") != 1:
+        assert time.monotonic() < deadline, "vLLM does not count the request as running"
+        await asyncio.sleep(0.02)
     cancelled = time.monotonic()
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
