@@ -174,7 +174,9 @@ def convert(venv: Path, hf: Path, out_dir: Path) -> dict[str, Path]:
                 f"p.ftype = {LLAMA_FTYPE_MOSTLY_Q4_0}; p.nthread = 2; "
                 f"r = llama_cpp.llama_model_quantize({str(files['bf16']).encode()!r}, "
                 f"{str(q4).encode()!r}, p); assert r == 0, r")
-        subprocess.run([str(python), "-c", code], check=True, timeout=1800)
+        # Not from this folder: `python -c` puts the working folder first on sys.path, where
+        # this file, llama_cpp.py, would stand in for the package.
+        subprocess.run([str(python), "-c", code], check=True, timeout=1800, cwd=out_dir)
     files["q4_0"] = q4
     return files
 
