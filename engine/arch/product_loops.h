@@ -94,6 +94,8 @@ TRAMONTANE_AVX2 inline void f32_rows_avx2(const float* w, const float* x, float*
     __m256 a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
     int64_t i = 0;
     for (; i + 32 <= k; i += 32) {
+      stream_ahead(row + i);
+      stream_ahead(row + i + 16);
       a0 = _mm256_fmadd_ps(load8(row + i), _mm256_loadu_ps(x + i), a0);
       a1 = _mm256_fmadd_ps(load8(row + i + 8), _mm256_loadu_ps(x + i + 8), a1);
       a2 = _mm256_fmadd_ps(load8(row + i + 16), _mm256_loadu_ps(x + i + 16), a2);
@@ -117,6 +119,7 @@ TRAMONTANE_AVX2 inline void bf16_rows_avx2(const uint16_t* w, const float* xa, f
     __m256 e, o;
     int64_t i = 0;
     for (; i + 32 <= k; i += 32) {
+      stream_ahead(row + i);
       load16(row + i, e, o);
       a0 = _mm256_fmadd_ps(e, _mm256_loadu_ps(xa + i), a0);
       a1 = _mm256_fmadd_ps(o, _mm256_loadu_ps(xa + i + 8), a1);
@@ -156,6 +159,7 @@ TRAMONTANE_AVX2 inline void int8_rows_avx2(const int8_t* w, const float* scale,
       __m256i lo = _mm256_setzero_si256(), hi = _mm256_setzero_si256();
       const int64_t stop = std::min(k - 31, i + 1024);
       for (; i < stop; i += 32) {
+        if (i % 64 == 0) stream_ahead(row + i);
         const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + i));
         lo = _mm256_add_epi32(lo, _mm256_madd_epi16(
             _mm256_srai_epi16(_mm256_unpacklo_epi8(b, b), 8),
@@ -236,6 +240,8 @@ TRAMONTANE_AVX2 void int4_rows_avx2(const uint8_t* w, const S* scale, const S* z
                             _mm256_loadu_ps(gsum + g), off);
       const uint8_t* b = row + g * 16;
       const int8_t* c = codes + g * 32;
+      stream_ahead(b);
+      stream_ahead(b + 64);
       acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(pair_dot(b, c, low, ones)),
                              _mm256_permutevar8x32_ps(both, spread[0]), acc0);
       acc1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(pair_dot(b + 32, c + 64, low, ones)),
@@ -351,6 +357,8 @@ TRAMONTANE_AVX512_BF16 inline void bf16_rows_dot(const uint16_t* w, const uint16
     __m256 a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
     int64_t i = 0;
     for (; i + 64 <= k; i += 64) {
+      stream_ahead(row + i);
+      stream_ahead(row + i + 32);
       a0 = dot16(a0, row + i, xb + i);
       a1 = dot16(a1, row + i + 16, xb + i + 16);
       a2 = dot16(a2, row + i + 32, xb + i + 32);
@@ -378,6 +386,7 @@ TRAMONTANE_AVX512 inline void int8_rows_avx512(const int8_t* w, const float* sca
       __m512i a0 = _mm512_setzero_si512(), a1 = _mm512_setzero_si512();
       const int64_t stop = std::min(k - 63, i + 2048);
       for (; i < stop; i += 64) {
+        stream_ahead(row + i);
         const __m512i w0 = _mm512_cvtepi8_epi16(
             _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + i)));
         const __m512i w1 = _mm512_cvtepi8_epi16(
@@ -426,6 +435,7 @@ TRAMONTANE_AVX512 void int4_rows_avx512(const uint8_t* w, const S* scale, const 
       off = _mm512_fmadd_ps(_mm512_fnmadd_ps(eight, sg, load_zmm(z + g)),
                             _mm512_loadu_ps(gsum + g), off);
       for (int q = 0; q < 4; ++q) {
+        stream_ahead(row + (g + 4 * q) * 16);
         const __m512i b = _mm512_loadu_si512(row + (g + 4 * q) * 16);
         const int8_t* c = codes + (g + 4 * q) * 32;
         __m512i d = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_and_si512(b, low),
