@@ -30,16 +30,18 @@ inline float bf16_to_float(uint16_t v) {
 }
 
 // The vector loops that stream a weight ask for its bytes kStreamAhead ahead of where they read,
-// one cache line per 64 bytes they consume: on an Ice Lake VM (AVX-512 without BF16, 2 vCPU)
-// the hardware prefetchers alone left the bfloat16 loop at 70% of the machine's read rate
-// (14.4-15.6 GB/s against 20-21 GB/s for a plain sum), with this 97-100% (20.2-21.0 GB/s),
-// on one thread and on two; 512 bytes ahead gave 16.6-17.0 GB/s, 1 KiB 17.7-18.8, 2 KiB
-// 18.4-20.1, 8 KiB the same as 4 KiB. Past the end of a weight it asks for whatever follows,
+// one cache line per 64 bytes they consume, into L2 (`prefetcht1`). A 357 MB bfloat16 product
+// on two threads: on an Ice Lake VM (AVX-512 without BF16, 2 vCPU) the hardware prefetchers
+// alone read at 70% of a plain sum's rate (14.4-15.6 against 20-21 GB/s), prefetching into
+// L1 4 KiB ahead at 97-100% (512 bytes ahead 16.6-17.0 GB/s, 1 KiB 17.7-18.8, 2 KiB 18.4-20.1,
+// 8 KiB as 4 KiB; into L2 not measured there). On a Zen 4 VM (2 vCPU) prefetching into L1 read
+// slower than nothing (22.5 against 25.6 GB/s, interleaved), into L2 faster (29.7, the sum
+// 30.5), and 1-16 KiB ahead the same. Past the end of a weight it asks for whatever follows,
 // which a prefetch may (it never faults).
 constexpr int64_t kStreamAhead = 4096;
 
 inline void stream_ahead(const void* p) {
-  __builtin_prefetch(static_cast<const char*>(p) + kStreamAhead, 0, 3);
+  __builtin_prefetch(static_cast<const char*>(p) + kStreamAhead, 0, 2);
 }
 
 inline float to_float(float v) { return v; }
