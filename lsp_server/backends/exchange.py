@@ -34,7 +34,7 @@ T = TypeVar("T")
 READ_AHEAD = 4
 
 
-class Closed(Exception):
+class _Closed(Exception):
     """A call of a closed exchange was stopped (nobody waits for its result any more)."""
 
 
@@ -129,7 +129,7 @@ class Exchange:
 async def _within(scope: anyio.CancelScope, awaitable: Awaitable[T]) -> T:
     with scope:
         return await awaitable
-    raise Closed()  # the scope was cancelled: by `close()`, after the caller had gone
+    raise _Closed()  # the scope was cancelled: by `close()`, after the caller had gone
 
 
 def _retrieve(task: asyncio.Future[Any]) -> None:
