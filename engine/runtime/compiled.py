@@ -1,10 +1,11 @@
 """The compiled one-token decode step over a `KVCache`: `decode_one` for caches of one geometry
-(opt-in; written for the CPU).
+(opt-in).
 
 Where the C++ kernels are built and the model is a dense decoder on the CPU, `FastDecoder`
 runs the native step instead (`native.py`: the same step as one C++ call, nothing to
 compile, a fraction of the graph's overhead); the compiled graph below serves the rest (no
-kernels, other devices, `native=False`).
+kernels, other devices, `native=False`). On a CUDA device its steps replay CUDA graphs, one
+captured per cache and span (`step_graphs.py`).
 
 Decoding one token per row reads every weight once per token, so its speed is set by memory
 traffic and per-step overhead, not arithmetic. The eager path loses on all three counts: its
@@ -50,6 +51,7 @@ only the part in use. No global setting changes.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import time
@@ -64,6 +66,7 @@ from ..arch.layers import FeedForward, apply_rotary, linear_many, rotary_cos_sin
 from ..arch.transformer import Transformer, TransformerBlock
 from ..errors import EngineError
 from .native import NativeStep
+from .step_graphs import CAPTURING, Capture, StepGraphs
 
 # The two halves of a decoder layer, as compile regions: traced once, reused for every layer
 # (and by every decoder of the same shapes). The key/value writes and the attention happen
@@ -185,13 +188,15 @@ class FastDecoder:
     `reset()` empties the cache for the next request. One compiled graph serves every request
     and every length up to `max_seq_len`: attention reads the first `span` slots, the written
     positions rounded up to a multiple of `SPAN_STEP`. `compile=False` runs the same code
-    eagerly (tests, debugging).
+    eagerly (tests, debugging). On a CUDA device the steps replay CUDA graphs (`graphs`,
+    `step_graphs.py`), unless `cuda_graphs=False` or TRAMONTANE_CUDA_GRAPHS=0.
     """
 
     SPAN_STEP = 64
 
     def __init__(self, model: Any, batch_size: int, max_seq_len: int, rewind: int = 0, *,
-                 compile: bool = True, native: bool | None = None) -> None:
+                 compile: bool = True, native: bool | None = None,
+                 cuda_graphs: bool | None = None) -> None:
         if not isinstance(model.module, Transformer):
             raise EngineError(f"FastDecoder supports the dense transformer, not "
                               f"{type(model.module).__name__}")
@@ -232,10 +237,31 @@ class FastDecoder:
             # The compile happens here, and inductor's on-disk cache must not hand back a step
             # compiled against other kernels (the ops' output shapes are fixed in it): their
             # sources' digest goes into its key.
+            # On a CUDA device the compile runs kernels there, which must not fall inside
+            # another decoder's graph capture (`step_graphs.CAPTURING`).
+            on_cuda = self.cache.keys[0].device.type == "cuda"
             with torch.compiler.config.patch(  # type: ignore[attr-defined]
-                    cache_key_tag=kernels.cache_tag()):
+                    cache_key_tag=kernels.cache_tag()), \
+                    CAPTURING if on_cuda else contextlib.nullcontext():
                 self._warm_up()
             self.compile_seconds = time.perf_counter() - t0
+        self.graphs: StepGraphs | None = None
+        device = self.cache.keys[0].device
+        if cuda_graphs is None:
+            cuda_graphs = device.type == "cuda" and \
+                os.environ.get("TRAMONTANE_CUDA_GRAPHS", "1") != "0"
+        if cuda_graphs:
+            self.use_graphs()
+
+    def use_graphs(self, capture: Capture | None = None, limit: int = 64) -> StepGraphs:
+        """Route `step` through graphs captured per cache and span (`step_graphs.py`; CUDA's
+        by default, where `capture` is None): on a CUDA device, one replay a step instead of
+        the step's hundreds of kernel launches."""
+        if self.native is not None:
+            raise EngineError("the native step runs on the CPU: it has no graphs to capture")
+        self.graphs = StepGraphs(self._fn, self.batch_size, self.cache.keys[0].device,
+                                 capture=capture, limit=limit)
+        return self.graphs
 
     def _warm_up(self) -> None:
         """Compile now: padding rows only, which leave the cache as it was."""
@@ -340,18 +366,20 @@ class FastDecoder:
                 for t, g in zip((*keys, *values), cache.layer_group * 2, strict=True):
                     if dynamic[g]:
                         torch._dynamo.mark_dynamic(t, 2)
-            return self._fn(tokens, positions, slot_pos, keys, values)
+            run = self._fn if self.graphs is None else self.graphs
+            return run(tokens, positions, slot_pos, keys, values)
 
 
 def compile_decode_step(model: Any, max_seq_len: int, batch_size: int = 1, rewind: int = 0,
-                        *, compile: bool = True, native: bool | None = None) -> FastDecoder:
+                        *, compile: bool = True, native: bool | None = None,
+                        cuda_graphs: bool | None = None) -> FastDecoder:
     """Build the compiled one-token decode step for caches of this size, without installing it
     (`model.decoder = step` does, between two requests). Slow: 20-35 s for a 200M model on 2 CPU
     cores the first time, a few seconds once inductor's disk cache holds the kernels. May run on
     another thread than the model's (it only reads the weights). Raises `EngineError` for
     architectures it does not support."""
     return FastDecoder(model, batch_size, max_seq_len, rewind=rewind, compile=compile,
-                       native=native)
+                       native=native, cuda_graphs=cuda_graphs)
 
 
 def enable_fast_decode(model: Any, max_seq_len: int, batch_size: int = 1, rewind: int = 0, *,
