@@ -223,6 +223,7 @@ class FastDecoder:
                     raise
         self.compiled = compile and self.native is None  # False: eager (tests) or native
         self.compile_seconds = 0.0
+        self.graphs: StepGraphs | None = None  # CUDA graphs of the step, once `use_graphs` ran
         if self.compiled:
             # The step's elementwise kernels run on one thread (under a million elements a
             # thread): its norms, rotary and residuals are 1-16k values, the largest is the
@@ -245,7 +246,6 @@ class FastDecoder:
                     CAPTURING if on_cuda else contextlib.nullcontext():
                 self._warm_up()
             self.compile_seconds = time.perf_counter() - t0
-        self.graphs: StepGraphs | None = None
         device = self.cache.keys[0].device
         if cuda_graphs is None:
             cuda_graphs = device.type == "cuda" and \

@@ -96,8 +96,11 @@ class StepGraphs:
         self._step = step
         self._capture = capture if capture is not None else CudaCapture(device)
         self.limit = limit
-        self.tokens = torch.zeros(batch_size, dtype=torch.long, device=device)
-        self.positions = torch.full((batch_size,), -1, dtype=torch.long, device=device)
+        # Made in inference mode, as `FastDecoder.step` makes its inputs: the compiled step
+        # guards on its inputs' dispatch keys, and a tensor made outside would compile it again.
+        with torch.inference_mode():
+            self.tokens = torch.zeros(batch_size, dtype=torch.long, device=device)
+            self.positions = torch.full((batch_size,), -1, dtype=torch.long, device=device)
         self._graphs: OrderedDict[Hashable, tuple[Replay, torch.Tensor]] = OrderedDict()
         self.captures = 0  # graphs captured so far (a new cache or span each)
         self.replays = 0

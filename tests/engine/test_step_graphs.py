@@ -14,6 +14,7 @@ from collections.abc import Callable
 
 import pytest
 import torch
+from torch._dynamo.utils import counters
 
 import engine
 from engine.arch.cache import KVCache
@@ -162,6 +163,31 @@ def test_graphs_refuse_what_they_cannot_run(model: engine.Model) -> None:
         CudaCapture(torch.device("cpu"))
     with pytest.raises(ValueError, match="CUDA graphs need a CUDA device, not cpu"):
         FastDecoder(model, 1, MAX_SEQ_LEN, compile=False, cuda_graphs=True)
+
+
+@pytest.mark.slow
+def test_the_compiled_step_through_graphs_compiles_nothing_more(
+        make_checkpoint: CheckpointFactory) -> None:
+    """The torch.compile graph (what CUDA captures) through `StepGraphs`: 70 steps across two
+    spans give the logits the same compiled step gives without graphs, bit for bit, and dynamo
+    compiles nothing after the decoder's first compile."""
+    model = engine.load(make_checkpoint("native", seed=5, **SHAPE))
+    decoder = FastDecoder(model, 1, MAX_SEQ_LEN, native=False)
+    assert decoder.compiled
+    compiled_before = int(counters["stats"]["unique_graphs"])
+    caches = [prefilled(model, decoder, PROMPT) for _ in range(2)]
+    tokens = [torch.tensor([7])] * 2
+    got_without: list[torch.Tensor] = []
+    for pos in range(len(PROMPT), len(PROMPT) + 70):
+        got_without.append(decoder.step(tokens[0], torch.tensor([pos]), caches[0]))
+        tokens[0] = got_without[-1].argmax(-1)
+    graphs = decoder.use_graphs(capture=Rerun(lambda: decoder.graphs, [caches[1]]))
+    for pos, want in zip(range(len(PROMPT), len(PROMPT) + 70), got_without, strict=True):
+        got = decoder.step(tokens[1], torch.tensor([pos]), caches[1])
+        assert torch.equal(got, want)
+        tokens[1] = got.argmax(-1)
+    assert (graphs.captures, graphs.replays) == (2, 70)
+    assert int(counters["stats"]["unique_graphs"]) == compiled_before
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device here")
