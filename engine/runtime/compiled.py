@@ -206,6 +206,7 @@ class FastDecoder:
         self.max_seq_len = max_seq_len
         self.rewind = rewind
         self.cache: KVCache = model.new_cache(batch_size, max_seq_len, rewind)
+        device = self.cache.keys[0].device
         self._graph = _DecodeStep(model.module, self.cache, batch_size)
         self._fn: Callable[..., torch.Tensor] = self._graph
         # The C++ step (`native.py`) where it runs: nothing to compile, a fraction of the
@@ -240,13 +241,11 @@ class FastDecoder:
             # sources' digest goes into its key.
             # On a CUDA device the compile runs kernels there, which must not fall inside
             # another decoder's graph capture (`step_graphs.CAPTURING`).
-            on_cuda = self.cache.keys[0].device.type == "cuda"
             with torch.compiler.config.patch(  # type: ignore[attr-defined]
                     cache_key_tag=kernels.cache_tag()), \
-                    CAPTURING if on_cuda else contextlib.nullcontext():
+                    CAPTURING if device.type == "cuda" else contextlib.nullcontext():
                 self._warm_up()
             self.compile_seconds = time.perf_counter() - t0
-        device = self.cache.keys[0].device
         if cuda_graphs is None:
             cuda_graphs = device.type == "cuda" and \
                 os.environ.get("TRAMONTANE_CUDA_GRAPHS", "1") != "0"

@@ -146,7 +146,3 @@ class StepGraphs:
         while len(self._graphs) > self.limit:
             self._graphs.popitem(last=False)
         return entry
-
-    def clear(self) -> None:
-        """Drop every graph (their memory returns to the pool)."""
-        self._graphs.clear()
