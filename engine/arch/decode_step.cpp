@@ -19,6 +19,9 @@
 //   -> ([B] token ids, [B] log-probabilities): each row's greedy token (`torch.argmax` of its
 //       logits: the first maximum, the first NaN if any) and its `log_softmax` value; the
 //       same on given logits: `torch.ops.tramontane.greedy(logits)`
+//   verify(tokens, positions, keys, values, slot_pos, spans): (B, T) tokens, -> the greedy
+//       token and log-probability after every one of them, row-major ([B * T] each): what
+//       speculative decoding checks a draft with (the weights streamed once for all T)
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -181,6 +184,44 @@ class DecodeStep : public torch::CustomClassHolder {
                  std::vector<at::Tensor> keys, std::vector<at::Tensor> values,
                  std::vector<at::Tensor> slot_pos, std::vector<int64_t> spans,
                  std::optional<at::Tensor> last) const {
+    if (tokens.dim() == 2 && tokens.size(1) > 1) {
+      TORCH_CHECK(last.has_value(), "DecodeStep.run: a chunk of ", tokens.size(1),
+                  " tokens per row needs each row's last token");
+    }
+    at::Tensor h = hidden(tokens, positions, keys, values, slot_pos, spans);
+    if (tokens.dim() == 2 && tokens.size(1) > 1) {
+      h = last_rows(h, tokens.size(0), tokens.size(1), *last);
+    }
+    return decode_logits_impl(h, norm_, output_, eps_);
+  }
+
+  std::tuple<std::vector<int64_t>, std::vector<double>> greedy(
+      const at::Tensor& tokens, const at::Tensor& positions, std::vector<at::Tensor> keys,
+      std::vector<at::Tensor> values, std::vector<at::Tensor> slot_pos,
+      std::vector<int64_t> spans) const {
+    TORCH_CHECK(tokens.dim() == 1, "DecodeStep.greedy: expected one token per row, got ",
+                tokens.sizes());
+    const at::Tensor logits = run(tokens, positions, std::move(keys), std::move(values),
+                                  std::move(slot_pos), std::move(spans), std::nullopt);
+    return greedy_rows(logits);
+  }
+
+  std::tuple<std::vector<int64_t>, std::vector<double>> verify(
+      const at::Tensor& tokens, const at::Tensor& positions, std::vector<at::Tensor> keys,
+      std::vector<at::Tensor> values, std::vector<at::Tensor> slot_pos,
+      std::vector<int64_t> spans) const {
+    TORCH_CHECK(tokens.dim() == 2, "DecodeStep.verify: expected (B, T) tokens, got ",
+                tokens.sizes());
+    const at::Tensor h = hidden(tokens, positions, keys, values, slot_pos, spans);
+    return greedy_rows(decode_logits_impl(h, norm_, output_, eps_));
+  }
+
+ private:
+  // Every layer over `tokens` (their keys and values written into the cache): the last
+  // hidden state of each token, (B * T, dim) row-major.
+  at::Tensor hidden(const at::Tensor& tokens, const at::Tensor& positions,
+                    std::vector<at::Tensor>& keys, std::vector<at::Tensor>& values,
+                    std::vector<at::Tensor>& slot_pos, const std::vector<int64_t>& spans) const {
     const char* what = "DecodeStep.run";
     TORCH_CHECK(keys.size() == layers_.size() && values.size() == layers_.size(), what,
                 ": expected the keys and values of ", layers_.size(), " layers");
@@ -203,26 +244,9 @@ class DecodeStep : public torch::CustomClassHolder {
                             positions, inv_freq_, keys[i], values[i], spans[layer_group_[i]],
                             slot, allowed);
     }
-    if (tokens.dim() == 2 && tokens.size(1) > 1) {
-      TORCH_CHECK(last.has_value(), what, ": a chunk of ", tokens.size(1),
-                  " tokens per row needs each row's last token");
-      h = last_rows(h, tokens.size(0), tokens.size(1), *last);
-    }
-    return decode_logits_impl(h, norm_, output_, eps_);
+    return h;
   }
 
-  std::tuple<std::vector<int64_t>, std::vector<double>> greedy(
-      const at::Tensor& tokens, const at::Tensor& positions, std::vector<at::Tensor> keys,
-      std::vector<at::Tensor> values, std::vector<at::Tensor> slot_pos,
-      std::vector<int64_t> spans) const {
-    TORCH_CHECK(tokens.dim() == 1, "DecodeStep.greedy: expected one token per row, got ",
-                tokens.sizes());
-    const at::Tensor logits = run(tokens, positions, std::move(keys), std::move(values),
-                                  std::move(slot_pos), std::move(spans), std::nullopt);
-    return greedy_rows(logits);
-  }
-
- private:
   // The embedding rows of `tokens`, in the table's dtype (`F.embedding`).
   at::Tensor embed(const at::Tensor& tokens) const {
     TORCH_CHECK(tokens.scalar_type() == at::kLong && tokens.is_contiguous(),
@@ -274,7 +298,8 @@ TORCH_LIBRARY_FRAGMENT(tramontane, m) {
                        std::vector<at::Tensor>, int64_t, int64_t, double, at::Tensor,
                        std::vector<int64_t>, std::vector<int64_t>, std::vector<int64_t>>())
       .def("run", &DecodeStep::run)
-      .def("greedy", &DecodeStep::greedy);
+      .def("greedy", &DecodeStep::greedy)
+      .def("verify", &DecodeStep::verify);
   m.def("greedy(Tensor logits) -> (int[], float[])");
 }
 

@@ -300,18 +300,23 @@ class FastDecoder:
         return [min(span, g.capacity) if g.window is None else g.capacity
                 for g in cache.groups]
 
-    def prefill(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache,
-                output_index: torch.Tensor) -> torch.Tensor:
-        """A chunk of `tokens: (B, T)` at `positions: (B, T)` (consecutive per row, -1 after a
-        row's last), T up to `chunk_tokens`, in one native call (the weights streamed once for
-        all of them): float32 logits `(B, V)` of token `output_index[b]` of each row."""
+    def _check_chunk(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache,
+                     what: str) -> None:
         if self.native is None or not self.accepts(cache):
-            raise ValueError("prefill takes the native step and a cache of its geometry")
+            raise ValueError(f"{what} takes the native step and a cache of its geometry")
         if tokens.dim() != 2 or tokens.shape[0] != self.batch_size or \
                 not 1 <= tokens.shape[1] <= self.chunk_tokens or positions.shape != tokens.shape:
             raise ValueError(f"expected tokens and positions of shape ({self.batch_size}, T), T "
                              f"up to {self.chunk_tokens}, got {tuple(tokens.shape)} and "
                              f"{tuple(positions.shape)}")
+
+    def prefill(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache,
+                output_index: torch.Tensor) -> torch.Tensor:
+        """A chunk of `tokens: (B, T)` at `positions: (B, T)` (consecutive per row, -1 after a
+        row's last), T up to `chunk_tokens`, in one native call (the weights streamed once for
+        all of them): float32 logits `(B, V)` of token `output_index[b]` of each row."""
+        self._check_chunk(tokens, positions, cache, "prefill")
+        assert self.native is not None
         with torch.inference_mode():
             tokens = tokens.contiguous()
             positions = positions.contiguous()
@@ -326,6 +331,20 @@ class FastDecoder:
         if self.native is None:
             return None
         return self.native.greedy(tokens, positions, cache, self._spans(cache, positions))
+
+    def verify(self, tokens: torch.Tensor, positions: torch.Tensor,
+               cache: KVCache) -> tuple[list[int], list[float]] | None:
+        """`tokens: (B, T)` at consecutive `positions: (B, T)` in one native call, T up to
+        `chunk_tokens`: the greedy token and its log-probability after every one of them
+        (row-major, B * T each), or None without the native step. The same numbers as T steps
+        one after the other (each row of a product and of attention runs the same loop)."""
+        if self.native is None:
+            return None
+        self._check_chunk(tokens, positions, cache, "verify")
+        with torch.inference_mode():
+            tokens = tokens.contiguous()
+            positions = positions.contiguous()
+            return self.native.verify(tokens, positions, cache, self._spans(cache, positions))
 
     def step(self, tokens: torch.Tensor, positions: torch.Tensor,
              cache: KVCache | None = None) -> torch.Tensor:

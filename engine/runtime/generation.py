@@ -33,7 +33,8 @@ from ..checkpoints.tokenizer import TextStream
 from ..errors import GenerationError
 from ..images import DEFAULT_LIMITS, ImageLimits
 from .image_inputs import RequestImages
-from .phases import decode_greedy, decode_one, prefill, uses_fast_step
+from .lookup import Drafter
+from .phases import decode_greedy, decode_one, prefill, uses_fast_step, verify_greedy
 from .prefix_cache import Lease, PrefixCache
 from .sampling import SamplingParams, make_generator, sample, token_logprobs
 
@@ -99,6 +100,9 @@ class Stats:
     # a prefix cache may reuse next time.
     cached: list[int] = field(default_factory=list)
     images_encoded: int = 0  # images the vision tower ran on (not those a prefix cache held)
+    # Speculative decoding by lookup (`drafter`): tokens drafted, and those the model agreed with.
+    drafted: int = 0
+    accepted: int = 0
 
 
 def _check_prompts(prompts: Sequence[Sequence[int]], vocab_size: int) -> None:
@@ -124,13 +128,19 @@ class Generation:
     and `cache.save()` runs there (a recurrent state is copied for the next prompt). `images`:
     the prompts' images, checked against them (`RequestImages`); encoding them is the first
     unit of work.
+
+    `drafter` with `lookup` > 0 (one prompt, greedy sampling, the native step): each decode step
+    checks up to `lookup` drafted tokens in the same pass (`lookup.py`), and the tokens it
+    agreed with come out of the next `advance()` calls without running the model. The tokens
+    and log-probabilities are those of decoding without drafts.
     """
 
     def __init__(self, model: Model, prompts: Sequence[Sequence[int]], params: SamplingParams,
                  *, eos_id: int | None = None, chunk_size: int | None = None,
                  cancel: CancellationToken | None = None, cache: Cache | None = None,
                  start: int = 0, save: bool = False,
-                 images: RequestImages | None = None) -> None:
+                 images: RequestImages | None = None, drafter: Drafter | None = None,
+                 lookup: int = 0) -> None:
         _check_prompts(prompts, model.config.vocab_size)
         if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size <= 0):
             raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size!r}")
@@ -200,6 +210,15 @@ class Generation:
         self.reasons: list[FinishReason] = ["length"] * bsz
         self.steps = 0  # tokens sampled per row so far
         self.last: torch.Tensor | None = None  # the tokens sampled last, to feed back
+        if lookup < 0:
+            raise ValueError(f"lookup must be >= 0, got {lookup}")
+        self.drafter = drafter if lookup and bsz == 1 and params.greedy else None
+        self.lookup = lookup
+        # Draft length: from 2, two more after a draft taken whole, one less after a rejection
+        # (transformers' assisted-generation heuristic): a rejected token costs a row of work.
+        self.draft_tokens = min(2, lookup)
+        self.generated: list[int] = []  # the one row's tokens so far (what drafts follow)
+        self._agreed: deque[tuple[int, float]] = deque()  # drafts verified, not yet emitted
 
     @property
     def batch_size(self) -> int:
@@ -238,12 +257,16 @@ class Generation:
             decoded = self._sample()
             self.stats.decode_seconds += time.perf_counter() - t0
             return decoded
+        if self._agreed:  # computed by the last step already
+            token, logprob = self._agreed.popleft()
+            return self._emit([token], [logprob])
         assert self.last is not None
         positions = torch.tensor(
             [self.lengths[i] + self.steps - 1 if self.active[i] else -1
              for i in range(self.batch_size)], device=self.padded.device)
-        picked = (decode_greedy(self.model, self.last, positions, self.cache)
-                  if self.params.greedy else None)
+        picked = self._speculate() if self.drafter is not None else None
+        if picked is None and self.params.greedy:
+            picked = decode_greedy(self.model, self.last, positions, self.cache)
         if picked is None:
             self.logits = decode_one(self.model, self.last, positions, self.cache)
         self.stats.cached = [n + 1 if a else n
@@ -251,6 +274,44 @@ class Generation:
         decoded = self._sample() if picked is None else self._emit(*picked)
         self.stats.decode_seconds += time.perf_counter() - t0
         return decoded
+
+    def _speculate(self) -> tuple[list[int], list[float]] | None:
+        """One pass over the last token and a draft of what follows it: the model's next
+        token, with the drafted tokens it agreed with queued after it (`_agreed`). None when
+        there is no draft or no native step to check it in one pass."""
+        assert self.drafter is not None and self.last is not None
+        step = self.model.decoder
+        if step is None or not uses_fast_step(self.model, self.cache):
+            return None
+        # every drafted token checked, and the model's own after them, must fit the request
+        room = min(self.draft_tokens, step.chunk_tokens - 1, self.max_tokens - self.steps - 1)
+        draft = self.drafter.draft(self.generated, room)
+        if not draft:
+            return None
+        at = self.lengths[0] + self.steps - 1
+        device = self.padded.device
+        tokens = torch.tensor([[int(self.last[0]), *draft]], device=device)
+        positions = torch.arange(at, at + len(draft) + 1, device=device)[None]
+        checked = verify_greedy(self.model, tokens, positions, self.cache)
+        if checked is None:
+            return None
+        ids, logprobs = checked
+        agreed = 0
+        while agreed < len(draft) and draft[agreed] == ids[agreed]:
+            agreed += 1
+        if agreed < len(draft):
+            # forget the keys of the drafts after the first the model disagreed with
+            kept = self.cache.keep(at + agreed + 1)
+            if kept != at + agreed + 1:
+                raise GenerationError(f"the cache could not cut back to {at + agreed + 1} "
+                                      f"positions after a draft (kept {kept})")
+        self.draft_tokens = (min(self.draft_tokens + 2, self.lookup) if agreed == len(draft)
+                             else max(1, self.draft_tokens - 1))
+        self.stats.drafted += len(draft)
+        self.stats.accepted += agreed
+        self.stats.cached[0] += agreed  # the step's bookkeeping counts the last token's
+        self._agreed.extend(zip(ids[1:agreed + 1], logprobs[1:agreed + 1], strict=True))
+        return ids[:1], logprobs[:1]
 
     def _prefill_chunk(self) -> None:
         begin = self.begin
@@ -292,9 +353,12 @@ class Generation:
         self.steps += 1
         self.last = as_tensor if as_tensor is not None else torch.tensor(
             tokens, device=self.padded.device)
+        if self.drafter is not None:
+            self.generated.append(tokens[0])
         if not any(self.active) or self.steps == self.max_tokens:
             self.done = True
             self.stats.reasons = list(self.reasons)
+            self._agreed.clear()
         return Decoded(tokens, logprobs, emit)
 
 
@@ -354,7 +418,9 @@ class Stream:
     adapter of the model that runs during this stream's steps only (None: the thread's choice,
     the base model unless `model.with_lora` or `model.use_lora` chose one). `images`: the PIL
     images of the prompt's `[IMG]` tokens, in order (see `generate`); the prefix cache tells
-    images apart by their content, not only by their tokens.
+    images apart by their content, not only by their tokens. `lookup`: up to this many drafted
+    tokens checked per decode step, for greedy sampling (`lookup.py`: from the prompt, the
+    tokens so far and what `cache_key`'s earlier requests generated); the output is the same.
     """
 
     def __init__(self, prompt: Sequence[int], model: Model,
@@ -363,7 +429,7 @@ class Stream:
                  chunk_size: int | None = None, prefix_cache: PrefixCache | None = None,
                  cache_key: Hashable | None = None, adapter: str | None = None,
                  images: Sequence[Image.Image] | None = None,
-                 image_limits: ImageLimits = DEFAULT_LIMITS) -> None:
+                 image_limits: ImageLimits = DEFAULT_LIMITS, lookup: int = 0) -> None:
         params = sampling or SamplingParams()
         self.model = model
         self.prompt = list(prompt)
@@ -390,7 +456,10 @@ class Stream:
                                        chunk_size=chunk_size, cancel=cancel,
                                        cache=lease.cache if lease else None,
                                        start=lease.reused if lease else 0,
-                                       save=lease is not None, images=request_images)
+                                       save=lease is not None, images=request_images,
+                                       drafter=Drafter(self.prompt,
+                                                       lease.history if lease else ()),
+                                       lookup=lookup)
         except BaseException:
             self.close()
             raise
@@ -446,7 +515,8 @@ class Stream:
             run = getattr(self, "_run", None)
             held = run.stats.cached[0] if run is not None else self._lease.reused
             self._prefix_cache.checkin(self._lease,
-                                       [*self._cache_tokens, *self._generated][:held])
+                                       [*self._cache_tokens, *self._generated][:held],
+                                       self._generated)
 
     def __iter__(self) -> Iterator[TokenEvent | EndEvent]:
         return self
@@ -464,8 +534,8 @@ def stream(prompt: Sequence[int], model: Model, sampling: SamplingParams | None 
            chunk_size: int | None = None, prefix_cache: PrefixCache | None = None,
            cache_key: Hashable | None = None, adapter: str | None = None,
            images: Sequence[Image.Image] | None = None,
-           image_limits: ImageLimits = DEFAULT_LIMITS) -> Stream:
+           image_limits: ImageLimits = DEFAULT_LIMITS, lookup: int = 0) -> Stream:
     """Stream one prompt's generation (see `Stream`)."""
     return Stream(prompt, model, sampling, cancel=cancel, eos_id=eos_id, chunk_size=chunk_size,
                   prefix_cache=prefix_cache, cache_key=cache_key, adapter=adapter,
-                  images=images, image_limits=image_limits)
+                  images=images, image_limits=image_limits, lookup=lookup)

@@ -148,3 +148,12 @@ class NativeStep:
         ids, logprobs = self._step.greedy(tokens, positions, cache.keys, cache.values,
                                           cache.slot_pos, spans)
         return list(ids), list(logprobs)
+
+    def verify(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache,
+               spans: list[int]) -> tuple[list[int], list[float]]:
+        """`tokens`, `positions`: (B, T), T up to `chunk_tokens`, and the greedy token with its
+        log-probability after each of them, row-major (B * T of each), in one call: the
+        weights stream once for all T (`DecodeStep.verify`)."""
+        ids, logprobs = self._step.verify(tokens, positions, cache.keys, cache.values,
+                                          cache.slot_pos, spans)
+        return list(ids), list(logprobs)

@@ -8,7 +8,8 @@ phase plugs in here without the loop knowing.
   accepts the cache's geometry, else the eager forward; `decode_greedy`, the same with greedy
   sampling done in the native step (no logits to Python);
 - `verify`: k tokens per row in one pass, the logits at every position: what speculative
-  decoding checks drafted tokens with (then `cache.keep(n)` cuts back to the accepted ones).
+  decoding checks drafted tokens with (then `cache.keep(n)` cuts back to the accepted ones);
+  `verify_greedy`, the same with greedy sampling at every position in the native step.
 
 Every function writes the new tokens' keys/values (or state) into the cache. Positions are
 absolute; -1 marks padding, which changes nothing any other row sees.
@@ -70,6 +71,18 @@ def verify(model: Model, tokens: torch.Tensor, positions: torch.Tensor,
     """`tokens: (B, k)` at `positions: (B, k)` in one pass; float32 logits `(B, k, V)`, those at
     position i predicting the token after `tokens[:, i]`."""
     return model.forward(tokens, positions, cache)
+
+
+def verify_greedy(model: Model, tokens: torch.Tensor, positions: torch.Tensor,
+                  cache: Cache) -> tuple[list[int], list[float]] | None:
+    """`verify` with greedy sampling at every position, in one native call where the model's
+    step has one and takes `tokens: (B, T)` (T up to its `chunk_tokens`): the greedy token and
+    its log-probability after each token, row-major (B * T each); None otherwise."""
+    step = model.decoder
+    if step is None or not uses_fast_step(model, cache) or \
+            not 1 <= tokens.shape[1] <= step.chunk_tokens:
+        return None
+    return step.verify(tokens, positions, cache)
 
 
 def uses_fast_step(model: Model, cache: Cache) -> bool:

@@ -32,6 +32,10 @@ cache (its memory goes back to the allocator). An entry is checked out while a r
 it (one request per document at a time; the server cancels the previous one first) and checked
 back in after.
 
+Drafts: each key also keeps what its last `HISTORY_OUTPUTS` requests generated, which
+speculative decoding by lookup drafts from (`lookup.py`): a keystroke's completion often repeats
+the last one's.
+
 Thread safety: `checkout`, `checkin`, `drop` and `clear` take a lock; a cache checked out is
 only touched by the thread that runs the request.
 """
@@ -70,14 +74,22 @@ def common_prefix_length(a: Sequence[Hashable], b: Sequence[Hashable]) -> int:
     return n
 
 
+# Outputs of a key's earlier requests kept for drafting (`lookup.py`): the newest, each cut to
+# its first tokens.
+HISTORY_OUTPUTS = 16
+HISTORY_TOKENS = 256
+
+
 @dataclass
 class Lease:
-    """A cache checked out for one request: positions [0, reused) already hold `prompt`."""
+    """A cache checked out for one request: positions [0, reused) already hold `prompt`;
+    `history`: what the key's earlier requests generated, oldest first."""
 
     key: Hashable
     cache: Cache
     reused: int
     dropped: bool = field(default=False, repr=False)
+    history: list[list[int]] = field(default_factory=list, repr=False)
 
 
 @dataclass
@@ -85,6 +97,7 @@ class _Entry:
     cache: Cache
     # What positions [0, len) hold: token ids, and for image patches (content hash, index)
     tokens: list[Hashable]
+    history: list[list[int]] = field(default_factory=list)
 
 
 class PrefixCache:
@@ -151,22 +164,27 @@ class PrefixCache:
                 if cache is None:
                     return None
                 entry = _Entry(cache, [])
-            lease = Lease(key, entry.cache, 0)
+            lease = Lease(key, entry.cache, 0, history=entry.history)
             self._out[key] = lease
         # Cutting back touches only this entry's tensors: outside the lock.
         want = min(common_prefix_length(entry.tokens, prompt), len(prompt) - 1)
         lease.reused = entry.cache.keep(want)
         return lease
 
-    def checkin(self, lease: Lease, tokens: Sequence[Hashable]) -> None:
-        """Give the cache back; it now holds `tokens` at positions [0, len(tokens))."""
+    def checkin(self, lease: Lease, tokens: Sequence[Hashable],
+                output: Sequence[int] = ()) -> None:
+        """Give the cache back; it now holds `tokens` at positions [0, len(tokens)). `output`:
+        what the request generated, kept in the key's history."""
+        history = lease.history
+        if output:
+            history = [*history[-(HISTORY_OUTPUTS - 1):], list(output[:HISTORY_TOKENS])]
         with self._lock:
             if self._out.get(lease.key) is not lease:
                 return
             del self._out[lease.key]
             if lease.dropped:
                 return  # the last reference: its memory goes with it
-            self._entries[lease.key] = _Entry(lease.cache, list(tokens))
+            self._entries[lease.key] = _Entry(lease.cache, list(tokens), history)
 
     def drop(self, key: Hashable) -> bool:
         """Forget `key`'s cache (the document was closed). True if there was one."""
