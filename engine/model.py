@@ -47,6 +47,9 @@ class DecodeStep(Protocol):
     def greedy(self, tokens: torch.Tensor, positions: torch.Tensor,
                cache: Any) -> tuple[list[int], list[float]] | None: ...
 
+    def verify(self, tokens: torch.Tensor, positions: torch.Tensor,
+               cache: Any) -> tuple[list[int], list[float]] | None: ...
+
 
 class Model:
     """A checkpoint ready to run: `module` (PyTorch), `tokenizer` (mistral-common), `config`.
