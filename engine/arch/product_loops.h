@@ -349,26 +349,49 @@ TRAMONTANE_AVX512_BF16 inline __m256 dot16(__m256 acc, const uint16_t* a, const 
                           (__m256bh)_mm256_loadu_si256(reinterpret_cast<const __m256i*>(b)));
 }
 
-TRAMONTANE_AVX512_BF16 inline void bf16_rows_dot(const uint16_t* w, const uint16_t* xb,
-                                                 float* y, int64_t k, int64_t r0, int64_t r1) {
+// N input rows at once (1 to 4): each weight load serves all N, from registers, so a few
+// rows (a draft being checked, a keystroke's new prompt tokens) cost little more than one;
+// each input row's sums are added in the one-row order, so its results are the same bits
+// whatever N it was computed with.
+template <int N>
+TRAMONTANE_AVX512_BF16 inline void bf16_rows_dot_n(const uint16_t* w,
+                                                   const uint16_t* const* xb, float* const* y,
+                                                   int64_t k, int64_t r0, int64_t r1) {
   for (int64_t r = r0; r < r1; ++r) {
     const uint16_t* row = w + r * k;
-    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
-    __m256 a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
+    __m256 a[N][4];
+    for (int n = 0; n < N; ++n) {
+      for (int j = 0; j < 4; ++j) a[n][j] = _mm256_setzero_ps();
+    }
     int64_t i = 0;
     for (; i + 64 <= k; i += 64) {
       stream_ahead(row + i);
       stream_ahead(row + i + 32);
-      a0 = dot16(a0, row + i, xb + i);
-      a1 = dot16(a1, row + i + 16, xb + i + 16);
-      a2 = dot16(a2, row + i + 32, xb + i + 32);
-      a3 = dot16(a3, row + i + 48, xb + i + 48);
+      for (int j = 0; j < 4; ++j) {
+        const __m256bh wj =
+            (__m256bh)_mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + i + 16 * j));
+        for (int n = 0; n < N; ++n) {
+          a[n][j] = _mm256_dpbf16_ps(
+              a[n][j], wj,
+              (__m256bh)_mm256_loadu_si256(
+                  reinterpret_cast<const __m256i*>(xb[n] + i + 16 * j)));
+        }
+      }
     }
-    for (; i + 16 <= k; i += 16) a0 = dot16(a0, row + i, xb + i);
-    float acc = hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
-    for (; i < k; ++i) acc += bf16_to_float(row[i]) * bf16_to_float(xb[i]);
-    y[r] = acc;
+    for (int n = 0; n < N; ++n) {
+      int64_t t = i;
+      for (; t + 16 <= k; t += 16) a[n][0] = dot16(a[n][0], row + t, xb[n] + t);
+      float acc =
+          hsum(_mm256_add_ps(_mm256_add_ps(a[n][0], a[n][1]), _mm256_add_ps(a[n][2], a[n][3])));
+      for (; t < k; ++t) acc += bf16_to_float(row[t]) * bf16_to_float(xb[n][t]);
+      y[n][r] = acc;
+    }
   }
+}
+
+TRAMONTANE_AVX512_BF16 inline void bf16_rows_dot(const uint16_t* w, const uint16_t* xb,
+                                                 float* y, int64_t k, int64_t r0, int64_t r1) {
+  bf16_rows_dot_n<1>(w, &xb, &y, k, r0, r1);
 }
 
 // int8 rows: the weights sign-extended to int16 (32 a load, in order), `dpwssd` multiplies
