@@ -458,7 +458,8 @@ class Stream:
                                        start=lease.reused if lease else 0,
                                        save=lease is not None, images=request_images,
                                        drafter=Drafter(self.prompt,
-                                                       lease.history if lease else ()),
+                                                       lease.history if lease else ())
+                                       if lookup else None,
                                        lookup=lookup)
         except BaseException:
             self.close()
