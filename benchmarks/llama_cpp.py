@@ -22,6 +22,9 @@ with each table. What is timed, both sides alike:
   llama.cpp: the longest common prefix kept in its context, the rest evaluated) and decodes
   8 greedy tokens. The first keystroke is a full prefill (reported apart). Paced: each waits
   for the previous one.
+  With `--lookup N`, a third side replays the same keystrokes through ours with speculative
+  decoding by lookup (drafts of up to N tokens, from the prompt and that side's earlier
+  completions, in a prefix cache of its own; the same greedy tokens); llama.cpp has no drafts.
 - prefill: 512 and 2048 prompt tokens into an empty cache, logits of the last one.
 - decode: 128 greedy tokens after a 512-token prompt (from the first generated token on).
 
@@ -258,25 +261,41 @@ def bench_precision(name: str, native: Path, gguf: Path, args: argparse.Namespac
     try:
         result["weight_bytes"] = weight_bytes(model)
         sampling = engine.SamplingParams(max_tokens=8)
-        cache = engine.PrefixCache(model, max_seq_len=2560, budget_bytes=2**30, rewind=512)
+        # One prefix cache per side of ours: with --lookup, the second one's history is the
+        # lookup side's own earlier completions.
+        caches = [engine.PrefixCache(model, max_seq_len=2560, budget_bytes=2**30, rewind=512)
+                  for _ in range(2 if args.lookup else 1)]
+        drafts = [0, 0]  # drafted, accepted
 
-        def ours_key(prompt: list[int]) -> float:
+        def ours_key(prompt: list[int], lookup: int = 0) -> float:
             t = time.perf_counter()
-            list(engine.stream(prompt, model, sampling, eos_id=-1, chunk_size=256,
-                               prefix_cache=cache, cache_key="doc"))
-            return time.perf_counter() - t
+            events = list(engine.stream(prompt, model, sampling, eos_id=-1, chunk_size=256,
+                                        prefix_cache=caches[1 if lookup else 0],
+                                        cache_key="doc", lookup=lookup))
+            seconds = time.perf_counter() - t
+            end = events[-1]
+            drafts[0] += end.drafted_tokens
+            drafts[1] += end.accepted_tokens
+            return seconds
 
-        ours: list[float] = []
-        theirs: list[float] = []
+        times: dict[str, list[float]] = {"ours": [], "llama": [], "lookup": []}
         for i, prompt in enumerate(prompts):
             sides = [("ours", lambda p=prompt: ours_key(p)),
                      ("llama", lambda p=prompt: llama.run(p, 8, True)["seconds"])]
-            for side, fn in sides if i % 2 == 0 else reversed(sides):
-                (ours if side == "ours" else theirs).append(fn())
+            if args.lookup:
+                sides.append(("lookup", lambda p=prompt: ours_key(p, args.lookup)))
+            shift = i % len(sides)  # each side goes first as often as the others
+            for side, fn in sides[shift:] + sides[:shift]:
+                times[side].append(fn())
+        ours, theirs, drafted = times["ours"], times["llama"], times["lookup"]
         result["first_prompt_tokens"] = len(prompts[0])
         result["first"] = (ours[0], theirs[0])
         result["keys"] = {"p50": (statistics.median(ours[1:]), statistics.median(theirs[1:])),
                           "p95": (p95(ours[1:]), p95(theirs[1:])), "n": len(ours) - 1}
+        if args.lookup:
+            result["lookup"] = {"n": args.lookup, "p50": statistics.median(drafted[1:]),
+                                "p95": p95(drafted[1:]), "drafted": drafts[0],
+                                "accepted": drafts[1], "tokens": 8 * len(prompts)}
         result["keys_load"] = load_average()
         rng = torch.Generator().manual_seed(0)
         for length in (512, 2048):
@@ -352,6 +371,14 @@ def report(rows: dict[str, dict[str, Any]], cpu: str) -> None:
               f"ratio {a50 / b50:.2f}x")
         print(f"  keystroke p95               {a95 * 1e3:8.0f} ms {b95 * 1e3:8.0f} ms  "
               f"ratio {a95 / b95:.2f}x; our p95/p50 {a95 / a50:.2f}")
+        if "lookup" in r:
+            d = r["lookup"]
+            print(f"  keystroke p50, ours with lookup {d['n']} (llama.cpp without) "
+                  f"{d['p50'] * 1e3:5.0f} ms {b50 * 1e3:8.0f} ms  ratio {d['p50'] / b50:.2f}x; "
+                  f"{d['p50'] / a50:.2f}x ours without")
+            print(f"  keystroke p95, ours with lookup {d['n']}     {d['p95'] * 1e3:8.0f} ms "
+                  f"{b95 * 1e3:8.0f} ms  ratio {d['p95'] / b95:.2f}x; drafted "
+                  f"{d['drafted']} tokens of {d['tokens']}, accepted {d['accepted']}")
         print(f"  first prompt ({r['first_prompt_tokens']} tokens)   {f[0]:8.2f} s  {f[1]:8.2f} s"
               f"   ratio {f[0] / f[1]:.2f}x")
         for key in ("prefill512", "prefill2048", "decode"):
@@ -376,6 +403,10 @@ def main() -> None:
     parser.add_argument("--step", choices=("native", "graph"), default="native",
                         help="our decode step: the C++ layers (runtime/native.py) or the "
                              "compiled graph (runtime/compiled.py)")
+    parser.add_argument("--lookup", type=int, default=0,
+                        help="also replay the trace through ours with speculative decoding by "
+                             "lookup, up to this many drafted tokens a pass (llama.cpp's side "
+                             "runs without drafts)")
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
     from bench_models import ensure_checkpoints

@@ -58,6 +58,8 @@ class Outcome:
     typed_through: bool = False  # answered from the completion shown before, no model run
     # For a cancelled request: how long the engine ran on after the cancel, in ms.
     stopped_ms: float | None = None
+    drafted_tokens: int = 0  # speculative decoding by lookup: tokens drafted, and accepted
+    accepted_tokens: int = 0
     # Answered at the time budget: how late the event loop ran the budget's timer, in ms (a
     # starved machine; or code that held the loop up).
     budget_late_ms: float | None = None
@@ -69,7 +71,8 @@ class Outcome:
     @classmethod
     def of(cls, end: End, text: str = "", reason: str | None = None) -> Outcome:
         return cls(text, reason, end.prompt_tokens, end.generated_tokens, end.seconds,
-                   end.reused_tokens, end.computed_tokens, stopped_ms=end.stopped_ms)
+                   end.reused_tokens, end.computed_tokens, stopped_ms=end.stopped_ms,
+                   drafted_tokens=end.drafted_tokens, accepted_tokens=end.accepted_tokens)
 
 
 @dataclass(frozen=True)
@@ -214,7 +217,8 @@ class CompletionService:
         request = CompletionRequest(
             key=uri, prefix=prompt.prefix, suffix=prompt.suffix, tokens=prompt.tokens,
             sampling=Sampling(settings.max_tokens, settings.temperature),
-            adapter=settings.adapter, stop=text_filter.feed, on_end=on_end)
+            adapter=settings.adapter, lookup=settings.lookup, stop=text_filter.feed,
+            on_end=on_end)
         events = backend.complete(request)
 
         async def consume() -> End | None:

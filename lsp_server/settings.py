@@ -5,7 +5,7 @@ The wire names are camelCase and fixed (editors and users depend on them):
     {"model": path, "device": "cpu"|"cuda"|..., "dtype": "float32"|"bfloat16"|...,
      "quantize": null|"int8"|"int4", "compile": bool, "adapters": {name: path},
      "completion": {"maxTokens", "prefixTokens", "suffixTokens", "timeBudgetMs", "debounceMs",
-                    "temperature", "enabledLanguages", "adapter"},
+                    "temperature", "enabledLanguages", "adapter", "lookup"},
      "cache": {"enabled", "budgetMiB"},
      "chat": {"maxTokens", "temperature", "maxToolSteps", "toolTimeoutMs", "toolOutputChars",
               "deniedPaths", "maxImageMiB"},
@@ -45,6 +45,10 @@ class CompletionSettings:
     enabled_languages: tuple[str, ...] = ("*",)
     # The LoRA adapter (a name of `Settings.adapters`) completions run with; None = the base.
     adapter: str | None = None
+    # Speculative decoding by lookup (local engine, temperature 0): up to this many tokens
+    # drafted from the prompt and the document's earlier completions are checked in one pass
+    # over the weights; the completion is the same, bit for bit. 0 = off.
+    lookup: int = 0
 
     def enabled_for(self, language_id: str) -> bool:
         return "*" in self.enabled_languages or language_id in self.enabled_languages
@@ -194,6 +198,7 @@ COMPLETION_CHECKS: dict[str, Check] = {
     "temperature": _float_range(0.0, 5.0),
     "enabled_languages": _languages,
     "adapter": _optional_str,
+    "lookup": _int_range(0, 16),
 }
 def _bool(value: Any) -> bool:
     if isinstance(value, bool):

@@ -78,6 +78,10 @@ class EndEvent:
     # Tokens run through the model: the prompt tokens prefilled (all of them unless cancelled
     # half-way) and the generated tokens fed back.
     computed_tokens: int = 0
+    # Speculative decoding by lookup (`Stream(lookup=)`): tokens drafted, and those the model
+    # agreed with (each one a pass over the weights saved).
+    drafted_tokens: int = 0
+    accepted_tokens: int = 0
 
 
 @dataclass(frozen=True)
@@ -505,7 +509,8 @@ class Stream:
         return EndEvent(reason=reason, prompt_tokens=stats.prompt_tokens,
                         generated_tokens=self._emitted, prefill_seconds=stats.prefill_seconds,
                         decode_seconds=stats.decode_seconds, text=self._text.flush(),
-                        cached_tokens=reused, computed_tokens=stats.cached[0] - reused)
+                        cached_tokens=reused, computed_tokens=stats.cached[0] - reused,
+                        drafted_tokens=stats.drafted, accepted_tokens=stats.accepted)
 
     def close(self) -> None:
         """Stop here; the prefix cache keeps what was computed. Idempotent."""

@@ -47,6 +47,9 @@ class CompletionRequest:
     tokens: tuple[int, ...]  # mistral-common's FIM prompt of prefix and suffix
     sampling: Sampling
     adapter: str | None = None  # a LoRA adapter the backend has loaded; None = the base model
+    # Draft tokens checked per decode pass (speculative decoding by lookup; greedy only, the
+    # output is the same); 0 = off. The local engine's; remote servers choose their own.
+    lookup: int = 0
     # Called with each piece of text where it is produced (the engine thread, or the event loop
     # for remote backends); True ends the generation at once: the completion is known to be
     # finished (post-processing's stop rules).
@@ -113,6 +116,9 @@ class End:
     seconds: float = 0.0
     # For a request cancelled while it ran: how long the backend went on after the cancel.
     stopped_ms: float | None = None
+    # Speculative decoding by lookup (the local engine): tokens drafted, and those accepted.
+    drafted_tokens: int = 0
+    accepted_tokens: int = 0
 
 
 Event = TextDelta | ToolCalls | End

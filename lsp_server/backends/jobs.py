@@ -113,7 +113,8 @@ class StreamJob:
         return End(event.reason, event.prompt_tokens, event.cached_tokens,
                    event.computed_tokens, event.generated_tokens,
                    time.perf_counter() - self._started,
-                   self._stopped_ms() if event.reason == "cancelled" else None)
+                   self._stopped_ms() if event.reason == "cancelled" else None,
+                   event.drafted_tokens, event.accepted_tokens)
 
     def _finish(self, end: End) -> None:
         self._deliver(end)

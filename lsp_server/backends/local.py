@@ -186,7 +186,8 @@ class LocalBackend:
         def make(cancel: engine.CancellationToken) -> engine.Stream:
             return engine.stream(list(request.tokens), model, sampling, cancel=cancel,
                                  chunk_size=PREFILL_CHUNK, prefix_cache=prefix_cache,
-                                 cache_key=key, adapter=request.adapter)
+                                 cache_key=key, adapter=request.adapter,
+                                 lookup=request.lookup)
 
         return self._events(make, request.stop, request.on_end, Priority.INTERACTIVE,
                             request.key)

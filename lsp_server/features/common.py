@@ -67,5 +67,7 @@ async def complete_at(ls: TramontaneServer, uri: str, position: types.Position) 
         ls.status("ready", message, reason=outcome.reason,
                   promptTokens=outcome.prompt_tokens, reusedTokens=outcome.reused_tokens,
                   prefilledTokens=outcome.prefilled_tokens,
-                  generatedTokens=outcome.generated_tokens, **details)
+                  generatedTokens=outcome.generated_tokens,
+                  draftedTokens=outcome.drafted_tokens, acceptedTokens=outcome.accepted_tokens,
+                  **details)
     return outcome

@@ -8,6 +8,9 @@ import json
 from pathlib import Path
 from typing import Any
 
+import pytest
+
+from engine.arch import kernels
 from tests.e2e.rpc import FAKE_SERVER, RawServer
 from tests.e2e.test_protocol import backend_log, inline, open_doc
 
@@ -86,5 +89,35 @@ def test_typing_the_shown_completion_is_answered_without_the_model(tmp_path: Pat
         reply, _ = completed(server, inline(server, {"line": 2, "character": 4}))
         assert reply["result"]["items"][0]["insertText"] == "abcdef"
         assert len(backend_log(tmp_path)) == 2
+    finally:
+        server.close()
+
+
+@pytest.mark.skipif(not kernels.available(), reason="the C++ kernels are not built here")
+def test_lookup_drafts_a_completion_from_the_documents_earlier_ones(tiny_model: Path) -> None:
+    """`completion.lookup`: back at a cursor completed before, the earlier completion (kept with
+    the document's prefix cache) is the draft, checked in one native pass; the completion is the
+    same, and the status counts the drafted and accepted tokens."""
+    server = RawServer()
+    try:
+        server.initialize({"model": str(tiny_model), "compile": True,
+                           "completion": {"maxTokens": 8, "timeBudgetMs": 60000, "lookup": 8}})
+        status = server.wait_for_status("ready", timeout=120)
+        while status.get("fastDecode") is not True:
+            status = server.wait_for_status("ready", timeout=120)
+        open_doc(server, TEXT)
+        here, there = {"line": 2, "character": 0}, {"line": 3, "character": 0}
+        first, first_status = completed(server, inline(server, here))
+        assert first["result"]["items"], "the tiny model completes this point"
+        completed(server, inline(server, there))  # the completion shown moves away
+        again, again_status = completed(server, inline(server, here))
+        assert "typedThrough" not in again_status  # the model ran
+        assert again["result"] == first["result"]
+        assert first_status["draftedTokens"] == first_status["acceptedTokens"] == 0, first_status
+        assert again_status["generatedTokens"] == first_status["generatedTokens"]
+        # Tokens after the first came from drafts, a pass over the weights saved for each (the
+        # first comes from the prefill; drafts start at 2 tokens and grow as they are accepted).
+        assert 2 <= again_status["acceptedTokens"] < again_status["generatedTokens"]
+        assert again_status["draftedTokens"] >= again_status["acceptedTokens"]
     finally:
         server.close()

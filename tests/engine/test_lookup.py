@@ -185,7 +185,9 @@ def test_a_repeated_request_takes_its_last_output_as_drafts(
             events = list(stream)
             streams.append(([e.token for e in events if isinstance(e, engine.TokenEvent)],
                             [e.logprob for e in events if isinstance(e, engine.TokenEvent)]))
-            counts.append((list(passes), stream._run.stats.drafted, stream._run.stats.accepted))
+            end = events[-1]
+            assert isinstance(end, engine.EndEvent)
+            counts.append((list(passes), end.drafted_tokens, end.accepted_tokens))
         return streams, counts, cache
 
     try:
@@ -195,6 +197,7 @@ def test_a_repeated_request_takes_its_last_output_as_drafts(
         model.decoder = None
     assert got == want
     assert [c[0] for c in plain] == [[1] * 11] * 3  # the first token comes from the prefill
+    assert [c[1:] for c in plain] == [(0, 0)] * 3
     repeat_passes, drafted, accepted = counts[1]
     assert repeat_passes == [3, 5, 3] and drafted == accepted == 8
     lease = cache.checkout("doc", grown)

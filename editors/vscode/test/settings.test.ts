@@ -44,6 +44,7 @@ describe('settings', () => {
         temperature: 0,
         enabledLanguages: ['*'],
         adapter: null,
+        lookup: 0,
       },
       cache: { enabled: true, budgetMiB: null },
       chat: {

@@ -21,6 +21,7 @@ export const SECTIONS = {
     'temperature',
     'enabledLanguages',
     'adapter',
+    'lookup',
   ],
   cache: ['enabled', 'budgetMiB'],
   chat: [
