@@ -24,6 +24,7 @@
 #include <cstdint>
 #include <cstring>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "input_rows.h"
@@ -157,6 +158,17 @@ void check(const Weight& w, const char* what) {
   }
 }
 
+// f(std::integral_constant<int, n>) for n = 2 to 4: a loop's count of input rows as a template
+// argument.
+template <typename F>
+void by_count(int64_t n, const F& f) {
+  switch (n) {
+    case 4: return f(std::integral_constant<int, 4>{});
+    case 3: return f(std::integral_constant<int, 3>{});
+    default: return f(std::integral_constant<int, 2>{});
+  }
+}
+
 template <typename S>
 void int4_run(const Int4Row& x4, const uint8_t* qp, const S* sp, const S* zp, float* yp,
               int64_t k, int64_t group, Isa isa, int64_t r0, int64_t r1) {
@@ -224,12 +236,23 @@ void products_impl(const float* x, int64_t count, int64_t k, const std::vector<W
                    w.zero.defined() ? w.zero.data_ptr() : nullptr,
                    w.scale.defined() && w.scale.scalar_type() == at::kFloat});
   }
-  // BF16's dot products take up to 4 input rows at once (`bf16_rows_dot_n`): how many can
-  // from input row m on (their bfloat16 rows all made).
+  // Loops that take up to 4 input rows at once, each weight load serving all of them: BF16's
+  // dot products (`bf16_rows_dot_n`, for bfloat16 rows of bfloat16 values: `dot_run[m]` says
+  // how many from input row m on have theirs) and the AVX-512 int8 and int4 loops (any rows).
   std::vector<int64_t> dot_run(count + 1, 0);
   for (int64_t m = count - 1; m >= 0 && !xb.empty(); --m) {
     dot_run[m] = xb[m].empty() ? 0 : std::min<int64_t>(4, dot_run[m + 1] + 1);
   }
+  const auto run = [&](size_t i, int64_t m) -> int64_t {
+    const int64_t rest = std::min<int64_t>(4, count - m);
+    switch (ws[i].kind) {
+      case Kind::kBF16: return dot_run[m];
+      case Kind::kInt8: return isa == Isa::kAvx512 ? rest : 1;
+      case Kind::kInt4: return int4_isa == Isa::kAvx512 ? rest : 1;
+      case Kind::kFloat32: return 1;
+    }
+    return 1;
+  };
   // One weight's rows r0..r1 against input row m.
   const auto one = [&](size_t i, int64_t m, int64_t r0, int64_t r1) {
     const Raw& w = raw[i];
@@ -275,24 +298,58 @@ void products_impl(const float* x, int64_t count, int64_t k, const std::vector<W
       }
     }
   };
-  for_rows(rows, count, [&](size_t i, int64_t m, int64_t r0, int64_t r1) -> int64_t {
+  // Rows r0..r1 of weight i against input rows m..m+n-1 (n = 2 to 4) in one loop.
+  const auto several = [&](size_t i, int64_t m, int64_t n, int64_t r0, int64_t r1) {
 #ifdef TRAMONTANE_X86
-    if (ws[i].kind == Kind::kBF16 && dot_run[m] > 1) {
-      const uint16_t* wp = static_cast<const uint16_t*>(raw[i].w);
-      const uint16_t* xs[4];
-      float* ys[4];
-      for (int64_t n = 0; n < dot_run[m]; ++n) {
-        xs[n] = xb[m + n].data();
-        ys[n] = out[i] + (m + n) * rows[i];
+    const Raw& w = raw[i];
+    float* ys[4];
+    for (int64_t j = 0; j < n; ++j) ys[j] = out[i] + (m + j) * rows[i];
+    switch (ws[i].kind) {
+      case Kind::kBF16: {
+        const uint16_t* xs[4];
+        for (int64_t j = 0; j < n; ++j) xs[j] = xb[m + j].data();
+        return by_count(n, [&](auto rows_at_once) {
+          bf16_rows_dot_n<decltype(rows_at_once)::value>(static_cast<const uint16_t*>(w.w), xs, ys, k, r0, r1);
+        });
       }
-      switch (dot_run[m]) {
-        case 4: bf16_rows_dot_n<4>(wp, xs, ys, k, r0, r1); break;
-        case 3: bf16_rows_dot_n<3>(wp, xs, ys, k, r0, r1); break;
-        default: bf16_rows_dot_n<2>(wp, xs, ys, k, r0, r1);
+      case Kind::kInt8: {
+        const int16_t* xs[4];
+        for (int64_t j = 0; j < n; ++j) xs[j] = x16[m + j].data();
+        return by_count(n, [&](auto rows_at_once) {
+          int8_rows_avx512_n<decltype(rows_at_once)::value>(static_cast<const int8_t*>(w.w),
+                                           static_cast<const float*>(w.scale), xs,
+                                           xscale.data() + m, ys, k, r0, r1);
+        });
       }
-      return dot_run[m];
+      case Kind::kInt4: {
+        Int4Input xs[4];
+        for (int64_t j = 0; j < n; ++j) {
+          xs[j] = {x4[m + j].codes.data(), x4[m + j].xscale.data(), x4[m + j].gsum.data()};
+        }
+        const uint8_t* qp = static_cast<const uint8_t*>(w.w);
+        return by_count(n, [&](auto rows_at_once) {
+          if (w.f32_scales) {
+            int4_rows_avx512_n<decltype(rows_at_once)::value>(qp, static_cast<const float*>(w.scale),
+                                             static_cast<const float*>(w.zero), xs, ys, k, r0,
+                                             r1);
+          } else {
+            int4_rows_avx512_n<decltype(rows_at_once)::value>(qp, static_cast<const uint16_t*>(w.scale),
+                                             static_cast<const uint16_t*>(w.zero), xs, ys, k,
+                                             r0, r1);
+          }
+        });
+      }
+      case Kind::kFloat32: break;
     }
 #endif
+    TORCH_CHECK(false, "no loop takes ", n, " input rows of this weight at once");
+  };
+  for_rows(rows, count, [&](size_t i, int64_t m, int64_t r0, int64_t r1) -> int64_t {
+    const int64_t n = run(i, m);
+    if (n > 1) {
+      several(i, m, n, r0, r1);
+      return n;
+    }
     one(i, m, r0, r1);
     return 1;
   });

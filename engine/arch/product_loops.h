@@ -397,16 +397,21 @@ TRAMONTANE_AVX512_BF16 inline void bf16_rows_dot(const uint16_t* w, const uint16
 // int8 rows: the weights sign-extended to int16 (32 a load, in order), `dpwssd` multiplies
 // them by the int16 activations (`quantize_row`, in order) and adds pairs into int32 lanes.
 // Lanes go back to float every 2048 inputs: at most 128 products of |127 * 32767| per lane
-// of the two accumulators' sum.
-TRAMONTANE_AVX512 inline void int8_rows_avx512(const int8_t* w, const float* scale,
-                                               const int16_t* x16, float xscale, float* y,
-                                               int64_t k, int64_t r0, int64_t r1) {
+// of the two accumulators' sum. N input rows at once (1 to 4), as `bf16_rows_dot_n`: each
+// widened weight serves all N, and each row's sums are the one-row loop's, in its order.
+template <int N>
+TRAMONTANE_AVX512 inline void int8_rows_avx512_n(const int8_t* w, const float* scale,
+                                                 const int16_t* const* x16,
+                                                 const float* xscale, float* const* y,
+                                                 int64_t k, int64_t r0, int64_t r1) {
   for (int64_t r = r0; r < r1; ++r) {
     const int8_t* row = w + r * k;
-    __m512 facc = _mm512_setzero_ps();
+    __m512 facc[N];
+    for (int n = 0; n < N; ++n) facc[n] = _mm512_setzero_ps();
     int64_t i = 0;
     while (i + 64 <= k) {
-      __m512i a0 = _mm512_setzero_si512(), a1 = _mm512_setzero_si512();
+      __m512i a0[N], a1[N];
+      for (int n = 0; n < N; ++n) a0[n] = a1[n] = _mm512_setzero_si512();
       const int64_t stop = std::min(k - 63, i + 2048);
       for (; i < stop; i += 64) {
         stream_ahead(row + i);
@@ -414,27 +419,47 @@ TRAMONTANE_AVX512 inline void int8_rows_avx512(const int8_t* w, const float* sca
             _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + i)));
         const __m512i w1 = _mm512_cvtepi8_epi16(
             _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + i + 32)));
-        a0 = _mm512_dpwssd_epi32(a0, w0, _mm512_loadu_si512(x16 + i));
-        a1 = _mm512_dpwssd_epi32(a1, w1, _mm512_loadu_si512(x16 + i + 32));
+        for (int n = 0; n < N; ++n) {
+          a0[n] = _mm512_dpwssd_epi32(a0[n], w0, _mm512_loadu_si512(x16[n] + i));
+          a1[n] = _mm512_dpwssd_epi32(a1[n], w1, _mm512_loadu_si512(x16[n] + i + 32));
+        }
       }
-      facc = _mm512_add_ps(facc, _mm512_cvtepi32_ps(_mm512_add_epi32(a0, a1)));
+      for (int n = 0; n < N; ++n) {
+        facc[n] = _mm512_add_ps(facc[n], _mm512_cvtepi32_ps(_mm512_add_epi32(a0[n], a1[n])));
+      }
     }
-    int64_t tail = 0;
-    for (; i < k; ++i) tail += static_cast<int64_t>(row[i]) * x16[i];
-    y[r] = (_mm512_reduce_add_ps(facc) + static_cast<float>(tail)) * xscale * scale[r];
+    for (int n = 0; n < N; ++n) {
+      int64_t tail = 0;
+      for (int64_t t = i; t < k; ++t) tail += static_cast<int64_t>(row[t]) * x16[n][t];
+      y[n][r] = (_mm512_reduce_add_ps(facc[n]) + static_cast<float>(tail)) * xscale[n] *
+                scale[r];
+    }
   }
+}
+
+TRAMONTANE_AVX512 inline void int8_rows_avx512(const int8_t* w, const float* scale,
+                                               const int16_t* x16, float xscale, float* y,
+                                               int64_t k, int64_t r0, int64_t r1) {
+  int8_rows_avx512_n<1>(w, scale, &x16, &xscale, &y, k, r0, r1);
 }
 
 // int4 rows: a 64-byte load holds 4 groups (16 bytes each), its low nibbles their even inputs
 // and its high nibbles their odd ones; the activations' int8 codes come by blocks of 4 groups
 // (`int4_codes_avx2(..., 4, ...)`), and `dpbusd` multiplies the unsigned codes by them and adds
 // fours into int32 lanes: lanes 4g..4g+3 hold group g's dot product. 16 groups at a time take
-// one load of their scales; groups past the last 16 take `group_dot`.
-template <typename S>
-TRAMONTANE_AVX512 void int4_rows_avx512(const uint8_t* w, const S* scale, const S* zero,
-                                        const int8_t* codes, const float* xscale,
-                                        const float* gsum, float* y, int64_t k, int64_t r0,
-                                        int64_t r1) {
+// one load of their scales; groups past the last 16 take `group_dot`. N input rows at once
+// (1 to 4; `x`: their `Int4Row`s' codes, scales and group sums): each load of codes and scales
+// serves all N, each row's sums in the one-row order.
+struct Int4Input {
+  const int8_t* codes;
+  const float* xscale;
+  const float* gsum;
+};
+
+template <int N, typename S>
+TRAMONTANE_AVX512 void int4_rows_avx512_n(const uint8_t* w, const S* scale, const S* zero,
+                                          const Int4Input* x, float* const* y, int64_t k,
+                                          int64_t r0, int64_t r1) {
   const int64_t groups = k / 32;
   const __m512i low = _mm512_set1_epi8(15);
   // The 16 groups' scales, spread to the 4 lanes of each group of a block of 4.
@@ -449,35 +474,54 @@ TRAMONTANE_AVX512 void int4_rows_avx512(const uint8_t* w, const S* scale, const 
     const uint8_t* row = w + r * (k / 2);
     const S* s = scale + r * groups;
     const S* z = zero + r * groups;
-    __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
-    __m512 off = _mm512_setzero_ps();
+    __m512 acc0[N], acc1[N], off[N];
+    for (int n = 0; n < N; ++n) acc0[n] = acc1[n] = off[n] = _mm512_setzero_ps();
     int64_t g = 0;
     for (; g + 16 <= groups; g += 16) {
       const __m512 sg = load_zmm(s + g);
-      const __m512 both = _mm512_mul_ps(sg, _mm512_loadu_ps(xscale + g));
-      off = _mm512_fmadd_ps(_mm512_fnmadd_ps(eight, sg, load_zmm(z + g)),
-                            _mm512_loadu_ps(gsum + g), off);
+      const __m512 shift = _mm512_fnmadd_ps(eight, sg, load_zmm(z + g));
+      __m512 both[N];
+      for (int n = 0; n < N; ++n) {
+        both[n] = _mm512_mul_ps(sg, _mm512_loadu_ps(x[n].xscale + g));
+        off[n] = _mm512_fmadd_ps(shift, _mm512_loadu_ps(x[n].gsum + g), off[n]);
+      }
       for (int q = 0; q < 4; ++q) {
         stream_ahead(row + (g + 4 * q) * 16);
         const __m512i b = _mm512_loadu_si512(row + (g + 4 * q) * 16);
-        const int8_t* c = codes + (g + 4 * q) * 32;
-        __m512i d = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_and_si512(b, low),
-                                        _mm512_loadu_si512(c));
-        d = _mm512_dpbusd_epi32(d, _mm512_and_si512(_mm512_srli_epi16(b, 4), low),
-                                _mm512_loadu_si512(c + 64));
-        __m512& acc = q % 2 == 0 ? acc0 : acc1;
-        acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_permutexvar_ps(spread[q], both), acc);
+        const __m512i even = _mm512_and_si512(b, low);
+        const __m512i odd = _mm512_and_si512(_mm512_srli_epi16(b, 4), low);
+        for (int n = 0; n < N; ++n) {
+          const int8_t* c = x[n].codes + (g + 4 * q) * 32;
+          __m512i d = _mm512_dpbusd_epi32(_mm512_setzero_si512(), even, _mm512_loadu_si512(c));
+          d = _mm512_dpbusd_epi32(d, odd, _mm512_loadu_si512(c + 64));
+          __m512& acc = q % 2 == 0 ? acc0[n] : acc1[n];
+          acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d),
+                                _mm512_permutexvar_ps(spread[q], both[n]), acc);
+        }
       }
     }
-    float tail = 0.f;
-    for (; g < groups; ++g) {
-      const float sg = to_float(s[g]);
-      const int8_t* even = codes + even_codes(g, 4);
-      tail += sg * xscale[g] * group_dot(row + g * 16, even, even + odd_codes(g, groups, 4)) +
-              (to_float(z[g]) - 8.f * sg) * gsum[g];
+    for (int n = 0; n < N; ++n) {
+      float tail = 0.f;
+      for (int64_t t = g; t < groups; ++t) {
+        const float st = to_float(s[t]);
+        const int8_t* even = x[n].codes + even_codes(t, 4);
+        tail += st * x[n].xscale[t] *
+                    group_dot(row + t * 16, even, even + odd_codes(t, groups, 4)) +
+                (to_float(z[t]) - 8.f * st) * x[n].gsum[t];
+      }
+      y[n][r] =
+          _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc0[n], acc1[n]), off[n])) + tail;
     }
-    y[r] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc0, acc1), off)) + tail;
   }
+}
+
+template <typename S>
+TRAMONTANE_AVX512 void int4_rows_avx512(const uint8_t* w, const S* scale, const S* zero,
+                                        const int8_t* codes, const float* xscale,
+                                        const float* gsum, float* y, int64_t k, int64_t r0,
+                                        int64_t r1) {
+  const Int4Input x{codes, xscale, gsum};
+  int4_rows_avx512_n<1>(w, scale, zero, &x, &y, k, r0, r1);
 }
 
 #endif

@@ -138,21 +138,27 @@ def gemv(mode: str, w: torch.Tensor) -> tuple[Any, tuple[torch.Tensor | int, ...
         operands: tuple[torch.Tensor | int, ...] = (w.to(torch.bfloat16),)
     elif mode == "int8":
         operands = quant.quantize_int8(w, torch.bfloat16)
-    else:
-        packed, scale, zero = quant.quantize_int4(w, torch.bfloat16)
-        operands = (packed, scale.to(torch.bfloat16), zero.to(torch.bfloat16), quant.INT4_GROUP)
-    return getattr(torch.ops.tramontane, f"gemv_{mode}"), operands
+    else:  # "int4", or "int4-float32": float32 scales
+        scales = torch.float32 if mode.endswith("float32") else torch.bfloat16
+        packed, scale, zero = quant.quantize_int4(w, scales)
+        operands = (packed, scale.to(scales), zero.to(scales), quant.INT4_GROUP)
+    return getattr(torch.ops.tramontane, f"gemv_{mode.split('-')[0]}"), operands
 
 
-@pytest.mark.parametrize("mode", ["bf16", "int8", "int4"])
-def test_several_rows_are_each_rows_own_product(mode: str, isa: str) -> None:
-    """Up to 16 input rows in one call (a keystroke's new prompt tokens): each row's result is
-    bitwise the one-row call's (the same loops; the weights read once for all rows)."""
+# k = 96: the loops' tails only (int8: 64 + 32; int4: 3 groups); 2112: AVX-512's int8 sums
+# flushed at 2048 inputs, int4's blocks of 16 groups then 2 more.
+@pytest.mark.parametrize("k", [96, 2112])
+@pytest.mark.parametrize("mode", ["bf16", "int8", "int4", "int4-float32"])
+def test_several_rows_are_each_rows_own_product(mode: str, k: int, isa: str) -> None:
+    """Up to 16 input rows in one call (a keystroke's new prompt tokens, a draft being
+    checked): each row's result is bitwise the one-row call's, also where a loop takes up to 4
+    input rows at once (BF16's dot products, AVX-512's int8 and int4: the weights loaded once
+    for all of them, each row's sums in the one-row order)."""
     torch.manual_seed(0)
-    w = torch.randn(80, 96)
+    w = torch.randn(80, k)
     op, operands = gemv(mode, w)
-    for count in (2, 5, 16):
-        x = torch.randn(count, 96).to(torch.bfloat16)
+    for count in (2, 3, 5, 16):
+        x = torch.randn(count, k).to(torch.bfloat16)
         got = op(x, *operands)
         assert got.shape == (count, 80)
         assert torch.equal(got, torch.cat([op(row[None], *operands) for row in x]))
