@@ -33,7 +33,7 @@ from ..checkpoints.tokenizer import TextStream
 from ..errors import GenerationError
 from ..images import DEFAULT_LIMITS, ImageLimits
 from .image_inputs import RequestImages
-from .lookup import Drafter
+from .lookup import Drafter, policy_for
 from .phases import decode_greedy, decode_one, prefill, uses_fast_step, verify_greedy
 from .prefix_cache import Lease, PrefixCache
 from .sampling import SamplingParams, make_generator, sample, token_logprobs
@@ -134,7 +134,9 @@ class Generation:
     unit of work.
 
     `drafter` with `lookup` > 0 (one prompt, greedy sampling, the native step): each decode step
-    checks up to `lookup` drafted tokens in the same pass (`lookup.py`), and the tokens it
+    checks up to `lookup` drafted tokens in the same pass (`lookup.py`; the decode step's
+    `DraftPolicy` says how many pay, from what passes cost and how often drafts are taken,
+    measured as they run), and the tokens it
     agreed with come out of the next `advance()` calls without running the model. The tokens
     and log-probabilities are those of decoding without drafts.
     """
@@ -218,9 +220,6 @@ class Generation:
             raise ValueError(f"lookup must be >= 0, got {lookup}")
         self.drafter = drafter if lookup and bsz == 1 and params.greedy else None
         self.lookup = lookup
-        # Draft length: from 2, two more after a draft taken whole, one less after a rejection
-        # (transformers' assisted-generation heuristic): a rejected token costs a row of work.
-        self.draft_tokens = min(2, lookup)
         self.generated: list[int] = []  # the one row's tokens so far (what drafts follow)
         self._agreed: deque[tuple[int, float]] = deque()  # drafts verified, not yet emitted
 
@@ -270,7 +269,10 @@ class Generation:
              for i in range(self.batch_size)], device=self.padded.device)
         picked = self._speculate() if self.drafter is not None else None
         if picked is None and self.params.greedy:
+            started = time.perf_counter()
             picked = decode_greedy(self.model, self.last, positions, self.cache)
+            if picked is not None and self.drafter is not None:  # what a draft is measured by
+                policy_for(self.model.decoder).measured(1, time.perf_counter() - started)
         if picked is None:
             self.logits = decode_one(self.model, self.last, positions, self.cache)
         self.stats.cached = [n + 1 if a else n
@@ -288,10 +290,16 @@ class Generation:
         if step is None or not uses_fast_step(self.model, self.cache):
             return None
         # every drafted token checked, and the model's own after them, must fit the request
-        room = min(self.draft_tokens, step.chunk_tokens - 1, self.max_tokens - self.steps - 1)
-        draft = self.drafter.draft(self.generated, room)
+        room = min(self.lookup, step.chunk_tokens - 1, self.max_tokens - self.steps - 1)
+        draft = self.drafter.draft(self.generated, room) if room > 0 else []
         if not draft:
             return None
+        policy = policy_for(step)
+        matched = self.drafter.matched
+        draft = draft[:policy.length(len(draft), matched)]
+        if not draft:
+            return None
+        started = time.perf_counter()
         at = self.lengths[0] + self.steps - 1
         device = self.padded.device
         tokens = torch.tensor([[int(self.last[0]), *draft]], device=device)
@@ -299,6 +307,7 @@ class Generation:
         checked = verify_greedy(self.model, tokens, positions, self.cache)
         if checked is None:
             return None
+        policy.measured(len(draft) + 1, time.perf_counter() - started)
         ids, logprobs = checked
         agreed = 0
         while agreed < len(draft) and draft[agreed] == ids[agreed]:
@@ -309,8 +318,7 @@ class Generation:
             if kept != at + agreed + 1:
                 raise GenerationError(f"the cache could not cut back to {at + agreed + 1} "
                                       f"positions after a draft (kept {kept})")
-        self.draft_tokens = (min(self.draft_tokens + 2, self.lookup) if agreed == len(draft)
-                             else max(1, self.draft_tokens - 1))
+        policy.checked(matched, len(draft), agreed)
         self.stats.drafted += len(draft)
         self.stats.accepted += agreed
         self.stats.cached[0] += agreed  # the step's bookkeeping counts the last token's

@@ -16,7 +16,14 @@ from engine.arch import kernels
 from engine.arch.cache import Cache
 from engine.runtime import native
 from engine.runtime.generation import Generation
-from engine.runtime.lookup import Drafter
+from engine.runtime.lookup import (
+    EXPLORE_EVERY,
+    MAX_NGRAM,
+    POLICIES,
+    Drafter,
+    DraftPolicy,
+    policy_for,
+)
 from engine.runtime.prefix_cache import HISTORY_OUTPUTS
 from tests.conftest import CheckpointFactory
 
@@ -72,6 +79,7 @@ class Scripted(Drafter):
         super().__init__([])
         self.answer, self.take, self.vocab = list(answer), take, vocab
         self.calls = 0
+        self.matched = MAX_NGRAM
 
     def draft(self, generated: Sequence[int], k: int) -> list[int]:
         self.calls += 1
@@ -81,6 +89,13 @@ class Scripted(Drafter):
                 if len(generated) + len(right) < len(self.answer) else 0
             return [*right, wrong]
         return right
+
+
+def drafts_always_pay(step: object) -> None:
+    """Every pass costs a step, and drafts are likely right: the longest draft, every time
+    (the passes a test counts do not depend on this machine's timings)."""
+    POLICIES[step] = DraftPolicy(costs=dict.fromkeys(range(1, 33), 1.0), accept=0.9,
+                                 learn=False)
 
 
 def reference(model: engine.Model, prompt: list[int], n: int) -> tuple[list[int], list[float]]:
@@ -118,6 +133,7 @@ def test_drafts_taken_or_rejected_leave_the_tokens_and_logprobs_exact(
                         quantize=quantize)
     decoder = engine.enable_fast_decode(model, MAX_SEQ_LEN, rewind=5)
     assert decoder.chunk_tokens == (6 if window else kernels.MAX_ROWS)
+    drafts_always_pay(decoder)
     try:
         want, want_lp = reference(model, PROMPT, 40)
         passes: list[int] = []
@@ -150,13 +166,13 @@ def test_drafts_taken_or_rejected_leave_the_tokens_and_logprobs_exact(
 def test_a_repeated_request_takes_its_last_output_as_drafts(
         make_checkpoint: CheckpointFactory, monkeypatch: pytest.MonkeyPatch) -> None:
     """Through a prefix cache: the same prompt again drafts from the last output and every
-    draft is taken: after the prefill's token, 3 passes instead of 11 steps (drafts of 2, 4,
-    then the 2 the request has room for);
+    draft is taken: after the prefill's token, 3 passes instead of 11 steps (drafts of 4, 4,
+    then a plain step: the last token has no room for a draft);
     a changed prompt drafts from both earlier outputs; the answers are, bit for bit, those of
     the same requests through a prefix cache without drafts."""
     model = engine.load(make_checkpoint("native", **SHAPE))
     grown = [*PROMPT, 11, 12]
-    engine.enable_fast_decode(model, MAX_SEQ_LEN, rewind=8)
+    drafts_always_pay(engine.enable_fast_decode(model, MAX_SEQ_LEN, rewind=8))
     passes: list[int] = []
     verify, greedy = native.NativeStep.verify, native.NativeStep.greedy
 
@@ -199,7 +215,7 @@ def test_a_repeated_request_takes_its_last_output_as_drafts(
     assert [c[0] for c in plain] == [[1] * 11] * 3  # the first token comes from the prefill
     assert [c[1:] for c in plain] == [(0, 0)] * 3
     repeat_passes, drafted, accepted = counts[1]
-    assert repeat_passes == [3, 5, 3] and drafted == accepted == 8
+    assert repeat_passes == [5, 5, 1] and drafted == accepted == 8
     lease = cache.checkout("doc", grown)
     assert lease is not None
     assert lease.history == [want[0][0], want[1][0], want[2][0]]
@@ -245,3 +261,68 @@ def test_a_negative_lookup_is_refused(make_checkpoint: CheckpointFactory) -> Non
     model = engine.load(make_checkpoint("native", **SHAPE))
     with pytest.raises(ValueError, match="lookup must be >= 0, got -1"):
         engine.stream(PROMPT, model, lookup=-1)
+
+
+# -- how long a draft is -----------------------------------------------------------------------
+
+def test_the_draft_length_with_the_most_tokens_per_cost_is_chosen() -> None:
+    """k drafted tokens, each taken with chance p up to the first wrong one: 1 + p + ... + p^k
+    tokens for a pass of k + 1 positions; against one token for a step."""
+    policy = DraftPolicy(costs={1: 1.0, 2: 1.2, 3: 1.5, 4: 2.4}, accept=0.8, learn=False)
+    # k = 1: 1.8 / 1.2 = 1.5; k = 2: 2.44 / 1.5 = 1.63; k = 3: 2.952 / 2.4 = 1.23
+    assert [policy.length(room, 3) for room in (0, 1, 2, 3)] == [0, 1, 2, 2]
+    unlikely = DraftPolicy(costs={1: 1.0, 2: 1.2, 3: 1.5, 4: 2.4}, accept=0.1, learn=False)
+    assert unlikely.length(3, 3) == 0  # 1.1 / 1.2 < 1: a plain step pays better
+    free = DraftPolicy(costs=dict.fromkeys(range(1, 9), 1.0), accept=0.1, learn=False)
+    assert free.length(7, 1) == 7  # a pass costs a step: any chance is worth it
+    # not measured: assumed cheap, so that each length gets tried
+    assert DraftPolicy(accept=0.5).length(3, 1) == 2  # 1.75 / 1.2 against 1.875 / 1.3
+
+
+def test_the_policy_learns_costs_and_chances_per_match_length() -> None:
+    policy = DraftPolicy()
+    policy.measured(1, 0.5)  # the first of each length is dropped (warm-up)
+    policy.measured(2, 5.0)
+    assert policy.costs == {}
+    policy.measured(1, 1.0)
+    policy.measured(2, 2.0)
+    policy.measured(2, 3.0)
+    assert policy.costs == {1: 1.0, 2: 2.25}  # a moving average, weight 0.25
+    assert policy.ratio(2) == 2.25 and policy.ratio(3) == 1.2  # 3: not measured yet
+    policy.checked(3, drafted=4, agreed=2)  # two taken (0.5 -> 0.55 -> 0.595), one wrong
+    assert policy.accept[3] == pytest.approx(0.5355)
+    assert policy.accept[1] == policy.accept[2] == 0.5
+    policy.checked(1, drafted=2, agreed=2)  # taken whole: the rest was never judged
+    assert policy.accept[1] == pytest.approx(0.595)
+
+
+def test_a_length_judged_not_to_pay_is_tried_again_now_and_then() -> None:
+    policy = DraftPolicy(costs={1: 1.0, 2: 3.0, 3: 4.0}, accept=0.3)
+    choices = [policy.length(2, 2) for _ in range(2 * EXPLORE_EVERY)]
+    assert choices.count(1) == 2 and choices.count(0) == 2 * EXPLORE_EVERY - 2
+    assert choices[EXPLORE_EVERY - 1] == choices[-1] == 1
+
+
+@needs_kernels
+def test_drafts_that_are_never_right_are_soon_not_checked(
+        make_checkpoint: CheckpointFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every draft wrong, and a pass of two positions costing 1.5 steps (a stand-in for a CPU
+    whose loops take each row on its own): a draft of one token pays while its chance p is
+    above 0.5 (1 + p tokens for 1.5 steps). From 0.9, each rejection takes a tenth off: six
+    drafts, then only the exploring ones (decisions 16 and 32 of the 39 steps); the output
+    stays the plain one."""
+    model = engine.load(make_checkpoint("native", **SHAPE))
+    decoder = engine.enable_fast_decode(model, MAX_SEQ_LEN, rewind=5)
+    try:
+        want, _ = reference(model, PROMPT, 40)
+        policy = policy_for(decoder)
+        policy.costs = {1: 1.0, 2: 1.5, 3: 2.0}
+        policy.accept = dict.fromkeys(policy.accept, 0.9)
+        monkeypatch.setattr(policy, "measured", lambda rows, seconds: None)
+        drafter = Scripted(want, 0, model.config.vocab_size)
+        got, _, gen = run(model, PROMPT, 40, drafter, 2, decoder.new_cache())
+    finally:
+        model.decoder = None
+    assert got == want
+    assert (gen.stats.drafted, gen.stats.accepted) == (6 + 2, 0)
+    assert policy.accept[MAX_NGRAM] == pytest.approx(0.9 ** 9)
