@@ -47,8 +47,9 @@ class CompletionSettings:
     adapter: str | None = None
     # Speculative decoding by lookup (local engine, temperature 0): up to this many tokens
     # drafted from the prompt and the document's earlier completions are checked in one pass
-    # over the weights; the completion is the same, bit for bit. 0 = off.
-    lookup: int = 0
+    # over the weights, as long as the engine measures that it pays; the completion is the same,
+    # bit for bit. 0 = off.
+    lookup: int = 8
 
     def enabled_for(self, language_id: str) -> bool:
         return "*" in self.enabled_languages or language_id in self.enabled_languages

@@ -221,6 +221,47 @@ def test_a_repeated_request_takes_its_last_output_as_drafts(
     assert lease.history == [want[0][0], want[1][0], want[2][0]]
 
 
+@needs_kernels
+@pytest.mark.parametrize("window", [None, [8, None]], ids=["full", "window8-and-full"])
+def test_a_stream_stopped_with_drafted_tokens_pending_leaves_a_cache_that_is_right(
+        make_checkpoint: CheckpointFactory, window: list[int | None] | None) -> None:
+    """The server stops a completion where its text is complete, often right after a pass
+    that took several drafted tokens: the cache then holds keys of tokens never emitted. The
+    next requests of the document (the same prompt, then a grown one) still answer, bit for
+    bit, as a cache that never saw a draft."""
+    model = engine.load(make_checkpoint("native", sliding_window=window, **SHAPE))
+    drafts_always_pay(engine.enable_fast_decode(model, MAX_SEQ_LEN, rewind=8))
+    grown = [*PROMPT, 11, 12]
+
+    def session(lookup: int) -> list[list[int]]:
+        cache = engine.PrefixCache(model, max_seq_len=MAX_SEQ_LEN, budget_bytes=2**26,
+                                   rewind=8)
+        answers = []
+        for prompt, stop_after in ((PROMPT, None), (PROMPT, 3), (PROMPT, None), (grown, None)):
+            stream = engine.stream(prompt, model, engine.SamplingParams(max_tokens=12),
+                                   eos_id=-1, prefix_cache=cache, cache_key="doc",
+                                   lookup=lookup)
+            tokens = []
+            for event in stream:
+                if isinstance(event, engine.TokenEvent):
+                    tokens.append(event.token)
+                    if len(tokens) == stop_after:
+                        # with drafts: tokens taken and in the cache, not yet emitted
+                        assert (stream._run.stats.cached[0] > len(prompt) + len(tokens)) == \
+                            bool(lookup)
+                        stream.close()
+            answers.append(tokens)
+        return answers
+
+    try:
+        want = session(0)
+        got = session(8)
+    finally:
+        model.decoder = None
+    assert got == want
+    assert len(got[1]) == 3 and got[2] == got[0]
+
+
 def test_history_keeps_the_newest_outputs(make_checkpoint: CheckpointFactory) -> None:
     model = engine.load(make_checkpoint("native", **SHAPE))
     cache = engine.PrefixCache(model, max_seq_len=MAX_SEQ_LEN, budget_bytes=2**26)

@@ -44,7 +44,7 @@ describe('settings', () => {
         temperature: 0,
         enabledLanguages: ['*'],
         adapter: null,
-        lookup: 0,
+        lookup: 8,
       },
       cache: { enabled: true, budgetMiB: null },
       chat: {
