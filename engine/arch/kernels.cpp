@@ -10,8 +10,9 @@
 // torch's intra-op threads. The activation row is converted to float32 once per call and stays
 // in L1/L2. AVX-512 (with VNNI) or AVX2+FMA code is chosen at run time where the CPU has it
 // (simd.h's `isa`); elsewhere the same loops in plain C++ (the compiler vectorises what it
-// can). The loops are in product_loops.h, the input rows they read in input_rows.h; this file
-// shares the rows among the threads, checks the operands and registers the ops.
+// can). The loops are in product_loops.h and product_loops_avx512.h, the input rows they
+// read in input_rows.h; this file shares the rows among the threads, checks the operands and
+// registers the ops.
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -29,6 +30,7 @@
 
 #include "input_rows.h"
 #include "product_loops.h"
+#include "product_loops_avx512.h"
 #include "products.h"
 #include "simd.h"
 

@@ -3,7 +3,7 @@ pure-PyTorch paths used where they are not built.
 
 - `kernels.cpp`: one-row products of bfloat16, int8 and int4 weights (`gemv_*`), and their
   `_many` forms, several weights of the same input row in one call (`layers.linear_many`);
-  their loops are in `product_loops.h`.
+  their loops are in `product_loops.h` (portable, AVX2) and `product_loops_avx512.h`.
 - `decode_attention.cpp`: one new token per row written into the key/value cache, and its
   grouped-query attention over the slots in use.
 - `decode_layer.cpp`: a dense decoder's one-token step in three ops (`decode_slots`,
@@ -68,7 +68,7 @@ HERE = Path(__file__).parent
 KINDS = {"bf16": 0, "int8": 1, "int4": 2, "f32": 3}
 # The one-row products, the decode step's attention, the fused decoder layer built on both,
 # the whole step as one object, and the many-row products of a prompt's chunk; `simd.h` and
-# `products.h` are shared, `product_loops.h` and `attention_loops.h` hold the loops,
+# `products.h` are shared, `product_loops*.h` and `attention_loops.h` hold the loops,
 # `input_rows.h` the input rows as the product loops read them.
 SOURCES = (HERE / "kernels.cpp", HERE / "decode_attention.cpp", HERE / "decode_layer.cpp",
            HERE / "decode_step.cpp", HERE / "prefill_linear.cpp")
