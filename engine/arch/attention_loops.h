@@ -20,6 +20,8 @@
 namespace tramontane::attention {
 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+// New tokens of one row attended in one pass over the cache, at most (the native step's rows).
+constexpr int64_t kMaxTokens = 16;
 
 struct Head {
   const float* q;       // (G, hd) float32, contiguous
@@ -325,16 +327,19 @@ inline int64_t arranged32(int64_t i) {
 // ------------------------------------------------------------------------------------------
 // One pass over the cache for query heads g0..g0+G4 of one key/value head, by blocks of kSpan
 // positions: a block's scores, the online softmax, its values. `kDot`: AVX512-BF16's loops
-// (bfloat16 T), else AVX2's. scratch: G4 x hd accumulators, G4 x kSpan scores, G4 x hd
-// queries in the loops' layout (`scratch_floats`).
+// (bfloat16 T), else AVX2's. A pass's state (`Pass`): G4 x hd accumulators, G4 x hd queries
+// in the loops' layout, each head's running maximum and sum; the block's scores are scratch
+// of G4 x kSpan that passes may share.
+
+struct Pass {
+  float* acc;  // G4 x hd
+  float* q;    // G4 x hd: the queries as the loops read them (kDot: bfloat16, in order)
+  float top[4], total[4];
+};
 
 template <typename T, int G4, bool kDot>
-TRAMONTANE_AVX2 void attend_block(const Head& h, int64_t g0, int64_t S, int64_t hd, float scale,
-                                  float* scratch) {
-  float* acc = scratch;
-  float* probs = acc + G4 * hd;
-  float* q = probs + G4 * kSpan;
-  uint16_t* qb = reinterpret_cast<uint16_t*>(q);  // kDot: the queries as bfloat16, in order
+TRAMONTANE_AVX2 void pass_begin(const Head& h, int64_t g0, int64_t hd, Pass& p) {
+  uint16_t* qb = reinterpret_cast<uint16_t*>(p.q);
   for (int g = 0; g < G4; ++g) {
     for (int64_t i = 0; i < hd; ++i) {
       const float x = h.q[(g0 + g) * hd + i];
@@ -343,48 +348,79 @@ TRAMONTANE_AVX2 void attend_block(const Head& h, int64_t g0, int64_t S, int64_t 
         std::memcpy(&bits, &x, sizeof(bits));
         qb[g * hd + i] = static_cast<uint16_t>(bits >> 16);  // exact: a bfloat16 value
       } else {
-        q[g * hd + arranged<T>(i)] = x;
+        p.q[g * hd + arranged<T>(i)] = x;
       }
     }
   }
-  std::fill(acc, acc + G4 * hd, 0.f);
-  float top[G4], total[G4];
-  for (int g = 0; g < G4; ++g) top[g] = kNegInf, total[g] = 0.f;
-  for (int64_t s0 = 0; s0 < S; s0 += kSpan) {
-    const int64_t s1 = std::min(S, s0 + kSpan);
-    if constexpr (kDot) {
-      scores_block_dot<G4>(h, qb, s0, s1, S, hd, scale, probs);
-    } else {
-      scores_block<T, G4>(h, q, s0, s1, S, hd, scale, probs);
-    }
-    softmax_block<G4>(probs, s1 - s0, hd, top, total, acc);
-    if constexpr (kDot) {
-      values_block_zmm<G4>(h, probs, s0, s1, hd, acc);
-    } else {
-      values_block<T, G4>(h, probs, s0, s1, hd, acc);
-    }
+  std::fill(p.acc, p.acc + G4 * hd, 0.f);
+  for (int g = 0; g < G4; ++g) p.top[g] = kNegInf, p.total[g] = 0.f;
+}
+
+// Positions s0..s1 of the cache into the pass.
+template <typename T, int G4, bool kDot>
+TRAMONTANE_AVX2 void pass_block(const Head& h, int64_t s0, int64_t s1, int64_t S, int64_t hd,
+                                float scale, Pass& p, float* probs) {
+  if constexpr (kDot) {
+    scores_block_dot<G4>(h, reinterpret_cast<const uint16_t*>(p.q), s0, s1, S, hd, scale,
+                         probs);
+  } else {
+    scores_block<T, G4>(h, p.q, s0, s1, S, hd, scale, probs);
   }
+  softmax_block<G4>(probs, s1 - s0, hd, p.top, p.total, p.acc);
+  if constexpr (kDot) {
+    values_block_zmm<G4>(h, probs, s0, s1, hd, p.acc);
+  } else {
+    values_block<T, G4>(h, probs, s0, s1, hd, p.acc);
+  }
+}
+
+template <typename T, int G4, bool kDot>
+TRAMONTANE_AVX2 void pass_end(const Head& h, int64_t g0, int64_t hd, const Pass& p) {
   float* out = h.out + g0 * hd;
   for (int g = 0; g < G4; ++g) {
-    const float inv = total[g] > 0.f ? 1.f / total[g] : 0.f;  // nothing allowed: zeros
+    const float inv = p.total[g] > 0.f ? 1.f / p.total[g] : 0.f;  // nothing allowed: zeros
     for (int64_t i = 0; i < hd; ++i) {
-      out[g * hd + i] = acc[g * hd + (kDot ? arranged32(i) : arranged<T>(i))] * inv;
+      out[g * hd + i] = p.acc[g * hd + (kDot ? arranged32(i) : arranged<T>(i))] * inv;
     }
   }
 }
 
-inline int64_t scratch_floats(int64_t hd) { return 8 * hd + 4 * kSpan; }
+// Floats of scratch for `n` tokens' passes (`attend_vector`: n = 1).
+inline int64_t scratch_floats(int64_t hd, int64_t n = 1) { return n * 8 * hd + 4 * kSpan; }
 
-// Every query head of one key/value head, by blocks of four.
+// Query heads g0..g0+G4 of `n` tokens (heads[t]: the same keys and values, each token's
+// queries, mask and output), block by block: each block of the cache is read from memory for
+// the first token and from L1 for the others. Each token's sums are those of a pass of its
+// own (the same calls in the same order).
+template <typename T, int G4, bool kDot>
+TRAMONTANE_AVX2 void attend_block(const Head* heads, int64_t n, int64_t g0, int64_t S,
+                                  int64_t hd, float scale, float* scratch) {
+  float* probs = scratch;
+  Pass passes[kMaxTokens];
+  for (int64_t t = 0; t < n; ++t) {
+    passes[t].acc = probs + G4 * kSpan + t * 8 * hd;
+    passes[t].q = passes[t].acc + G4 * hd;
+    pass_begin<T, G4, kDot>(heads[t], g0, hd, passes[t]);
+  }
+  for (int64_t s0 = 0; s0 < S; s0 += kSpan) {
+    const int64_t s1 = std::min(S, s0 + kSpan);
+    for (int64_t t = 0; t < n; ++t) {
+      pass_block<T, G4, kDot>(heads[t], s0, s1, S, hd, scale, passes[t], probs);
+    }
+  }
+  for (int64_t t = 0; t < n; ++t) pass_end<T, G4, kDot>(heads[t], g0, hd, passes[t]);
+}
+
+// Every query head of one key/value head for `n` tokens (1 to kMaxTokens), by blocks of four.
 template <typename T, bool kDot>
-TRAMONTANE_AVX2 void attend_vector(const Head& h, int64_t groups, int64_t S, int64_t hd,
-                                   float scale, float* scratch) {
+TRAMONTANE_AVX2 void attend_vector(const Head* heads, int64_t n, int64_t groups, int64_t S,
+                                   int64_t hd, float scale, float* scratch) {
   int64_t g = 0;
-  for (; g + 4 <= groups; g += 4) attend_block<T, 4, kDot>(h, g, S, hd, scale, scratch);
+  for (; g + 4 <= groups; g += 4) attend_block<T, 4, kDot>(heads, n, g, S, hd, scale, scratch);
   switch (groups - g) {
-    case 3: attend_block<T, 3, kDot>(h, g, S, hd, scale, scratch); break;
-    case 2: attend_block<T, 2, kDot>(h, g, S, hd, scale, scratch); break;
-    case 1: attend_block<T, 1, kDot>(h, g, S, hd, scale, scratch); break;
+    case 3: attend_block<T, 3, kDot>(heads, n, g, S, hd, scale, scratch); break;
+    case 2: attend_block<T, 2, kDot>(heads, n, g, S, hd, scale, scratch); break;
+    case 1: attend_block<T, 1, kDot>(heads, n, g, S, hd, scale, scratch); break;
     default: break;
   }
 }

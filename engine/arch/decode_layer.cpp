@@ -267,7 +267,8 @@ at::Tensor decode_layer_impl(const at::Tensor& h, const at::Tensor& attention_no
   }
 
   // Token t of every row writes its key and value, then attends (its mask holds no later
-  // position): the chunk is causal, written and read in order.
+  // position): the chunk is causal, written and read in order, or all written first where no
+  // token sees a slot a later one writes.
   std::vector<float>& out = sized(buf.out, N * nq);
   at::Tensor kv_keys = keys.narrow(2, 0, span), kv_values = values.narrow(2, 0, span);
   const int64_t* slot_at = slot.data_ptr<int64_t>();
@@ -275,9 +276,23 @@ at::Tensor decode_layer_impl(const at::Tensor& h, const at::Tensor& attention_no
   std::vector<float>& qt = sized(buf.qt, B * nq);
   std::vector<float>& kt = sized(buf.kt, B * nkv);
   std::vector<float>& vt = sized(buf.vt, B * nkv);
+  // Several tokens a row: their attention in one pass over the cache where the order allows
+  // (`decode_attention_tokens`: each block of keys and values read once for all of them);
+  // else, and for one token, the tokens one after the other.
+  at::Tensor together;
+  if (T > 1) {
+    together = tramontane::decode_attention_tokens(
+        at::from_blob(q.data(), {B, T, Hkv, nq / hd / Hkv, hd}, at::TensorOptions(at::kFloat)),
+        as_tensor(k, {B, T, Hkv, hd}, keys.options()),
+        as_tensor(v, {B, T, Hkv, hd}, keys.options()), kv_keys, kv_values, slot, allowed);
+    if (together.defined()) {
+      const float* a = together.data_ptr<float>();
+      std::copy(a, a + N * nq, out.begin());
+    }
+  }
   at::Tensor slot_t = at::empty({B}, slot.options());
   at::Tensor allowed_t = at::empty({B, span}, allowed.options());
-  for (int64_t t = 0; t < T; ++t) {
+  for (int64_t t = 0; t < T && !together.defined(); ++t) {
     for (int64_t b = 0; b < B; ++b) {
       const int64_t r = b * T + t;
       std::copy(q.begin() + r * nq, q.begin() + (r + 1) * nq, qt.begin() + b * nq);

@@ -59,5 +59,13 @@ at::Tensor decode_logits_impl(const at::Tensor& h, const at::Tensor& norm,
 at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                             at::Tensor& keys, at::Tensor& values, const at::Tensor& slot,
                             const at::Tensor& allowed);
+// T new tokens of each row (q (B, T, Hkv, G, hd), k and v (B, T, Hkv, hd) in the cache's dtype,
+// slot (B * T), allowed (B * T, S)): their keys and values written, then each token's attention
+// as `decode_attention` of the tokens one after the other computes it, the cache read once for
+// all of them -> (B * T, Hkv, G, hd) float32. Undefined (nothing written) where that order
+// matters: a token allowed to see a slot that a later token of its row writes.
+at::Tensor decode_attention_tokens(const at::Tensor& q, const at::Tensor& k,
+                                   const at::Tensor& v, at::Tensor& keys, at::Tensor& values,
+                                   const at::Tensor& slot, const at::Tensor& allowed);
 
 }  // namespace tramontane

@@ -350,7 +350,7 @@ def test_decode_attention_with_nothing_allowed_is_zero_and_bad_shapes_are_refuse
     attend = torch.ops.tramontane.decode_attention
     assert torch.equal(attend(q, new, new, kv, kv, no_write, nothing), torch.zeros(1, 2, 4, 64))
     with pytest.raises(RuntimeError, match=r"keys \[1, 2, 8, 64\] and values \[1, 2, 8, 32\] "
-                                           r"do not match q \[1, 2, 4, 64\]"):
+                                           r"do not match the queries' B 1, Hkv 2, hd 64"):
         attend(q, new, new, kv, kv[..., :32], no_write, nothing)
     with pytest.raises(RuntimeError, match="must both be float32 or bfloat16"):
         attend(q, new, new, kv, kv.double(), no_write, nothing)

@@ -319,3 +319,41 @@ def test_greedy_refuses_what_is_not_float32_logits() -> None:
         torch.ops.tramontane.greedy(torch.zeros(4))
     with pytest.raises(RuntimeError, match=r"got \[2, 3\] BFloat16"):
         torch.ops.tramontane.greedy(torch.zeros(2, 3, dtype=torch.bfloat16))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("slots", [[5, 6, 7], [5, 0, 1]], ids=["in-order", "wrapping"])
+def test_a_layers_new_tokens_attend_as_one_after_the_other(dtype: torch.dtype, slots: list[int],
+                                                           isa: str) -> None:
+    """Several new tokens of a row (a keystroke's, a draft's) read the cache once for all of
+    them: bitwise the layer run on each token in turn, keys and values included. "wrapping":
+    a rotating buffer whose later tokens overwrite slots 0 and 1, which the first token still
+    attends to: in turn, it saw the old keys there, and so it must here."""
+    torch.manual_seed(0)
+    ops = torch.ops.tramontane
+    weights = [torch.randn(64, 64), torch.randn(32, 64), torch.randn(32, 64),
+               torch.randn(64, 64), torch.randn(128, 64), torch.randn(128, 64),
+               torch.randn(64, 128)]
+    weights = [(w / 8).to(dtype) for w in weights]
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, 16, 2).float() / 16))
+    keys, values = torch.randn(1, 2, 8, 16).to(dtype), torch.randn(1, 2, 8, 16).to(dtype)
+    h = torch.randn(3, 64).to(dtype)
+    positions = torch.tensor([5, 6, 7])
+    slot = torch.tensor(slots)
+    allowed = torch.zeros(3, 8, dtype=torch.bool)
+    for t in range(3):
+        allowed[t, : 6 + t] = True  # causal: the slots before, and its own
+
+    def layer(rows: slice, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = ops.decode_layer(
+            h[rows], torch.ones(64, dtype=dtype), torch.ones(64, dtype=dtype), weights,
+            [0 if dtype == torch.bfloat16 else 3] * 7, 0, 1e-5, positions[rows], inv_freq, k,
+            v, 8, slot[rows].contiguous(), allowed[rows].contiguous())
+        return out
+
+    k1, v1 = keys.clone(), values.clone()
+    together = layer(slice(0, 3), k1, v1)
+    k2, v2 = keys.clone(), values.clone()
+    in_turn = torch.cat([layer(slice(t, t + 1), k2, v2) for t in range(3)])
+    assert torch.equal(together, in_turn)
+    assert torch.equal(k1, k2) and torch.equal(v1, v2)
