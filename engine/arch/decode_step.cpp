@@ -188,7 +188,7 @@ class DecodeStep : public torch::CustomClassHolder {
       TORCH_CHECK(last.has_value(), "DecodeStep.run: a chunk of ", tokens.size(1),
                   " tokens per row needs each row's last token");
     }
-    at::Tensor h = hidden(tokens, positions, keys, values, slot_pos, spans);
+    at::Tensor h = hidden(tokens, positions, keys, values, slot_pos, spans, "DecodeStep.run");
     if (tokens.dim() == 2 && tokens.size(1) > 1) {
       h = last_rows(h, tokens.size(0), tokens.size(1), *last);
     }
@@ -212,17 +212,18 @@ class DecodeStep : public torch::CustomClassHolder {
       std::vector<int64_t> spans) const {
     TORCH_CHECK(tokens.dim() == 2, "DecodeStep.verify: expected (B, T) tokens, got ",
                 tokens.sizes());
-    const at::Tensor h = hidden(tokens, positions, keys, values, slot_pos, spans);
+    const at::Tensor h =
+        hidden(tokens, positions, keys, values, slot_pos, spans, "DecodeStep.verify");
     return greedy_rows(decode_logits_impl(h, norm_, output_, eps_));
   }
 
  private:
   // Every layer over `tokens` (their keys and values written into the cache): the last
-  // hidden state of each token, (B * T, dim) row-major.
+  // hidden state of each token, (B * T, dim) row-major. `what`: the method, for errors.
   at::Tensor hidden(const at::Tensor& tokens, const at::Tensor& positions,
                     std::vector<at::Tensor>& keys, std::vector<at::Tensor>& values,
-                    std::vector<at::Tensor>& slot_pos, const std::vector<int64_t>& spans) const {
-    const char* what = "DecodeStep.run";
+                    std::vector<at::Tensor>& slot_pos, const std::vector<int64_t>& spans,
+                    const char* what) const {
     TORCH_CHECK(keys.size() == layers_.size() && values.size() == layers_.size(), what,
                 ": expected the keys and values of ", layers_.size(), " layers");
     TORCH_CHECK(slot_pos.size() == capacity_.size() && spans.size() == capacity_.size(), what,
@@ -236,7 +237,7 @@ class DecodeStep : public torch::CustomClassHolder {
     for (size_t g = 0; g < capacity_.size(); ++g) {
       plans.push_back(decode_slots(positions, slot_pos[g], capacity_[g], window_[g], spans[g]));
     }
-    at::Tensor h = embed(tokens);
+    at::Tensor h = embed(tokens, what);
     for (size_t i = 0; i < layers_.size(); ++i) {
       const auto& [slot, allowed] = plans[layer_group_[i]];
       const Layer& layer = layers_[i];
@@ -248,15 +249,15 @@ class DecodeStep : public torch::CustomClassHolder {
   }
 
   // The embedding rows of `tokens`, in the table's dtype (`F.embedding`).
-  at::Tensor embed(const at::Tensor& tokens) const {
-    TORCH_CHECK(tokens.scalar_type() == at::kLong && tokens.is_contiguous(),
-                "DecodeStep.run: expected contiguous int64 tokens");
+  at::Tensor embed(const at::Tensor& tokens, const char* what) const {
+    TORCH_CHECK(tokens.scalar_type() == at::kLong && tokens.is_contiguous(), what,
+                ": expected contiguous int64 tokens");
     const int64_t n = tokens.numel(), vocab = embedding_.size(0), dim = embedding_.size(1);
     const int64_t bytes = dim * static_cast<int64_t>(embedding_.element_size());
     at::Tensor h = at::empty({n, dim}, embedding_.options());
     const int64_t* ids = tokens.data_ptr<int64_t>();
     for (int64_t r = 0; r < n; ++r) {
-      TORCH_CHECK(ids[r] >= 0 && ids[r] < vocab, "DecodeStep.run: token ", ids[r],
+      TORCH_CHECK(ids[r] >= 0 && ids[r] < vocab, what, ": token ", ids[r],
                   " is outside the vocabulary of ", vocab);
       std::memcpy(static_cast<char*>(h.data_ptr()) + r * bytes,
                   static_cast<const char*>(embedding_.data_ptr()) + ids[r] * bytes, bytes);

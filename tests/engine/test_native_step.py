@@ -233,8 +233,8 @@ def test_bad_operands_get_a_message() -> None:
 def test_the_step_object_refuses_bad_input_and_keeps_stepping(
         make_checkpoint: CheckpointFactory) -> None:
     """`DecodeStep` (decode_step.cpp) checks what a step passes it: a token outside the
-    vocabulary, a chunk without its rows' last tokens, more rows than the cache has, the wrong
-    number of layers' caches. Each
+    vocabulary (named by the method that got it: `run` or `verify`), a chunk without its rows'
+    last tokens, more rows than the cache has, the wrong number of layers' caches. Each
     is refused with a message before anything is written, and the next good step gives the
     eager path's logits."""
     model = engine.load(make_checkpoint("native", **SHAPE))
@@ -249,9 +249,14 @@ def test_the_step_object_refuses_bad_input_and_keeps_stepping(
         at = torch.tensor([len(PROMPT)])
         spans = decoder._spans(cache, at)
         vocab = model.module.tok_embeddings.weight.shape[0]
-        with pytest.raises(RuntimeError, match=f"token {vocab} is outside the vocabulary of "
-                                               f"{vocab}"):
+        with pytest.raises(RuntimeError, match=f"DecodeStep.run: token {vocab} is outside the "
+                                               f"vocabulary of {vocab}"):
             step(torch.tensor([vocab]), at, cache, spans)
+        with pytest.raises(RuntimeError, match=f"DecodeStep.verify: token {vocab} is outside "
+                                               f"the vocabulary of {vocab}"):
+            step._step.verify(torch.tensor([[7, vocab]]),
+                              torch.tensor([[len(PROMPT), len(PROMPT) + 1]]), cache.keys,
+                              cache.values, cache.slot_pos, spans)
         with pytest.raises(RuntimeError, match="a chunk of 2 tokens per row needs each row's "
                                                "last token"):
             step(torch.tensor([[7, 8]]), torch.tensor([[len(PROMPT), len(PROMPT) + 1]]), cache,
