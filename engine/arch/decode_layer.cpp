@@ -271,11 +271,6 @@ at::Tensor decode_layer_impl(const at::Tensor& h, const at::Tensor& attention_no
   // token sees a slot a later one writes.
   std::vector<float>& out = sized(buf.out, N * nq);
   at::Tensor kv_keys = keys.narrow(2, 0, span), kv_values = values.narrow(2, 0, span);
-  const int64_t* slot_at = slot.data_ptr<int64_t>();
-  const bool* mask = allowed.data_ptr<bool>();
-  std::vector<float>& qt = sized(buf.qt, B * nq);
-  std::vector<float>& kt = sized(buf.kt, B * nkv);
-  std::vector<float>& vt = sized(buf.vt, B * nkv);
   // Several tokens a row: their attention in one pass over the cache where the order allows
   // (`decode_attention_tokens`: each block of keys and values read once for all of them);
   // else, and for one token, the tokens one after the other.
@@ -285,29 +280,35 @@ at::Tensor decode_layer_impl(const at::Tensor& h, const at::Tensor& attention_no
         at::from_blob(q.data(), {B, T, Hkv, nq / hd / Hkv, hd}, at::TensorOptions(at::kFloat)),
         as_tensor(k, {B, T, Hkv, hd}, keys.options()),
         as_tensor(v, {B, T, Hkv, hd}, keys.options()), kv_keys, kv_values, slot, allowed);
-    if (together.defined()) {
-      const float* a = together.data_ptr<float>();
-      std::copy(a, a + N * nq, out.begin());
-    }
   }
-  at::Tensor slot_t = at::empty({B}, slot.options());
-  at::Tensor allowed_t = at::empty({B, span}, allowed.options());
-  for (int64_t t = 0; t < T && !together.defined(); ++t) {
-    for (int64_t b = 0; b < B; ++b) {
-      const int64_t r = b * T + t;
-      std::copy(q.begin() + r * nq, q.begin() + (r + 1) * nq, qt.begin() + b * nq);
-      std::copy(k.begin() + r * nkv, k.begin() + (r + 1) * nkv, kt.begin() + b * nkv);
-      std::copy(v.begin() + r * nkv, v.begin() + (r + 1) * nkv, vt.begin() + b * nkv);
-      slot_t.data_ptr<int64_t>()[b] = slot_at[r];
-      std::memcpy(allowed_t.data_ptr<bool>() + b * span, mask + r * span, span);
-    }
-    const at::Tensor attended = tramontane::decode_attention(
-        at::from_blob(qt.data(), {B, Hkv, nq / hd / Hkv, hd}, at::TensorOptions(at::kFloat)),
-        as_tensor(kt, {B, Hkv, hd}, keys.options()), as_tensor(vt, {B, Hkv, hd}, keys.options()),
-        kv_keys, kv_values, slot_t, allowed_t);
-    const float* a = attended.data_ptr<float>();
-    for (int64_t b = 0; b < B; ++b) {
-      std::copy(a + b * nq, a + (b + 1) * nq, out.begin() + (b * T + t) * nq);
+  if (together.defined()) {
+    const float* a = together.data_ptr<float>();
+    std::copy(a, a + N * nq, out.begin());
+  } else {
+    const int64_t* slot_at = slot.data_ptr<int64_t>();
+    const bool* mask = allowed.data_ptr<bool>();
+    std::vector<float>& qt = sized(buf.qt, B * nq);
+    std::vector<float>& kt = sized(buf.kt, B * nkv);
+    std::vector<float>& vt = sized(buf.vt, B * nkv);
+    at::Tensor slot_t = at::empty({B}, slot.options());
+    at::Tensor allowed_t = at::empty({B, span}, allowed.options());
+    for (int64_t t = 0; t < T; ++t) {
+      for (int64_t b = 0; b < B; ++b) {
+        const int64_t r = b * T + t;
+        std::copy(q.begin() + r * nq, q.begin() + (r + 1) * nq, qt.begin() + b * nq);
+        std::copy(k.begin() + r * nkv, k.begin() + (r + 1) * nkv, kt.begin() + b * nkv);
+        std::copy(v.begin() + r * nkv, v.begin() + (r + 1) * nkv, vt.begin() + b * nkv);
+        slot_t.data_ptr<int64_t>()[b] = slot_at[r];
+        std::memcpy(allowed_t.data_ptr<bool>() + b * span, mask + r * span, span);
+      }
+      const at::Tensor attended = tramontane::decode_attention(
+          at::from_blob(qt.data(), {B, Hkv, nq / hd / Hkv, hd}, at::TensorOptions(at::kFloat)),
+          as_tensor(kt, {B, Hkv, hd}, keys.options()),
+          as_tensor(vt, {B, Hkv, hd}, keys.options()), kv_keys, kv_values, slot_t, allowed_t);
+      const float* a = attended.data_ptr<float>();
+      for (int64_t b = 0; b < B; ++b) {
+        std::copy(a + b * nq, a + (b + 1) * nq, out.begin() + (b * T + t) * nq);
+      }
     }
   }
   rnd.all(out);

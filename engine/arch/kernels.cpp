@@ -310,17 +310,20 @@ void products_impl(const float* x, int64_t count, int64_t k, const std::vector<W
       case Kind::kBF16: {
         const uint16_t* xs[4];
         for (int64_t j = 0; j < n; ++j) xs[j] = xb[m + j].data();
+        const uint16_t* wp = static_cast<const uint16_t*>(w.w);
         return by_count(n, [&](auto rows_at_once) {
-          bf16_rows_dot_n<decltype(rows_at_once)::value>(static_cast<const uint16_t*>(w.w), xs, ys, k, r0, r1);
+          constexpr int N = decltype(rows_at_once)::value;
+          bf16_rows_dot_n<N>(wp, xs, ys, k, r0, r1);
         });
       }
       case Kind::kInt8: {
         const int16_t* xs[4];
         for (int64_t j = 0; j < n; ++j) xs[j] = x16[m + j].data();
+        const int8_t* qp = static_cast<const int8_t*>(w.w);
+        const float* sp = static_cast<const float*>(w.scale);
         return by_count(n, [&](auto rows_at_once) {
-          int8_rows_avx512_n<decltype(rows_at_once)::value>(static_cast<const int8_t*>(w.w),
-                                           static_cast<const float*>(w.scale), xs,
-                                           xscale.data() + m, ys, k, r0, r1);
+          constexpr int N = decltype(rows_at_once)::value;
+          int8_rows_avx512_n<N>(qp, sp, xs, xscale.data() + m, ys, k, r0, r1);
         });
       }
       case Kind::kInt4: {
@@ -330,14 +333,13 @@ void products_impl(const float* x, int64_t count, int64_t k, const std::vector<W
         }
         const uint8_t* qp = static_cast<const uint8_t*>(w.w);
         return by_count(n, [&](auto rows_at_once) {
+          constexpr int N = decltype(rows_at_once)::value;
           if (w.f32_scales) {
-            int4_rows_avx512_n<decltype(rows_at_once)::value>(qp, static_cast<const float*>(w.scale),
-                                             static_cast<const float*>(w.zero), xs, ys, k, r0,
-                                             r1);
+            int4_rows_avx512_n<N>(qp, static_cast<const float*>(w.scale),
+                                  static_cast<const float*>(w.zero), xs, ys, k, r0, r1);
           } else {
-            int4_rows_avx512_n<decltype(rows_at_once)::value>(qp, static_cast<const uint16_t*>(w.scale),
-                                             static_cast<const uint16_t*>(w.zero), xs, ys, k,
-                                             r0, r1);
+            int4_rows_avx512_n<N>(qp, static_cast<const uint16_t*>(w.scale),
+                                  static_cast<const uint16_t*>(w.zero), xs, ys, k, r0, r1);
           }
         });
       }
