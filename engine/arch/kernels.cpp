@@ -432,6 +432,14 @@ std::string cap_instruction_set(const std::string& name) {
   TORCH_CHECK(false, "unknown instruction set '", name, "' (portable, avx2 or avx512)");
 }
 
+// How far ahead the loops that stream a weight prefetch it (simd.h's `stream_ahead`), in bytes
+// (0: not at all), from now on; the distance before is returned.
+int64_t set_stream_ahead(int64_t bytes) {
+  TORCH_CHECK(bytes >= 0 && bytes <= (1 << 20) && bytes % 64 == 0,
+              "stream_ahead: expected a multiple of 64 bytes from 0 to 1 MiB, got ", bytes);
+  return stream_ahead_bytes.exchange(bytes);
+}
+
 std::vector<std::string> cpu_instruction_sets() {
   std::vector<std::string> out;
   for (int i = static_cast<int>(cpu_isa()); i >= 0; --i) out.emplace_back(kIsaNames[i]);
@@ -492,6 +500,7 @@ TORCH_LIBRARY(tramontane, m) {
   m.def("cap_instruction_set(str name) -> str");
   m.def("cpu_instruction_sets() -> str[]");
   m.def("parallel_threads() -> int");
+  m.def("set_stream_ahead(int bytes) -> int");
   m.def("gemv_bf16(Tensor x, Tensor w) -> Tensor");
   m.def("gemv_int8(Tensor x, Tensor q, Tensor scale) -> Tensor");
   m.def("gemv_int4(Tensor x, Tensor q, Tensor scale, Tensor zero, int group) -> Tensor");
@@ -506,6 +515,7 @@ TORCH_LIBRARY_IMPL(tramontane, CompositeExplicitAutograd, m) {
   m.impl("cap_instruction_set", &cap_instruction_set);
   m.impl("cpu_instruction_sets", &cpu_instruction_sets);
   m.impl("parallel_threads", &parallel_threads);
+  m.impl("set_stream_ahead", &set_stream_ahead);
 }
 
 TORCH_LIBRARY_IMPL(tramontane, CPU, m) {

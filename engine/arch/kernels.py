@@ -45,12 +45,13 @@ import contextlib
 import functools
 import hashlib
 import logging
+import math
 import os
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -259,6 +260,39 @@ def instruction_set_capped(name: str) -> Iterator[str]:
         yield instruction_set()
     finally:
         torch.ops.tramontane.cap_instruction_set(before)
+
+
+def set_stream_ahead(nbytes: int) -> int:
+    """How far ahead (bytes; 0: not at all) the loops that stream a weight prefetch it, from
+    now on, in every kernel of the library; returns the distance before."""
+    return int(torch.ops.tramontane.set_stream_ahead(nbytes))
+
+
+# The prefetch distances `tune_stream_ahead` tries (bytes; 0: none), and how many passes each.
+STREAM_AHEAD_CHOICES = (0, 512, 1024, 2048, 4096, 8192)
+TUNE_ROUNDS = 3
+
+
+def tune_stream_ahead(run: Callable[[], object],
+                      choices: Sequence[int] = STREAM_AHEAD_CHOICES,
+                      rounds: int = TUNE_ROUNDS) -> tuple[int, dict[int, float]]:
+    """Set the prefetch distance at which `run` (the products of one pass over a model's
+    weights, more bytes than the caches hold) is fastest here, and return it with each
+    distance's best time in seconds. The distances take turns, in both orders, so a machine
+    that slows down midway slows them alike. Which one wins depends on the CPU and on the pages
+    the weights are on (simd.h's `stream_ahead` has the figures); the results of the products
+    do not."""
+    best = dict.fromkeys(choices, math.inf)
+    run()  # the first pass pays for whatever is cold
+    for r in range(rounds):
+        for ahead in choices if r % 2 == 0 else reversed(choices):
+            set_stream_ahead(ahead)
+            start = time.perf_counter()
+            run()
+            best[ahead] = min(best[ahead], time.perf_counter() - start)
+    chosen = min(choices, key=lambda ahead: best[ahead])
+    set_stream_ahead(chosen)
+    return chosen, best
 
 
 def parallel_threads() -> int:

@@ -29,19 +29,24 @@ inline float bf16_to_float(uint16_t v) {
   return out;
 }
 
-// The vector loops that stream a weight ask for its bytes kStreamAhead ahead of where they read,
-// one cache line per 64 bytes they consume, into L2 (`prefetcht1`). A 357 MB bfloat16 product
-// on two threads: on an Ice Lake VM (AVX-512 without BF16, 2 vCPU) the hardware prefetchers
-// alone read at 70% of a plain sum's rate (14.4-15.6 against 20-21 GB/s), prefetching into
-// L1 4 KiB ahead at 97-100% (512 bytes ahead 16.6-17.0 GB/s, 1 KiB 17.7-18.8, 2 KiB 18.4-20.1,
-// 8 KiB as 4 KiB; into L2 not measured there). On a Zen 4 VM (2 vCPU) prefetching into L1 read
-// slower than nothing (22.5 against 25.6 GB/s, interleaved), into L2 faster (29.7, the sum
-// 30.5), and 1-16 KiB ahead the same. Past the end of a weight it asks for whatever follows,
-// which a prefetch may (it never faults).
-constexpr int64_t kStreamAhead = 4096;
+// The vector loops that stream a weight ask for its bytes `stream_ahead_bytes` ahead of where
+// they read, one cache line per 64 bytes they consume, into L2 (`prefetcht1`); 0 asks for
+// nothing. One value for the library, set at run time (`set_stream_ahead`): the best distance
+// depends on the CPU and on the pages the weights are on. A 357 MB bfloat16 product on two
+// threads, 4 KiB pages: on an Ice Lake VM (AVX-512 without BF16, 2 vCPU) the hardware
+// prefetchers alone read at 70% of a plain sum's rate (14.4-15.6 against 20-21 GB/s),
+// prefetching into L1 4 KiB ahead at 97-100% (512 bytes ahead 16.6-17.0 GB/s, 1 KiB 17.7-18.8,
+// 2 KiB 18.4-20.1, 8 KiB as 4 KiB; into L2 not measured there). On a Zen 4 VM (2 vCPU)
+// prefetching into L1 read slower than nothing (22.5 against 25.6 GB/s, interleaved), into L2
+// faster (29.7, the sum 30.5), and 1-16 KiB ahead the same. On that Zen 4 with the weights on
+// 2 MiB pages, nothing or 512 bytes-1 KiB ahead read at the sum's rate there (~1.3x the 4 KiB
+// pages' sum), 4 KiB ahead at 0.75-0.85x of that. Past the end of a weight it asks for
+// whatever follows, which a prefetch may (it never faults).
+inline std::atomic<int64_t> stream_ahead_bytes{4096};
 
 inline void stream_ahead(const void* p) {
-  __builtin_prefetch(static_cast<const char*>(p) + kStreamAhead, 0, 2);
+  const int64_t ahead = stream_ahead_bytes.load(std::memory_order_relaxed);
+  if (ahead != 0) __builtin_prefetch(static_cast<const char*>(p) + ahead, 0, 2);
 }
 
 inline float to_float(float v) { return v; }

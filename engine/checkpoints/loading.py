@@ -22,7 +22,7 @@ from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
-from ..arch import quant
+from ..arch import pages, quant
 from ..errors import ModelLoadError
 from . import dense, mamba2, pixtral, quantized
 from .family import BlockCount, Family
@@ -232,6 +232,9 @@ def _load(folder: Path, device: str | torch.device, target_dtype: torch.dtype | 
         quant.install(module, layers)
     module.load_state_dict(state, assign=True, strict=True)
     module.eval().requires_grad_(False)
+    if torch.device(device).type == "cpu":
+        state.clear()  # so that each weight's first copy goes as it moves
+        pages.to_huge_pages(module)
     log.info("loaded %s (%s, %s layout, %s, %s%s)", folder, family.name,
              "hf" if hf else "native", target_dtype, device,
              f", {mode} weights {'quantized' if fresh else 'read from ' + str(sidecar)}"

@@ -21,6 +21,9 @@ the CPU with the C++ kernels built. `unsupported` says why not, otherwise.
 
 from __future__ import annotations
 
+import logging
+import os
+import weakref
 from typing import cast
 
 import torch
@@ -28,13 +31,23 @@ import torch.nn.functional as F
 
 from ..arch import kernels
 from ..arch.cache import KVCache
-from ..arch.layers import FeedForward, KernelLayer, Linear, rotary_inv_freq
+from ..arch.layers import FeedForward, KernelLayer, Linear, linear_many, rotary_inv_freq
 from ..arch.lora import LoRALinear
 from ..arch.transformer import Transformer, TransformerBlock
 from ..errors import EngineError
 
+log = logging.getLogger(__name__)
+
 # One operand set: (kind, tensors, int4 group or 0).
 Operands = tuple[int, tuple[torch.Tensor, ...], int]
+# The prefetch distance is tuned on the products of the first projections that hold
+# TUNE_BYTES (the whole of a 22B model would take half a minute a pass), or of them all if
+# fewer; a model whose projections hold less than TUNE_MIN_BYTES (about what the caches hold)
+# leaves it as it is. TRAMONTANE_STREAM_AHEAD=<bytes> sets it instead.
+TUNE_BYTES = 256 << 20
+TUNE_MIN_BYTES = 64 << 20
+STREAM_AHEAD_ENV = "TRAMONTANE_STREAM_AHEAD"
+_tuned: weakref.WeakSet[torch.nn.Module] = weakref.WeakSet()
 
 
 def operands(layer: torch.nn.Module) -> Operands | None:
@@ -68,6 +81,43 @@ class _Layer:
         self.weights = [t for p in plans for t in p[1]]
         self.group = max(p[2] for p in plans)
         self.norms = (block.attention_norm.weight.detach(), block.ffn_norm.weight.detach())
+
+
+def tune_stream_ahead(module: Transformer) -> int | None:
+    """Once per model: the kernels' prefetch distance that streams this model's weights fastest
+    here (`kernels.tune_stream_ahead`, over the products of its first `TUNE_BYTES` of
+    projections), set for the library and returned; None where it stays as it is."""
+    forced = os.environ.get(STREAM_AHEAD_ENV)
+    if forced is not None:
+        try:
+            kernels.set_stream_ahead(int(forced))
+        except (ValueError, RuntimeError) as e:
+            raise EngineError(f"{STREAM_AHEAD_ENV}={forced!r}: {e}") from None
+        return int(forced)
+    if module in _tuned:
+        return None
+    chosen: list[torch.nn.Module] = []
+    nbytes = 0
+    for block in module.layers:
+        for projection in projections(cast(TransformerBlock, block)).values():
+            if nbytes < TUNE_BYTES:
+                chosen.append(projection)
+                nbytes += sum(t.numel() * t.element_size()
+                              for t in cast(Operands, operands(projection))[1])
+    if nbytes < TUNE_MIN_BYTES:
+        return None
+    _tuned.add(module)
+    dtype = module.tok_embeddings.weight.dtype
+    inputs = [torch.zeros(1, cast(int, p.in_features), dtype=dtype) for p in chosen]
+
+    def run() -> None:
+        for p, x in zip(chosen, inputs, strict=True):
+            linear_many(x, (p,))
+
+    ahead, times = kernels.tune_stream_ahead(run)
+    log.info("weights prefetched %d bytes ahead (a pass over %.0f MB: %s)", ahead, nbytes / 1e6,
+             ", ".join(f"{d}: {t * 1000:.1f} ms" for d, t in times.items()))
+    return ahead
 
 
 def unsupported(module: torch.nn.Module, cache: KVCache) -> str | None:
@@ -109,6 +159,7 @@ class NativeStep:
         why = unsupported(module, cache)
         if why is not None:
             raise EngineError(f"the native decode step cannot run here: {why}")
+        tune_stream_ahead(module)
         config = module.config
         layers = [_Layer(cast(TransformerBlock, b)) for b in module.layers]
         kind, tensors, group = cast(Operands, operands(module.output))
