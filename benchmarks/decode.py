@@ -64,6 +64,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from bandwidth import read_bandwidth
 from bench_models import (
     ARCHS,
     TOKENIZER,
@@ -136,7 +137,9 @@ class Sampler:
 
 
 def measure_bandwidth(repeats: int = 7) -> dict[str, float]:
-    """Read bandwidth (sum of a 1 GiB float32 tensor) and copy bandwidth (read + write), GB/s."""
+    """Read bandwidth (bandwidth.py: a 1 GiB float32 sum, the better of 4 KiB and 2 MiB pages;
+    each apart too) and copy bandwidth (read + write), GB/s."""
+    read = read_bandwidth(repeats)
     src = torch.rand(1 << 28)  # 1 GiB, far beyond any cache
     dst = torch.empty_like(src)
     nbytes = src.numel() * src.element_size()
@@ -150,9 +153,9 @@ def measure_bandwidth(repeats: int = 7) -> dict[str, float]:
             times.append(time.perf_counter() - t0)
         return statistics.median(times)
 
-    read = nbytes / timed(src.sum) / 1e9
     copy = 2 * nbytes / timed(lambda: dst.copy_(src)) / 1e9
-    return {"read_gbps": read, "copy_gbps": copy}
+    return {"read_gbps": read["read"], "read_4k_gbps": read["read_4k"],
+            "read_2m_gbps": read.get("read_2m", read["read_4k"]), "copy_gbps": copy}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -375,7 +378,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     bw = measure_bandwidth()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; memory bandwidth: "
-          f"read {bw['read_gbps']:.1f} GB/s (1 GiB sum), copy {bw['copy_gbps']:.1f} GB/s")
+          f"read {bw['read_gbps']:.1f} GB/s (1 GiB sum; 4 KiB pages {bw['read_4k_gbps']:.1f}, "
+          f"2 MiB pages {bw['read_2m_gbps']:.1f}), copy {bw['copy_gbps']:.1f} GB/s")
     results: dict[str, Any] = {
         "torch": torch.__version__, "threads": torch.get_num_threads(), "quick": quick,
         "decode_prompt_tokens": DECODE_PROMPT, "decode_steps": steps, "repeats": repeats,

@@ -28,9 +28,10 @@ with each table. What is timed, both sides alike:
 - prefill: 512 and 2048 prompt tokens into an empty cache, logits of the last one.
 - decode: 128 greedy tokens after a 512-token prompt (from the first generated token on).
 
-Bandwidth: a 1 GiB float32 sum (read) just before each of our decode runs; the share is that
-run's decode tok/s x bytes one token reads (every weight but the embedding table, scales
-included) / the reading, the median over the runs. (A single reading before a precision's
+Bandwidth: a 1 GiB float32 sum (read; bandwidth.py: the better of 4 KiB and 2 MiB pages) just
+before each of our decode runs; the share is that run's decode tok/s x bytes one token reads
+(every weight but the embedding table, scales included) / the reading, the median over the
+runs. (A single reading before a precision's
 runs moved between 21 and 38 GB/s from one precision to the next on a shared host, minutes
 before the decode it was set against.)
 """
@@ -185,18 +186,9 @@ def convert(venv: Path, hf: Path, out_dir: Path) -> dict[str, Path]:
 
 
 def read_bandwidth() -> float:
-    import torch
+    from bandwidth import read_bandwidth as measure
 
-    x = torch.ones(2**28)
-    x.sum()
-    best = min(_timed(x.sum) for _ in range(5))
-    return x.numel() * 4 / best / 1e9
-
-
-def _timed(fn: Any) -> float:
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
+    return measure()["read"]
 
 
 def load_average() -> str:
