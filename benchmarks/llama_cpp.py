@@ -237,6 +237,7 @@ def bench_precision(name: str, native: Path, gguf: Path, args: argparse.Namespac
     import torch
 
     import engine
+    from engine.arch import kernels
 
     quantize, _ = PRECISIONS[name]
     model = engine.load(native, dtype="bfloat16", quantize=quantize,
@@ -249,7 +250,7 @@ def bench_precision(name: str, native: Path, gguf: Path, args: argparse.Namespac
     compile_s = time.perf_counter() - t0
     llama = Llama(Path(args.llama_venv) / "bin" / "python", gguf, not args.no_extra_bufts)
     result: dict[str, Any] = {"compile_s": compile_s, "load": load_average(),
-                              "step": args.step}
+                              "step": args.step, "stream_ahead": kernels.stream_ahead()}
     try:
         result["weight_bytes"] = weight_bytes(model)
         sampling = engine.SamplingParams(max_tokens=8)
@@ -355,7 +356,8 @@ def report(rows: dict[str, dict[str, Any]], cpu: str) -> None:
               f"{r['end_load']} at the end; read bandwidth {r['bandwidth_gbs']:.1f} GB/s "
               "(median, beside our decode runs); "
               f"our decode step ({r['step']}) reads {r['weight_bytes'] / 1e6:.0f} MB per "
-              f"token; built in {r['compile_s']:.1f} s")
+              f"token; built in {r['compile_s']:.1f} s, prefetching "
+              f"{r['stream_ahead']} bytes ahead")
         k = r["keys"]
         f = r["first"]
         (a50, b50), (a95, b95) = k["p50"], k["p95"]

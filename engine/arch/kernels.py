@@ -268,6 +268,13 @@ def set_stream_ahead(nbytes: int) -> int:
     return int(torch.ops.tramontane.set_stream_ahead(nbytes))
 
 
+def stream_ahead() -> int:
+    """The loops' prefetch distance now, in bytes (0: none)."""
+    ahead = set_stream_ahead(0)
+    set_stream_ahead(ahead)
+    return ahead
+
+
 # The prefetch distances `tune_stream_ahead` tries (bytes; 0: none), and how many passes each.
 STREAM_AHEAD_CHOICES = (0, 512, 1024, 2048, 4096, 8192)
 TUNE_ROUNDS = 3

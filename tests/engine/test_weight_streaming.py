@@ -156,7 +156,9 @@ def test_a_prefetch_distance_out_of_range_is_refused(stream_ahead: None) -> None
         with pytest.raises(RuntimeError, match=f"stream_ahead: expected a multiple of 64 bytes "
                                                f"from 0 to 1 MiB, got {bad}"):
             kernels.set_stream_ahead(bad)
-    assert kernels.set_stream_ahead(4096) == 4096  # unchanged
+    assert kernels.stream_ahead() == 4096  # unchanged
+    kernels.set_stream_ahead(512)
+    assert kernels.stream_ahead() == 512 == kernels.stream_ahead()
 
 
 @needs_kernels
