@@ -32,6 +32,7 @@ from typing import Protocol
 
 import torch
 
+from . import pages
 from .config import TransformerConfig
 
 
@@ -120,13 +121,10 @@ class KVCache:
             torch.full((batch_size, g.capacity + 1), -1, dtype=torch.long, device=device)
             for g in groups
         ]
-        shape = (batch_size, config.n_kv_heads)
-        self.keys = [
-            torch.zeros(*shape, groups[g].capacity + 1, config.head_dim, device=device,
-                        dtype=dtype)
-            for g in self.layer_group
-        ]
-        self.values = [torch.zeros_like(k) for k in self.keys]
+        shapes = [(batch_size, config.n_kv_heads, groups[g].capacity + 1, config.head_dim)
+                  for g in self.layer_group]
+        tensors = pages.zeros(shapes * 2, dtype, device)
+        self.keys, self.values = tensors[:len(shapes)], tensors[len(shapes):]
 
     def nbytes(self, with_snapshot: bool = False) -> int:
         return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values))

@@ -5,6 +5,7 @@ single bit of what the model computes."""
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -202,3 +203,32 @@ def test_a_model_tunes_once_and_the_environment_can_set_the_distance(
     with pytest.raises(EngineError, match="TRAMONTANE_STREAM_AHEAD='100': stream_ahead: "
                                           "expected a multiple of 64 bytes"):
         native.tune_stream_ahead(module)
+
+
+@pytest.mark.skipif(not pages.enabled(), reason="no transparent huge pages to ask for here")
+def test_a_large_kv_cache_is_on_huge_page_memory_and_computes_the_same(
+        make_checkpoint: CheckpointFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    model = engine.load(make_checkpoint("native"))
+    big = model.new_cache(1, 8192)  # 2 layers x keys and values x 2 heads x 8193 x 16 floats
+    monkeypatch.setenv(pages.ENV, "0")
+    plain = model.new_cache(1, 8192)
+    small = model.new_cache(1, 64)
+    tensors = sorted(big.keys + big.values, key=lambda t: t.data_ptr())
+    assert [tuple(t.shape) for t in big.keys + big.values] == \
+        [tuple(t.shape) for t in plain.keys + plain.values] == [(1, 2, 8193, 16)] * 4
+    assert tensors[0].data_ptr() % (2 * MiB) == 0
+    assert all(t.data_ptr() % 64 == 0 and not t.any() for t in tensors)
+    assert all(a.data_ptr() + a.numel() * 4 <= b.data_ptr()  # one after the other, apart
+               for a, b in itertools.pairwise(tensors))
+    assert smaps_entry(tensors[0].data_ptr())["THPeligible"] == (
+        "0" if transparent_huge_pages() == "never" else "1")
+    assert all(not t.any() for t in small.keys + small.values)
+    tokens = torch.tensor([[1, 22, 333, 4444, 555, 66, 7]])
+    positions = torch.arange(7)[None]
+    with torch.no_grad():
+        assert torch.equal(model.forward(tokens, positions, big),
+                           model.forward(tokens, positions, plain))
+        step = torch.tensor([[8]]), torch.tensor([[7]])
+        assert torch.equal(model.forward(*step, big), model.forward(*step, plain))
+    assert all(torch.equal(a, b) for a, b in zip(big.keys + big.values,
+                                                 plain.keys + plain.values, strict=True))
