@@ -1,4 +1,4 @@
-"""A CPU model's weights on 2 MiB pages (Linux transparent huge pages).
+"""A CPU model's weights and KV caches on 2 MiB pages (Linux transparent huge pages).
 
 A decode step reads every weight once: on the CPU its speed is the speed at which memory
 streams. With the weights on 4 KiB pages, that stream crosses a page every 4 KiB, and each
