@@ -86,14 +86,16 @@ class _Layer:
 def tune_stream_ahead(module: Transformer) -> int | None:
     """Once per model: the kernels' prefetch distance that streams this model's weights fastest
     here (`kernels.tune_stream_ahead`, over the products of its first `TUNE_BYTES` of
-    projections), set for the library and returned; None where it stays as it is."""
+    projections), set for the library and returned; None where it stays as it is. A
+    `TRAMONTANE_STREAM_AHEAD` that is not a distance the kernels take is logged and ignored."""
     forced = os.environ.get(STREAM_AHEAD_ENV)
     if forced is not None:
         try:
             kernels.set_stream_ahead(int(forced))
-        except (ValueError, RuntimeError) as e:
-            raise EngineError(f"{STREAM_AHEAD_ENV}={forced!r}: {e}") from None
-        return int(forced)
+            return int(forced)
+        except (ValueError, RuntimeError) as e:  # the step runs all the same
+            log.warning("%s=%r ignored (%s): the distance is tuned", STREAM_AHEAD_ENV, forced,
+                        str(e).splitlines()[0])
     if module in _tuned:
         return None
     chosen: list[torch.nn.Module] = []
