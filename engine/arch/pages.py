@@ -4,9 +4,10 @@ A decode step reads every weight once: on the CPU its speed is the speed at whic
 streams. With the weights on 4 KiB pages, that stream crosses a page every 4 KiB, and each
 crossing costs a TLB entry and stops the hardware prefetchers of some CPUs, which never cross a
 page; on 2 MiB pages it crosses one every 2 MiB. Measured on a Zen 4 VM (2 vCPU): a plain
-float32 sum read at 1.1-1.3x its 4 KiB-page rate, and the decode step of a 200M bfloat16 model
-ran at 1.18x (with the kernels' software prefetch off, which 2 MiB pages make a hindrance
-there: `kernels.tune_stream_ahead` measures it).
+float32 sum read at 1.1-1.7x its 4 KiB-page rate, and the decode step of a 200M model ran at
+1.04-1.18x in bfloat16, 1.16x in int8, 1.10x in int4 (with the kernels' software prefetch
+tuned: 4 KiB ahead, their distance until then, was a hindrance on 2 MiB pages there;
+`kernels.tune_stream_ahead` measures it).
 
 Kernels allocate with `malloc`, whose pages the kernel makes huge only where the system says
 `always` (`/sys/kernel/mm/transparent_hugepage/enabled`); most distributions say `madvise`.
@@ -36,7 +37,8 @@ HUGE_PAGE = 2 << 20
 # page boundary each.
 MIN_BYTES = 1 << 20
 ALIGN = 4096
-# TRAMONTANE_HUGE_PAGES=0 leaves the weights where loading put them (benchmarks compare both).
+# TRAMONTANE_HUGE_PAGES=0 leaves the weights where loading put them and the caches on malloc's
+# memory (benchmarks compare both).
 ENV = "TRAMONTANE_HUGE_PAGES"
 
 
