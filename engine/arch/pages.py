@@ -74,6 +74,20 @@ def _tensors(module: torch.nn.Module) -> list[tuple[torch.nn.Module, str, torch.
     return found
 
 
+def _views(shapes: Sequence[tuple[int, ...]], dtypes: Sequence[torch.dtype],
+           align: int) -> list[torch.Tensor]:
+    """Tensors of these shapes and dtypes, one after the other in one `huge_page_memory`
+    mapping, each starting on an `align`-byte boundary (untouched: zeros). OSError if the
+    mapping is refused."""
+    sizes = [math.prod(shape) * dtype.itemsize for shape, dtype in zip(shapes, dtypes,
+                                                                          strict=True)]
+    aligned = [-(-size // align) * align for size in sizes]
+    memory = huge_page_memory(sum(aligned))
+    starts = itertools.accumulate(aligned[:-1], initial=0)
+    return [memory[start:start + size].view(dtype).view(shape)
+            for start, size, shape, dtype in zip(starts, sizes, shapes, dtypes, strict=True)]
+
+
 def zeros(shapes: Sequence[tuple[int, ...]], dtype: torch.dtype,
           device: torch.device | str) -> list[torch.Tensor]:
     """Zeroed tensors of these shapes. On the CPU, when they come to 2 MiB or more (a KV
@@ -81,17 +95,12 @@ def zeros(shapes: Sequence[tuple[int, ...]], dtype: torch.dtype,
     step at 1.9k positions took 0.95-0.96x the time on the Zen 4 VM, int4 0.99x), views of one
     mapping advised for 2 MiB pages, each on a 64-byte boundary (fresh anonymous memory reads
     as zeros: nothing is written until used); elsewhere `torch.zeros`."""
-    sizes = [math.prod(shape) * dtype.itemsize for shape in shapes]
-    aligned = [-(-size // 64) * 64 for size in sizes]
-    if torch.device(device).type == "cpu" and enabled() and sum(aligned) >= HUGE_PAGE:
+    nbytes = sum(math.prod(shape) for shape in shapes) * dtype.itemsize
+    if torch.device(device).type == "cpu" and enabled() and nbytes >= HUGE_PAGE:
         try:
-            memory = huge_page_memory(sum(aligned))
+            return _views(shapes, [dtype] * len(shapes), 64)
         except OSError as e:
             log.info("a cache stays on malloc's pages: %s", e)
-        else:
-            starts = list(itertools.accumulate(aligned, initial=0))[:-1]
-            return [memory[start:start + size].view(dtype).view(shape)
-                    for start, size, shape in zip(starts, sizes, shapes, strict=True)]
     return [torch.zeros(shape, dtype=dtype, device=device) for shape in shapes]
 
 
@@ -102,31 +111,25 @@ def to_huge_pages(module: torch.nn.Module) -> int:
     if not enabled():
         return 0
     found = _tensors(module)
-    sizes = {key: -(-tensor.numel() * tensor.element_size() // ALIGN) * ALIGN
-             for _, _, tensor, key in found}
-    total = sum(sizes.values())
-    if total == 0:
+    unique = {key: tensor for _, _, tensor, key in found}  # in order, a shared one once
+    if not unique:
         return 0
     try:
-        memory = huge_page_memory(total)
+        targets = _views([tuple(t.shape) for t in unique.values()],
+                         [t.dtype for t in unique.values()], ALIGN)
     except OSError as e:  # no memory for it, or madvise refused: they stay where they are
         log.info("weights stay on the pages they have: %s", e)
         return 0
-    offset = 0
-    moved: dict[Key, torch.Tensor] = {}
-    for owner, name, tensor, key in found:
-        target = moved.get(key)
-        if target is None:
-            nbytes = tensor.numel() * tensor.element_size()
-            target = memory[offset:offset + nbytes].view(tensor.dtype).view(tensor.shape)
-            target.copy_(tensor)
-            moved[key] = target
-            offset += sizes[key]
+    moved = dict(zip(unique, targets, strict=True))
+    for target, tensor in zip(targets, unique.values(), strict=True):
+        target.copy_(tensor)
+    for owner, name, _, key in found:
         if name in owner._parameters:
             parameter = owner._parameters[name]
             assert parameter is not None
-            parameter.data = target
+            parameter.data = moved[key]
         else:
-            owner._buffers[name] = target
+            owner._buffers[name] = moved[key]
+    total = sum(-(-t.numel() * t.element_size() // ALIGN) * ALIGN for t in targets)
     log.debug("%.0f MB of weights moved onto memory advised for 2 MiB pages", total / 1e6)
     return total
