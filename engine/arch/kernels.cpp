@@ -32,6 +32,7 @@
 #include "product_loops.h"
 #include "product_loops_avx512.h"
 #include "products.h"
+#include "row_shares.h"
 #include "simd.h"
 
 namespace {
@@ -42,6 +43,7 @@ using namespace tramontane::loops;
 constexpr int64_t kGrain = 16;   // weight rows per task, at least
 constexpr int64_t kBlock = 4;    // weight rows read once for all the input rows (<= 24 KiB)
 constexpr int64_t kMaxRows = 16;  // input rows per call: beyond, a matmul is faster
+constexpr int64_t kClaimBytes = 32 << 10;  // weight bytes a thread claims at least (for_rows)
 
 // ------------------------------------------------------------------------------------------
 // Ops
@@ -76,14 +78,19 @@ void check_weight(const at::Tensor& w, at::ScalarType dtype, const char* what) {
 // returns how many it did. With several input rows, each block of kBlock weight rows is read
 // from memory once and from L1 (or registers) for the other input rows: the weights are
 // streamed once per call.
-// (Tried: threads taking chunks of 64 rows from a shared counter instead of a fixed share
-// each, against the calling thread's 8% of an int4 step spent waiting at the end of products
-// (perf): 10.4 vs 10.0 ms a step, no gain.)
+// The rows are shared by `share_rows` (row_shares.h): claims of about kClaimBytes of weight,
+// each thread its own share first, then the others' rest. (Tried on a 2-core AVX2 machine: the
+// threads taking chunks of 64 rows from one shared counter, against the calling thread's 8% of
+// an int4 step spent waiting at the end of products (perf): 10.4 vs 10.0 ms a step, no gain;
+// the counter broke each thread's stream into chunks from the start.)
 template <typename F>
-void for_rows(const std::vector<int64_t>& rows, int64_t inputs, const F& fn) {
+void for_rows(const std::vector<int64_t>& rows, int64_t inputs, int64_t row_bytes,
+              const F& fn) {
   std::vector<int64_t> start(rows.size() + 1, 0);
   for (size_t i = 0; i < rows.size(); ++i) start[i + 1] = start[i] + rows[i];
-  at::parallel_for(0, start.back(), kGrain, [&](int64_t r0, int64_t r1) {
+  const int64_t claim =
+      std::max(kBlock, kClaimBytes / std::max<int64_t>(row_bytes, 1) / kBlock * kBlock);
+  share_rows(start.back(), claim, kBlock, kGrain, [&](int64_t r0, int64_t r1) {
     for (size_t i = 0; i < rows.size(); ++i) {
       const int64_t a = std::max(r0, start[i]) - start[i];
       const int64_t b = std::min(r1, start[i + 1]) - start[i];
@@ -348,7 +355,10 @@ void products_impl(const float* x, int64_t count, int64_t k, const std::vector<W
 #endif
     TORCH_CHECK(false, "no loop takes ", n, " input rows of this weight at once");
   };
-  for_rows(rows, count, [&](size_t i, int64_t m, int64_t r0, int64_t r1) -> int64_t {
+  int64_t bytes = 0, all_rows = 0;  // a weight row's bytes, on average
+  for (const Weight& w : ws) bytes += w.w.nbytes(), all_rows += w.rows();
+  const int64_t row_bytes = bytes / std::max<int64_t>(all_rows, 1);
+  for_rows(rows, count, row_bytes, [&](size_t i, int64_t m, int64_t r0, int64_t r1) -> int64_t {
     const int64_t n = run(i, m);
     if (n > 1) {
       several(i, m, n, r0, r1);
@@ -440,6 +450,10 @@ int64_t set_stream_ahead(int64_t bytes) {
   return stream_ahead_bytes.exchange(bytes);
 }
 
+// Whether the products' threads take rows from each other's shares (row_shares.h) from now
+// on; what was set before is returned.
+bool set_balanced_rows(bool on) { return balanced_rows.exchange(on); }
+
 std::vector<std::string> cpu_instruction_sets() {
   std::vector<std::string> out;
   for (int i = static_cast<int>(cpu_isa()); i >= 0; --i) out.emplace_back(kIsaNames[i]);
@@ -501,6 +515,7 @@ TORCH_LIBRARY(tramontane, m) {
   m.def("cpu_instruction_sets() -> str[]");
   m.def("parallel_threads() -> int");
   m.def("set_stream_ahead(int bytes) -> int");
+  m.def("set_balanced_rows(bool on) -> bool");
   m.def("gemv_bf16(Tensor x, Tensor w) -> Tensor");
   m.def("gemv_int8(Tensor x, Tensor q, Tensor scale) -> Tensor");
   m.def("gemv_int4(Tensor x, Tensor q, Tensor scale, Tensor zero, int group) -> Tensor");
@@ -516,6 +531,7 @@ TORCH_LIBRARY_IMPL(tramontane, CompositeExplicitAutograd, m) {
   m.impl("cpu_instruction_sets", &cpu_instruction_sets);
   m.impl("parallel_threads", &parallel_threads);
   m.impl("set_stream_ahead", &set_stream_ahead);
+  m.impl("set_balanced_rows", &set_balanced_rows);
 }
 
 TORCH_LIBRARY_IMPL(tramontane, CPU, m) {

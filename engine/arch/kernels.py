@@ -275,6 +275,12 @@ def stream_ahead() -> int:
     return ahead
 
 
+def set_balanced_rows(on: bool) -> bool:
+    """Whether the products' threads take rows from each other's shares when their own is done
+    (row_shares.h; on by default), from now on; returns what was set before."""
+    return bool(torch.ops.tramontane.set_balanced_rows(on))
+
+
 # The prefetch distances `tune_stream_ahead` tries (bytes; 0: none), and how many passes each.
 STREAM_AHEAD_CHOICES = (0, 512, 1024, 2048, 4096, 8192)
 TUNE_ROUNDS = 3

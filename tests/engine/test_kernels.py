@@ -169,21 +169,39 @@ def test_the_rows_are_shared_among_torchs_threads_with_the_same_results(mode: st
                                                                         isa: str) -> None:
     """Built with OpenMP, a product's rows go to torch's intra-op threads (without it, the
     kernels ran on one thread whatever torch was set to); each row is one thread's dot product,
-    so the result is bitwise the one-thread result (4094 rows: the threads' shares are not
-    whole blocks of four)."""
+    so the result is bitwise the one-thread result, whether a thread that is done takes rows
+    from the others' shares (row_shares.h) or not, on 2, 3 or 4 threads (4 on this 2-core
+    machine: the threads are preempted, some finish first and take from the others). Several
+    weights in one call, of 4094, 1027 and 2051 rows: the shares and the claims are not whole
+    blocks of four and cross from one weight to the next."""
     threads = torch.get_num_threads()
     torch.manual_seed(1)
     w = torch.randn(4094, 256)
     op, operands = gemv(mode, w)
+    many = getattr(torch.ops.tramontane, f"gemv_{mode}_many")
+    weights = [gemv(mode, torch.randn(rows, 256))[1] for rows in (4094, 1027, 2051)]
+    group = weights[0][3:]  # int4's group size
     x = torch.randn(3, 256).to(torch.bfloat16)
+
+    def call_many() -> list[torch.Tensor]:
+        return many(x, *[[w[i] for w in weights] for i in range(len(weights[0]) - len(group))],
+                    *group)
+
     try:
         torch.set_num_threads(1)
         assert kernels.parallel_threads() == 1
-        alone = op(x, *operands)
-        torch.set_num_threads(2)
-        assert kernels.parallel_threads() == 2
-        assert torch.equal(op(x, *operands), alone)
+        alone, alone_many = op(x, *operands), call_many()
+        for count in (2, 3, 4):
+            torch.set_num_threads(count)
+            assert kernels.parallel_threads() == count
+            for balanced in (True, False):
+                kernels.set_balanced_rows(balanced)
+                for _ in range(5):
+                    assert torch.equal(op(x, *operands), alone)
+                    for got, want in zip(call_many(), alone_many, strict=True):
+                        assert torch.equal(got, want)
     finally:
+        kernels.set_balanced_rows(True)
         torch.set_num_threads(threads)
 
 

@@ -1,0 +1,73 @@
+"""The decode step with the products' threads taking rows from each other's shares when their
+own is done (engine/arch/row_shares.h), against a fixed equal share each (what came before),
+in one process, at each weight precision.
+
+The random model (bench_models.py) is loaded once per precision; then `--repeats` rounds of
+128 greedy tokens after a 512-token prompt (llama_cpp.py's decode run), the two sides in turn,
+the order reversed every round. It prints each side's median tok/s and the median of the
+per-round ratios.
+
+    .venv/bin/python benchmarks/row_shares.py --model-dir /tmp/bench-model \\
+        [--precisions bf16,int8,int4] [--repeats 10]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+from pathlib import Path
+
+import torch
+from bench_models import ensure_checkpoints
+from llama_cpp import PRECISIONS
+from weight_pages import decode_rate
+
+import engine
+from engine.arch import kernels
+
+
+def run_precision(name: str, native: Path, quantized_dir: Path,
+                  repeats: int) -> dict[str, tuple[float, float]]:
+    quantize, _ = PRECISIONS[name]
+    model = engine.load(native, dtype="bfloat16", quantize=quantize,
+                        quantized_dir=quantized_dir)
+    model.decoder = engine.compile_decode_step(model, 2560, 1, 512, native=True)
+    rng = torch.Generator().manual_seed(0)
+    prompt = [1, *torch.randint(100, 30000, (511,), generator=rng).tolist()]
+    sides = {"a fixed share each (before)": False, "rows taken from the others' (after)": True}
+    rates: dict[str, list[float]] = {side: [] for side in sides}
+    try:
+        for balanced in sides.values():  # warm-up
+            kernels.set_balanced_rows(balanced)
+            decode_rate(model, prompt, 17)
+        for r in range(repeats):
+            for side in list(sides) if r % 2 == 0 else list(reversed(sides)):
+                kernels.set_balanced_rows(sides[side])
+                rates[side].append(decode_rate(model, prompt))
+    finally:
+        kernels.set_balanced_rows(True)
+    first = next(iter(sides))
+    return {side: (statistics.median(r), statistics.median(
+        a / b for a, b in zip(r, rates[first], strict=True))) for side, r in rates.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model-dir", required=True, help="the random model (bench_models.py)")
+    parser.add_argument("--precisions", default="bf16,int8,int4")
+    parser.add_argument("--repeats", type=int, default=10)
+    args = parser.parse_args()
+    if not kernels.available():
+        raise SystemExit("the C++ kernels are not built here: the native step runs in them")
+    native, _ = ensure_checkpoints(Path(args.model_dir))
+    print(f"kernels: {kernels.instruction_set()} loops on {kernels.parallel_threads()} threads",
+          flush=True)
+    for name in args.precisions.split(","):
+        result = run_precision(name, native, Path(args.model_dir) / "quantized", args.repeats)
+        print(f"\n{name}: decode tok/s (128 tokens after 512), median of {args.repeats} rounds")
+        for side, (rate, ratio) in result.items():
+            print(f"  {side:<38} {rate:6.1f} tok/s  {ratio:.3f}x", flush=True)
+
+
+if __name__ == "__main__":
+    main()
