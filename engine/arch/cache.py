@@ -13,7 +13,7 @@ Layout, per layer: keys and values of shape (B, n_kv_heads, capacity + 1, head_d
   uses rewind 0.
 - The extra last slot is a sink: padding tokens (rows of a batch shorter than the chunk) and
   tokens that a later token of the same chunk overwrites are written there, so a write is one
-  `scatter_` with no branches. The sink is never attended to.
+  `index_copy_` a row with no branches. The sink is never attended to.
 
 Layers with the same (capacity, window) share one slot map, `slot_pos[b, s]` = the absolute
 position held by slot s of row b, or -1. The mask of every layer in such a group is the same,
@@ -74,7 +74,7 @@ class Cache(Protocol):
 class AttentionPlan:
     """How every layer of one group attends during one forward."""
 
-    slots: torch.Tensor  # (B, Hkv, T, hd)-expanded index of the slot each new token goes to
+    slots: torch.Tensor  # (B, T) int64: the slot each new token goes to
     write_first: bool  # write the new keys, then attend over the cache only
     upto: int  # with write_first: attend over slots [0, upto)
     mask: torch.Tensor  # (B, 1, T, K) bool, True where a query may attend a key
@@ -211,12 +211,11 @@ class KVCache:
         # Padding queries attend to everything (finite garbage, discarded): a fully masked row
         # would make softmax produce NaN, and NaN values poison even masked-out products.
         allowed |= (qp < 0)
-        index_shape = (bsz, self.n_kv_heads, seqlen, self.head_dim)
         causal = (write_first and seqlen > 1 and upto == seqlen
                   and (window is None or seqlen <= window)
                   and bool((positions == torch.arange(seqlen, device=positions.device)).all()))
         return AttentionPlan(
-            slots=slots[:, None, :, None].expand(index_shape),
+            slots=slots,
             write_first=write_first,
             upto=upto,
             mask=allowed[:, None],
@@ -229,11 +228,21 @@ class KVCache:
         """Store the new keys/values `(B, Hkv, T, hd)` and return what the layer attends over."""
         cache_k, cache_v = self.keys[layer], self.values[layer]
         if plan.write_first:
-            cache_k.scatter_(2, plan.slots, k)
-            cache_v.scatter_(2, plan.slots, v)
+            _write(cache_k, plan.slots, k)
+            _write(cache_v, plan.slots, v)
             return cache_k[:, :, : plan.upto], cache_v[:, :, : plan.upto]
         keys = torch.cat((cache_k[:, :, : plan.upto], k), dim=2)
         values = torch.cat((cache_v[:, :, : plan.upto], v), dim=2)
-        cache_k.scatter_(2, plan.slots, k)
-        cache_v.scatter_(2, plan.slots, v)
+        _write(cache_k, plan.slots, k)
+        _write(cache_v, plan.slots, v)
         return keys, values
+
+
+def _write(cache: torch.Tensor, slots: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+    """`cache[b, :, slots[b, t]] = new[b, :, t]` for every row b and token t (the sink takes
+    every token that keeps nothing, in any order). One `index_copy_` a row: `scatter_` of the
+    same writes copied the whole of a bfloat16 cache twice on the CPU (through float32), 1.0-1.3
+    ms a layer and tensor at 2.5k slots, 6% of a 1.5k-token first prompt."""
+    for b in range(cache.shape[0]):
+        cache[b].index_copy_(1, slots[b], new[b])
+    return cache

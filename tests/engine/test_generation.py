@@ -117,6 +117,41 @@ def test_cache_memory_is_bounded_by_the_window_not_the_prompt() -> None:
     assert sorted(g.capacity for g in mixed.groups) == [4096, 100_064]
 
 
+@pytest.mark.parametrize("window", [None, 6])
+def test_a_chunk_writes_its_slots_and_nothing_else(window: int | None) -> None:
+    """Two rows of a batch, one padded, in a full cache and in a rotating one that a chunk
+    wraps: every kept token's key and value land in its slot (the padding and the overwritten
+    tokens in the sink), every other slot keeps what it held, and the write copies no cache
+    (the CPU's `scatter_` of bfloat16 went through a float32 copy of the whole cache twice)."""
+    config = tiny_config("v3", n_layers=1, sliding_window=window, n_kv_heads=2, head_dim=8)
+    cache = KVCache(config, 2, 16, device="cpu", dtype=torch.bfloat16, rewind=0)
+    cap = cache.groups[0].capacity
+    old_k = torch.randn(cache.keys[0].shape).to(torch.bfloat16)
+    old_v = torch.randn(cache.values[0].shape).to(torch.bfloat16)
+    cache.keys[0].copy_(old_k)
+    cache.values[0].copy_(old_v)
+    positions = torch.tensor([[*range(0, 9)], [-1, -1, *range(0, 7)]])
+    k = torch.randn(2, 2, 9, 8).to(torch.bfloat16)
+    v = torch.randn(2, 2, 9, 8).to(torch.bfloat16)
+    plan = cache.plan(positions)[0]
+    with torch.profiler.profile() as prof:
+        cache.update(0, k, v, plan)
+    copies = [e for e in prof.events() if e.name == "aten::copy_"]
+    assert copies == []
+    want_k, want_v = old_k.clone(), old_v.clone()
+    for b in range(2):
+        last = int(positions[b].max())
+        for t, p in enumerate(positions[b].tolist()):
+            if p >= 0 and p > last - cap:  # kept: the buffer's last `cap` positions
+                want_k[b, :, p % cap] = k[b, :, t]
+                want_v[b, :, p % cap] = v[b, :, t]
+    assert torch.equal(cache.keys[0][:, :, :cap], want_k[:, :, :cap])
+    assert torch.equal(cache.values[0][:, :, :cap], want_v[:, :, :cap])
+    assert plan.slots.tolist() == [[p % cap if p > 8 - cap else cap for p in range(9)],
+                                   [cap, cap, *[p % cap if p > 6 - cap else cap
+                                                for p in range(7)]]]
+
+
 class CountingModel:
     """Wraps a model to count forwards and to run a callback after each one."""
 
