@@ -180,7 +180,7 @@ class KVCache:
     def _plan_group(self, index: int, positions: torch.Tensor) -> AttentionPlan:
         group = self.groups[index]
         cap, window = group.capacity, group.window
-        bsz, seqlen = positions.shape
+        seqlen = positions.shape[1]
         valid = positions >= 0
         # A rotating buffer can take the chunk before attention only if no new token
         # overwrites a key that a query of the same chunk still needs: token p overwrites
