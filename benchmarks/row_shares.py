@@ -14,13 +14,12 @@ per-round ratios.
 from __future__ import annotations
 
 import argparse
-import statistics
 from pathlib import Path
 
 import torch
 from bench_models import ensure_checkpoints
 from llama_cpp import PRECISIONS
-from weight_pages import decode_rate
+from sides import Side, decode_in_turn
 
 import engine
 from engine.arch import kernels
@@ -34,21 +33,13 @@ def run_precision(name: str, native: Path, quantized_dir: Path,
     model.decoder = engine.compile_decode_step(model, 2560, 1, 512, native=True)
     rng = torch.Generator().manual_seed(0)
     prompt = [1, *torch.randint(100, 30000, (511,), generator=rng).tolist()]
-    sides = {"a fixed share each (before)": False, "rows taken from the others' (after)": True}
-    rates: dict[str, list[float]] = {side: [] for side in sides}
+    sides: dict[str, Side] = {
+        "a fixed share each (before)": (model, lambda: kernels.set_balanced_rows(False)),
+        "rows taken from the others' (after)": (model, lambda: kernels.set_balanced_rows(True))}
     try:
-        for balanced in sides.values():  # warm-up
-            kernels.set_balanced_rows(balanced)
-            decode_rate(model, prompt, 17)
-        for r in range(repeats):
-            for side in list(sides) if r % 2 == 0 else list(reversed(sides)):
-                kernels.set_balanced_rows(sides[side])
-                rates[side].append(decode_rate(model, prompt))
+        return decode_in_turn(sides, prompt, repeats)
     finally:
         kernels.set_balanced_rows(True)
-    first = next(iter(sides))
-    return {side: (statistics.median(r), statistics.median(
-        a / b for a, b in zip(r, rates[first], strict=True))) for side, r in rates.items()}
 
 
 def main() -> None:

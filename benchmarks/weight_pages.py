@@ -20,28 +20,19 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
-import time
 from pathlib import Path
-from typing import Any
 
 import torch
 from bandwidth import read_bandwidth
 from bench_models import ensure_checkpoints
 from llama_cpp import PRECISIONS
+from sides import Side, decode_in_turn
 
 import engine
 from engine.arch import kernels, pages
 from engine.runtime import native as native_step
 
 BEFORE = 4096  # the loops' distance before it was tuned
-
-
-def decode_rate(model: engine.Model, prompt: list[int], n: int = 129) -> float:
-    stamps = [time.perf_counter() for event in engine.stream(
-        prompt, model, engine.SamplingParams(max_tokens=n), eos_id=-1, chunk_size=4096)
-        if isinstance(event, engine.TokenEvent)]
-    return (len(stamps) - 1) / (stamps[-1] - stamps[0])
 
 
 def load(native: Path, quantize: str | None, quantized_dir: Path,
@@ -58,29 +49,24 @@ def load(native: Path, quantize: str | None, quantized_dir: Path,
     return model, tuned
 
 
-def run_precision(name: str, native: Path, quantized_dir: Path, repeats: int) -> dict[str, Any]:
+def run_precision(name: str, native: Path, quantized_dir: Path,
+                  repeats: int) -> dict[str, tuple[float, float]]:
     quantize, _ = PRECISIONS[name]
     plain, plain_ahead = load(native, quantize, quantized_dir, huge=False)
     huge, huge_ahead = load(native, quantize, quantized_dir, huge=True)
     rng = torch.Generator().manual_seed(0)
     prompt = [1, *torch.randint(100, 30000, (511,), generator=rng).tolist()]
-    sides = {"4 KiB pages, 4096 ahead (before)": (plain, BEFORE),
-             f"4 KiB pages, {plain_ahead} ahead (tuned)": (plain, plain_ahead),
-             "2 MiB pages, 4096 ahead": (huge, BEFORE),
-             f"2 MiB pages, {huge_ahead} ahead (tuned: after)": (huge, huge_ahead)}
-    rates: dict[str, list[float]] = {side: [] for side in sides}
-    for model, ahead in sides.values():  # warm-up
-        kernels.set_stream_ahead(ahead)
-        decode_rate(model, prompt, 17)
-    for r in range(repeats):
-        for side in list(sides) if r % 2 == 0 else list(reversed(sides)):
-            model, ahead = sides[side]
-            kernels.set_stream_ahead(ahead)
-            rates[side].append(decode_rate(model, prompt))
-    kernels.set_stream_ahead(BEFORE)
-    first = next(iter(sides))
-    return {side: (statistics.median(r), statistics.median(
-        a / b for a, b in zip(r, rates[first], strict=True))) for side, r in rates.items()}
+    distances = {"4 KiB pages, 4096 ahead (before)": (plain, BEFORE),
+                 f"4 KiB pages, {plain_ahead} ahead (tuned)": (plain, plain_ahead),
+                 "2 MiB pages, 4096 ahead": (huge, BEFORE),
+                 f"2 MiB pages, {huge_ahead} ahead (tuned: after)": (huge, huge_ahead)}
+    sides: dict[str, Side] = {
+        side: (model, lambda ahead=ahead: kernels.set_stream_ahead(ahead))
+        for side, (model, ahead) in distances.items()}
+    try:
+        return decode_in_turn(sides, prompt, repeats)
+    finally:
+        kernels.set_stream_ahead(BEFORE)
 
 
 def main() -> None:
