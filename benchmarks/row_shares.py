@@ -13,13 +13,12 @@ per-round ratios.
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import torch
 from bench_models import ensure_checkpoints
 from llama_cpp import PRECISIONS
-from sides import Side, decode_in_turn
+from sides import Side, arguments, decode_in_turn, report
 
 import engine
 from engine.arch import kernels
@@ -43,11 +42,7 @@ def run_precision(name: str, native: Path, quantized_dir: Path,
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model-dir", required=True, help="the random model (bench_models.py)")
-    parser.add_argument("--precisions", default="bf16,int8,int4")
-    parser.add_argument("--repeats", type=int, default=10)
-    args = parser.parse_args()
+    args = arguments(__doc__, repeats=10)
     if not kernels.available():
         raise SystemExit("the C++ kernels are not built here: the native step runs in them")
     native, _ = ensure_checkpoints(Path(args.model_dir))
@@ -55,9 +50,7 @@ def main() -> None:
           flush=True)
     for name in args.precisions.split(","):
         result = run_precision(name, native, Path(args.model_dir) / "quantized", args.repeats)
-        print(f"\n{name}: decode tok/s (128 tokens after 512), median of {args.repeats} rounds")
-        for side, (rate, ratio) in result.items():
-            print(f"  {side:<38} {rate:6.1f} tok/s  {ratio:.3f}x", flush=True)
+        report(name, result, args.repeats)
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ alike, and report each side's median and the median of its per-round ratios to t
 
 from __future__ import annotations
 
+import argparse
 import statistics
 import time
 from collections.abc import Callable
@@ -40,3 +41,20 @@ def decode_in_turn(sides: dict[str, Side], prompt: list[int],
     first = rates[next(iter(sides))]
     return {side: (statistics.median(r), statistics.median(
         a / b for a, b in zip(r, first, strict=True))) for side, r in rates.items()}
+
+
+def arguments(doc: str, repeats: int) -> argparse.Namespace:
+    """The command line these benchmarks share: --model-dir, --precisions, --repeats."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    parser.add_argument("--model-dir", required=True, help="the random model (bench_models.py)")
+    parser.add_argument("--precisions", default="bf16,int8,int4")
+    parser.add_argument("--repeats", type=int, default=repeats)
+    return parser.parse_args()
+
+
+def report(name: str, result: dict[str, tuple[float, float]], repeats: int) -> None:
+    """One precision's sides, as `decode_in_turn` measured them."""
+    print(f"\n{name}: decode tok/s (128 tokens after 512), median of {repeats} rounds")
+    width = max(len(side) for side in result)
+    for side, (rate, ratio) in result.items():
+        print(f"  {side:<{width}} {rate:6.1f} tok/s  {ratio:.3f}x", flush=True)

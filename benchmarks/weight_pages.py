@@ -18,7 +18,6 @@ per-round ratios), and the read bandwidth of a float32 sum on each kind of page
 
 from __future__ import annotations
 
-import argparse
 import os
 from pathlib import Path
 
@@ -26,7 +25,7 @@ import torch
 from bandwidth import read_bandwidth
 from bench_models import ensure_checkpoints
 from llama_cpp import PRECISIONS
-from sides import Side, decode_in_turn
+from sides import Side, arguments, decode_in_turn, report
 
 import engine
 from engine.arch import kernels, pages
@@ -70,11 +69,7 @@ def run_precision(name: str, native: Path, quantized_dir: Path,
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model-dir", required=True, help="the random model (bench_models.py)")
-    parser.add_argument("--precisions", default="bf16,int8,int4")
-    parser.add_argument("--repeats", type=int, default=8)
-    args = parser.parse_args()
+    args = arguments(__doc__, repeats=8)
     if not kernels.available():
         raise SystemExit("the C++ kernels are not built here: the native step runs in them")
     if not pages.enabled():
@@ -85,9 +80,7 @@ def main() -> None:
           f"{native_step.TUNE_BYTES >> 20} MiB of projections", flush=True)
     for name in args.precisions.split(","):
         result = run_precision(name, native, Path(args.model_dir) / "quantized", args.repeats)
-        print(f"\n{name}: decode tok/s (128 tokens after 512), median of {args.repeats} rounds")
-        for side, (rate, ratio) in result.items():
-            print(f"  {side:<44} {rate:6.1f} tok/s  {ratio:.2f}x")
+        report(name, result, args.repeats)
     bandwidth = read_bandwidth()
     print(f"\nread bandwidth (1 GiB float32 sum): 4 KiB pages {bandwidth['read_4k']:.1f} GB/s, "
           f"2 MiB pages {bandwidth.get('read_2m', float('nan')):.1f} GB/s")
