@@ -12,10 +12,10 @@
 // Same arithmetic as the eager model (`arch/layers.py`), rounding where it rounds: every
 // tensor it would hold in the model's dtype is rounded to that dtype here (bfloat16: nearest,
 // ties to even; float32: as is), the norms and the softmax run in float32, the products sum
-// in float32 (kernels.cpp), the attention is decode_attention.cpp's.
+// in float32 (products.cpp), the attention is decode_attention.cpp's.
 //
 //   h (B, dim): the residual stream in the model's dtype (bfloat16 or float32)
-//   weights, kinds: the seven projections wq wk wv wo w1 w3 w2 (`weights_of` in kernels.cpp)
+//   weights, kinds: the seven projections wq wk wv wo w1 w3 w2 (`weights_of` in products.cpp)
 //   positions (B,) int64, -1 = padding; inv_freq (hd / 2,) float32: the rotary frequencies
 //   keys, values (B, Hkv, capacity + 1, hd): the layer's cache, written in place; attention
 //   reads the first `span` slots; slot, allowed: `decode_slots`' for the layer's group

@@ -1,7 +1,7 @@
-// An input row as each product loop reads it (kernels.cpp's `products` prepares each input row
+// An input row as each product loop reads it (products.cpp's `products` prepares each input row
 // once per call, for all its weights): int16 codes of one scale for the int8 loops, int8 codes
 // and group sums for the int4 loops, the order `bf16_rows_avx2` loads its weights in, and the
-// row as bfloat16 for `bf16_rows_dot`. Only kernels.cpp includes it.
+// row as bfloat16 for `bf16_rows_dot`. Only products.cpp includes it.
 
 #pragma once
 

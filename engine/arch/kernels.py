@@ -1,9 +1,11 @@
 """The C++ kernels of the decode step (`torch.ops.tramontane.*`): building, loading, and the
 pure-PyTorch paths used where they are not built.
 
-- `kernels.cpp`: one-row products of bfloat16, int8 and int4 weights (`gemv_*`), and their
-  `_many` forms, several weights of the same input row in one call (`layers.linear_many`);
-  their loops are in `product_loops.h` (portable, AVX2) and `product_loops_avx512.h`.
+- `kernels.cpp`: the ops of one-row products of bfloat16, int8 and int4 weights (`gemv_*`),
+  and their `_many` forms, several weights of the same input row in one call
+  (`layers.linear_many`), computed by `products.cpp` (their loops are in `product_loops.h`,
+  portable and AVX2, and `product_loops_avx512.h`; the threads share the rows by
+  `row_shares.h`); and the instruction sets, prefetch distance and row sharing they run with.
 - `decode_attention.cpp`: one new token per row written into the key/value cache, and its
   grouped-query attention over the slots in use.
 - `decode_layer.cpp`: a dense decoder's one-token step in three ops (`decode_slots`,
@@ -59,7 +61,7 @@ import torch
 log = logging.getLogger(__name__)
 
 NAME = "tramontane_kernels"
-# The most input rows a product call takes (`kMaxRows` in kernels.cpp): it streams the weights
+# The most input rows a product call takes (`kMaxInputRows` in products.h): it streams the weights
 # once for all of them, so a prompt that grew by a few tokens costs about one decode step.
 # Beyond, a matmul is faster (the kernels' loops are per input row).
 MAX_ROWS = 16
@@ -71,8 +73,8 @@ KINDS = {"bf16": 0, "int8": 1, "int4": 2, "f32": 3}
 # the whole step as one object, and the many-row products of a prompt's chunk; `simd.h` and
 # `products.h` are shared, `product_loops*.h` and `attention_loops.h` hold the loops,
 # `input_rows.h` the input rows as the product loops read them.
-SOURCES = (HERE / "kernels.cpp", HERE / "decode_attention.cpp", HERE / "decode_layer.cpp",
-           HERE / "decode_step.cpp", HERE / "prefill_linear.cpp")
+SOURCES = (HERE / "kernels.cpp", HERE / "products.cpp", HERE / "decode_attention.cpp",
+           HERE / "decode_layer.cpp", HERE / "decode_step.cpp", HERE / "prefill_linear.cpp")
 # What the sources include (the compiler tracks them; `cache_tag` and the package data too).
 HEADERS = tuple(sorted(HERE.glob("*.h")))
 _state: dict[str, bool] = {}

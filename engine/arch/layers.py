@@ -101,7 +101,7 @@ def linear_many(x: torch.Tensor, modules: tuple[nn.Module, ...]) -> list[torch.T
     """`[m(x) for m in modules]`, in one kernel call when x is one row on the CPU and every
     module runs the same C++ kernel (a layer's query, key and value projections; a
     feed-forward's gate and up projections): one fork and join of the threads instead of one
-    per module (`kernels.cpp`, `for_rows`). Anything else, an adapter-wrapped layer among
+    per module (`products.cpp`, `for_rows`). Anything else, an adapter-wrapped layer among
     them, runs each module's own forward."""
     if few_rows(x) and x.device.type == "cpu" and kernels.available():
         plans = [m.kernel_operands() if isinstance(m, KernelLayer) else None for m in modules]

@@ -1,8 +1,8 @@
-// The loops of the one-row products (kernels.cpp's `products` runs them): each computes rows
+// The loops of the one-row products (products.cpp's `products` runs them): each computes rows
 // r0..r1 of one weight against one input row, on raw pointers. The portable loops, then the
 // AVX2 + FMA ones (compiled per function, chosen at run time), and the AVX2 codings of the
 // activation rows that the int8 and int4 loops read; the AVX-512 loops are in
-// product_loops_avx512.h. kernels.cpp and input_rows.h include it.
+// product_loops_avx512.h. products.cpp and input_rows.h include it.
 
 #pragma once
 

@@ -1,6 +1,6 @@
-// The AVX-512 loops of the products (kernels.cpp's `products` runs them), beside
+// The AVX-512 loops of the products (products.cpp's `products` runs them), beside
 // product_loops.h's portable and AVX2 ones: rows r0..r1 of one weight against 1 to 4 input rows
-// at once, on raw pointers. Only kernels.cpp includes it.
+// at once, on raw pointers. Only products.cpp includes it.
 
 #pragma once
 

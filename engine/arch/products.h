@@ -1,4 +1,4 @@
-// What the C++ kernels share between their files: the one-row products of kernels.cpp (any
+// What the C++ kernels share between their files: the one-row products of products.cpp (any
 // mix of bfloat16, float32, int8 and int4 weights against the same input rows, in one fork and
 // join of the threads), the decode step's attention of decode_attention.cpp and the parts of
 // decode_layer.cpp, called by each other and by decode_step.cpp without the dispatcher.
@@ -27,6 +27,14 @@ struct Weight {
   int64_t rows() const { return w.size(0); }
   int64_t inputs() const { return kind == Kind::kInt4 ? w.size(1) * 2 : w.size(1); }
 };
+
+// The most input rows a product call takes (kernels.py's MAX_ROWS): it streams the weights
+// once for all of them; beyond, a matmul is faster (the loops are per input row).
+constexpr int64_t kMaxInputRows = 16;
+
+// Whether `w`'s tensors are what its kind takes (dtype, shape, contiguity, scales); `what`
+// names the caller in the message.
+void check_operands(const Weight& w, const char* what);
 
 // The weights of `kinds.size()` products taken in order from `tensors` (1 tensor for bfloat16
 // and float32, 2 for int8, 3 for int4), checked; `what` names the caller in messages.

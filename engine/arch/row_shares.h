@@ -1,4 +1,4 @@
-// How the products share a weight's rows among torch's intra-op threads (kernels.cpp's
+// How the products share a weight's rows among torch's intra-op threads (products.cpp's
 // `for_rows`): each thread starts on its own equal share and walks it in order, one sequential
 // stream, claiming a few rows at a time from its front; a thread whose share is done takes
 // rows from the back of the others' until none are left. So the threads finish together
