@@ -41,6 +41,7 @@ void check_weight(const at::Tensor& w, at::ScalarType dtype, const char* what) {
               what, ": expected a contiguous 2-D CPU tensor of ", dtype, ", got ",
               w.scalar_type(), " ", w.sizes());
 }
+
 void check_int4(const at::Tensor& q, const at::Tensor& scale, const at::Tensor& zero,
                 int64_t group) {
   check_weight(q, at::kByte, "int4");
@@ -63,6 +64,7 @@ void check_int4(const at::Tensor& q, const at::Tensor& scale, const at::Tensor& 
 // returns how many it did. With several input rows, each block of kBlock weight rows is read
 // from memory once and from L1 (or registers) for the other input rows: the weights are
 // streamed once per call.
+//
 // The rows are shared by `share_rows` (row_shares.h): claims of about kClaimBytes of weight,
 // each thread its own share first, then the others' rest. (Tried on a 2-core AVX2 machine: the
 // threads taking chunks of 64 rows from one shared counter, against the calling thread's 8% of
@@ -85,6 +87,7 @@ void for_rows(const std::vector<int64_t>& rows, int64_t inputs, int64_t row_byte
     }
   });
 }
+
 // f(std::integral_constant<int, n>) for n = 2 to 4: a loop's count of input rows as a template
 // argument.
 template <typename F>
