@@ -20,8 +20,9 @@ with each table. What is timed, both sides alike:
   (1536 prefix / 512 suffix tokens, anchored windows) and encoded by mistral-common; each
   engine reuses its KV cache prefix from the previous keystroke (ours: `engine.PrefixCache`;
   llama.cpp: the longest common prefix kept in its context, the rest evaluated) and decodes
-  8 greedy tokens. The first keystroke is a full prefill (reported apart). Paced: each waits
-  for the previous one.
+  8 greedy tokens. The first keystroke is a full prefill (reported apart, and again
+  `--repeats` times per side from an empty cache, as a file opened in a running server).
+  Paced: each waits for the previous one.
   With `--lookup N`, a third side replays the same keystrokes through ours with speculative
   decoding by lookup (drafts of up to N tokens, from the prompt and that side's earlier
   completions, in a prefix cache of its own; the same greedy tokens); llama.cpp has no drafts.
@@ -250,6 +251,7 @@ def bench_precision(name: str, native: Path, gguf: Path, args: argparse.Namespac
     compile_s = time.perf_counter() - t0
     llama = Llama(Path(args.llama_venv) / "bin" / "python", gguf, not args.no_extra_bufts)
     result: dict[str, Any] = {"compile_s": compile_s, "load": load_average(),
+                              "repeats": args.repeats,
                               "step": args.step, "stream_ahead": kernels.stream_ahead()}
     try:
         result["weight_bytes"] = weight_bytes(model)
@@ -290,6 +292,16 @@ def bench_precision(name: str, native: Path, gguf: Path, args: argparse.Namespac
                                 "p95": p95(drafted[1:]), "drafted": drafts[0],
                                 "accepted": drafts[1], "tokens": 8 * len(prompts)}
         result["keys_load"] = load_average()
+        # The first prompt again, from an empty cache each time (a file just opened in a
+        # server that has run before): the one above is also each process's first request.
+        firsts: dict[str, list[float]] = {"ours": [], "llama": []}
+        for r in range(args.repeats):
+            sides = [("ours", lambda: _ours_first(model, prompts[0])),
+                     ("llama", lambda: llama.run(prompts[0], 8, False)["seconds"])]
+            for side, fn in sides if r % 2 == 0 else reversed(sides):
+                firsts[side].append(fn())
+        result["first_again"] = (statistics.median(firsts["ours"]),
+                                 statistics.median(firsts["llama"]))
         rng = torch.Generator().manual_seed(0)
         for length in (512, 2048):
             prompt = [1, *torch.randint(100, 30000, (length - 1,), generator=rng).tolist()]
@@ -322,6 +334,17 @@ def bench_precision(name: str, native: Path, gguf: Path, args: argparse.Namespac
         model.decoder = None
         gc.unfreeze()
     return result
+
+
+def _ours_first(model: Any, prompt: list[int]) -> float:
+    """A keystroke's 8 tokens from an empty prefix cache, in the trace's chunks of 256."""
+    import engine
+
+    cache = engine.PrefixCache(model, max_seq_len=2560, budget_bytes=2**30, rewind=512)
+    t = time.perf_counter()
+    list(engine.stream(prompt, model, engine.SamplingParams(max_tokens=8), eos_id=-1,
+                       chunk_size=256, prefix_cache=cache, cache_key="doc"))
+    return time.perf_counter() - t
 
 
 def _ours_prefill(model: Any, prompt: list[int]) -> float:
@@ -375,6 +398,9 @@ def report(rows: dict[str, dict[str, Any]], cpu: str) -> None:
                   f"{d['drafted']} tokens of {d['tokens']}, accepted {d['accepted']}")
         print(f"  first prompt ({r['first_prompt_tokens']} tokens)   {f[0]:8.2f} s  {f[1]:8.2f} s"
               f"   ratio {f[0] / f[1]:.2f}x")
+        g = r["first_again"]
+        print(f"  first prompt again, empty cache, median of {r['repeats']} "
+              f"{g[0]:6.2f} s  {g[1]:8.2f} s   ratio {g[0] / g[1]:.2f}x")
         for key in ("prefill512", "prefill2048", "decode"):
             a, b = r[key]
             print(f"  {key:27} {a:8.1f} tok/s {b:6.1f} tok/s  ratio {a / b:.2f}x")
