@@ -41,8 +41,8 @@ constexpr int64_t kPanelBytes = 4 << 20;
 constexpr int64_t kGrain = 16;   // weight rows per thread's task, at least
 
 // Rows r0..r1 of a weight as bfloat16 (rounded to nearest even), a row at a time through a
-// float32 row.
-void dequantize_rows_bf16(const Weight& w, int64_t r0, int64_t r1, at::BFloat16* out) {
+// float32 row: any kind, any CPU.
+void dequantize_rows_bf16_portable(const Weight& w, int64_t r0, int64_t r1, at::BFloat16* out) {
   const int64_t k = w.inputs();
   std::vector<float> row(k);
   for (int64_t r = r0; r < r1; ++r) {
@@ -50,6 +50,87 @@ void dequantize_rows_bf16(const Weight& w, int64_t r0, int64_t r1, at::BFloat16*
     at::BFloat16* to = out + (r - r0) * k;
     for (int64_t i = 0; i < k; ++i) to[i] = at::BFloat16(row[i]);
   }
+}
+
+#ifdef TRAMONTANE_X86
+
+// The same for int8 and int4 weights, 16 weights an instruction (the portable loop above, one
+// weight at a time, took 0.7 ns a weight: a 1530-token first prompt converts its 145M weights
+// 6 times). The float32 values are the portable loop's bit for bit (the same multiply, and
+// for int4 the same add, each rounded), then rounded to nearest even as at::BFloat16 does.
+TRAMONTANE_AVX512_BF16 inline void store_bf16(at::BFloat16* to, __m512 v) {
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(to), (__m256i)_mm512_cvtneps_pbh(v));
+}
+
+TRAMONTANE_AVX512_BF16 void int8_rows_bf16(const Weight& w, int64_t r0, int64_t r1,
+                                           at::BFloat16* out) {
+  const int64_t k = w.inputs();
+  const int8_t* q = w.w.data_ptr<int8_t>();
+  const float* scale = w.scale.data_ptr<float>();
+  for (int64_t r = r0; r < r1; ++r) {
+    const int8_t* src = q + r * k;
+    at::BFloat16* dst = out + (r - r0) * k;
+    const __m512 s = _mm512_set1_ps(scale[r]);
+    int64_t i = 0;
+    for (; i + 16 <= k; i += 16) {
+      const __m128i codes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i));
+      store_bf16(dst + i, _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(codes)), s));
+    }
+    for (; i < k; ++i) dst[i] = at::BFloat16(src[i] * scale[r]);
+  }
+}
+
+// Sixteen float32 lanes of `(code * s) + z`, two roundings like the portable loop's (the
+// product is kept from being fused into the addition).
+TRAMONTANE_AVX512_BF16 inline __m512 scaled(__m128i codes, __m512 s, __m512 z) {
+  __m512 product = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(codes)), s);
+  asm("" : "+v"(product));
+  return _mm512_add_ps(product, z);
+}
+
+// int4 with groups of a multiple of 32 weights (16 bytes, low nibble first): the 16 bytes
+// widened to words, each word's two nibbles put in its two bytes, in order.
+template <typename S>
+TRAMONTANE_AVX512_BF16 void int4_rows_bf16(const Weight& w, const S* scale, const S* zero,
+                                           int64_t r0, int64_t r1, at::BFloat16* out) {
+  const int64_t k = w.inputs(), groups = k / w.group;
+  const uint8_t* q = w.w.data_ptr<uint8_t>();
+  for (int64_t r = r0; r < r1; ++r) {
+    for (int64_t g = 0; g < groups; ++g) {
+      const float sf = to_float(scale[r * groups + g]);
+      const __m512 s = _mm512_set1_ps(sf);
+      const __m512 z = _mm512_set1_ps(to_float(zero[r * groups + g]) - 8.f * sf);
+      const uint8_t* src = q + r * (k / 2) + g * (w.group / 2);
+      at::BFloat16* dst = out + (r - r0) * k + g * w.group;
+      for (int64_t j = 0; j < w.group / 2; j += 16) {
+        const __m256i bytes =
+            _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + j)));
+        const __m256i nibbles =
+            _mm256_or_si256(_mm256_and_si256(bytes, _mm256_set1_epi16(15)),
+                            _mm256_slli_epi16(_mm256_srli_epi16(bytes, 4), 8));
+        store_bf16(dst + 2 * j, scaled(_mm256_castsi256_si128(nibbles), s, z));
+        store_bf16(dst + 2 * j + 16, scaled(_mm256_extracti128_si256(nibbles, 1), s, z));
+      }
+    }
+  }
+}
+
+#endif
+
+void dequantize_rows_bf16(const Weight& w, int64_t r0, int64_t r1, at::BFloat16* out) {
+#ifdef TRAMONTANE_X86
+  if (has_avx512_bf16() && w.kind == Kind::kInt8) return int8_rows_bf16(w, r0, r1, out);
+  if (has_avx512_bf16() && w.kind == Kind::kInt4 && w.group % 32 == 0) {
+    if (w.scale.scalar_type() == at::kFloat) {
+      return int4_rows_bf16(w, w.scale.data_ptr<float>(), w.zero.data_ptr<float>(), r0, r1,
+                            out);
+    }
+    return int4_rows_bf16(w, reinterpret_cast<const uint16_t*>(w.scale.data_ptr<at::BFloat16>()),
+                          reinterpret_cast<const uint16_t*>(w.zero.data_ptr<at::BFloat16>()),
+                          r0, r1, out);
+  }
+#endif
+  dequantize_rows_bf16_portable(w, r0, r1, out);
 }
 
 template <typename S>
