@@ -12,6 +12,8 @@ pure-PyTorch paths used where they are not built.
   `decode_layer`, `decode_logits`), built on the two above (`products.h` is what they share).
 - `decode_step.cpp`: the same step as one call, `torch.classes.tramontane.DecodeStep`, which
   holds the weights; `runtime/native.py` builds and runs it.
+- `prefill_attention.cpp`: a prompt chunk's attention over the keys it may see, in
+  bfloat16's dot products where the CPU has them (`prefill_attention`).
 - `prefill_linear.cpp`: many rows (a prompt's chunk) times a bfloat16, int8 or int4 weight in
   the rows' float32 or bfloat16, the weight converted by panels that stay in cache
   (`linear_rows`), and the int4 weight in float32 (`dequantize_int4`).
@@ -74,7 +76,8 @@ KINDS = {"bf16": 0, "int8": 1, "int4": 2, "f32": 3}
 # `products.h` are shared, `product_loops*.h` and `attention_loops.h` hold the loops,
 # `input_rows.h` the input rows as the product loops read them.
 SOURCES = (HERE / "kernels.cpp", HERE / "products.cpp", HERE / "decode_attention.cpp",
-           HERE / "decode_layer.cpp", HERE / "decode_step.cpp", HERE / "prefill_linear.cpp")
+           HERE / "decode_layer.cpp", HERE / "decode_step.cpp", HERE / "prefill_linear.cpp",
+           HERE / "prefill_attention.cpp")
 # What the sources include (the compiler tracks them; `cache_tag` and the package data too).
 HEADERS = tuple(sorted(HERE.glob("*.h")))
 _state: dict[str, bool] = {}
@@ -200,6 +203,11 @@ def _register_fakes() -> None:
     @torch.library.register_fake("tramontane::linear_rows")  # type: ignore[misc]
     def _(x: torch.Tensor, tensors: list[torch.Tensor], kind: int, group: int) -> torch.Tensor:
         return x.new_empty(x.shape[0], tensors[0].shape[0])
+
+    @torch.library.register_fake("tramontane::prefill_attention")  # type: ignore[misc]
+    def _(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, allowed: torch.Tensor,
+          scale: float) -> torch.Tensor:
+        return q.new_empty(q.shape[0], q.shape[2], q.shape[1], q.shape[3])
 
     @torch.library.register_fake("tramontane::decode_attention")  # type: ignore[misc]
     def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keys: torch.Tensor,
