@@ -333,10 +333,12 @@ at::Tensor prefill_attention(const at::Tensor& q, const at::Tensor& keys,
   if (B == 0 || T == 0 || H == 0) return out;
   const int64_t Kpad = std::max<int64_t>(kKeys, (K + kKeys - 1) / kKeys * kKeys);
   const int64_t packed = Kpad * hd;
-  at::Tensor kp = at::empty({B * Hkv * packed}, q.options().dtype(at::kShort));
-  at::Tensor vp = at::empty({B * Hkv * packed}, q.options().dtype(at::kShort));
-  auto* kp_at = reinterpret_cast<uint16_t*>(kp.data_ptr<int16_t>());
-  auto* vp_at = reinterpret_cast<uint16_t*>(vp.data_ptr<int16_t>());
+  // The packed keys and values, in a buffer the calling thread keeps from one call to the
+  // next (fresh pages are zeroed by the kernel on first touch).
+  thread_local std::vector<uint16_t> buffer;
+  buffer.resize(std::max(buffer.size(), static_cast<size_t>(2 * B * Hkv * packed)));
+  uint16_t* kp_at = buffer.data();
+  uint16_t* vp_at = kp_at + B * Hkv * packed;
   const auto* k_at = reinterpret_cast<const uint16_t*>(keys.data_ptr<at::BFloat16>());
   const auto* v_at = reinterpret_cast<const uint16_t*>(values.data_ptr<at::BFloat16>());
   at::parallel_for(0, B * Hkv, 1, [&](int64_t i0, int64_t i1) {
