@@ -17,17 +17,17 @@
 //
 // How (flash attention, in bfloat16 dot products): the keys and values of each (row, key/value
 // head) are first packed for `dpbf16ps` (which adds the products of 16 pairs of bfloat16 to 16
-// float32 lanes): keys by blocks of 64, a pair of dimensions of 16 keys a vector; values a pair
-// of keys for 16 dimensions a vector. Then each task, 64 query rows (the G heads of a position
-// side by side: they share its mask row), walks tiles of 4 rows through the key blocks their
-// masks allow: a tile's 4 x 64 scores in registers (one broadcast query pair against 4 key
-// vectors), masked and scaled, the online softmax (running maximum and sum per row), the
-// probabilities rounded to bfloat16 and the 4 rows' outputs accumulated in float32 by 64
-// dimensions at a time. Packed, a key/value head of a 2k-token context is ~0.5 MB: it stays in
-// the L2 cache for every tile. The scores and sums are float32 (the products of bfloat16 pairs
-// are exact), the probabilities bfloat16 (flash attention's own rounding): against a float64
-// reference the output's errors are bfloat16's, SDPA's on average (tests/engine/
-// test_prefill_kernels.py holds the bounds).
+// float32 lanes): keys by blocks of 64, a pair of dimensions of 16 keys a vector; values a pair of
+// keys for 16 dimensions a vector. Then each task, 64 query rows (the G heads of a position side by
+// side: they share its mask row), walks tiles of 4 rows through the key blocks their masks allow: a
+// tile's 4 x 64 scores in registers (one broadcast query pair against 4 key vectors), masked and
+// scaled, the online softmax (running maximum and sum per row), the probabilities rounded to
+// bfloat16 and the 4 rows' outputs accumulated in float32 by 64 dimensions at a time. Packed, a
+// key/value head of a 2k-token context is 0.5 MB (heads of 64 dimensions): it stays in the L2 cache
+// for every tile. The scores and sums are float32 (the products of bfloat16 pairs are exact), the
+// probabilities bfloat16 (flash attention's own rounding): against a float64 reference the output's
+// errors are bfloat16's, SDPA's on average (tests/engine/test_prefill_kernels.py holds the
+// bounds).
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -81,8 +81,12 @@ void pack_keys(HeadRows k, int64_t K, int64_t Kpad, int64_t hd, uint16_t* to) {
 void pack_values(HeadRows v, int64_t K, int64_t Kpad, int64_t hd, uint16_t* to) {
   for (int64_t j = 0; j < Kpad; ++j) {
     uint16_t* out = to + (j / 2) * hd * 2 + j % 2;
+    if (j >= K) {
+      for (int64_t d = 0; d < hd; ++d) out[d * 2] = 0;
+      continue;
+    }
     const uint16_t* row = v.at + j * v.stride;
-    for (int64_t d = 0; d < hd; ++d) out[d * 2] = j < K ? row[d] : 0;
+    for (int64_t d = 0; d < hd; ++d) out[d * 2] = row[d];
   }
 }
 
