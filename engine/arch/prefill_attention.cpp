@@ -134,25 +134,6 @@ TRAMONTANE_AVX512_BF16 inline __m512i broadcast_pair(const uint16_t* p) {
   return _mm512_set1_epi32(pair);
 }
 
-// exp(x) of 16 lanes for x <= 0 (scores less their maximum): 2^n exp(r), n = round(x / ln 2),
-// |r| <= ln2/2, exp(r) by its degree-5 Taylor polynomial (relative error < 3e-6, far below
-// the probabilities' bfloat16 rounding); clamped below at -87 (~1e-38: the caller zeroes the
-// lanes of keys not allowed, whose scores are -inf).
-TRAMONTANE_AVX512_BF16 inline __m512 exp16(__m512 x) {
-  x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 p = _mm512_set1_ps(1.f / 120);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 24));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 6));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
-  return _mm512_scalef_ps(p, n);
-}
-
 // The 64 mask bits of one query row for keys j0 .. j0+63 (keys >= K are not allowed).
 TRAMONTANE_AVX512_BF16 inline void mask_bits(const bool* row, int64_t j0, int64_t K,
                                              __mmask16 bits[4]) {

@@ -153,22 +153,24 @@ TRAMONTANE_AVX2 inline void load16(const float* p, __m256& a, __m256& b) {
   b = _mm256_loadu_ps(p + 8);
 }
 
-// exp(x) for x <= 88 (softmax's shifted scores, the SiLU's -x): 2^n exp(r), n = round(x / ln 2),
-// |r| <= ln2/2, exp(r) by its degree-6 Taylor polynomial (relative error < 2e-7, float32's own
-// rounding); clamped to [-87, 88], where 2^n stays a normal float.
+// exp(x) = 2^n exp(r), n = round(x / ln 2), |r| <= ln2/2 (ln 2 in two parts, so that r is exact
+// to float32), exp(r) by the Taylor polynomial whose coefficients, highest first, are
+// kExpTaylor's: degree 6 from the first (relative error < 2e-7, float32's own rounding), degree
+// 5 from the second (< 3e-6).
+constexpr float kLog2e = 1.44269504f;
+constexpr float kLn2High = 0.693359375f, kLn2Low = -2.12194440e-4f;
+constexpr float kExpTaylor[] = {1.f / 720, 1.f / 120, 1.f / 24, 1.f / 6, 0.5f, 1.f, 1.f};
+
+// exp(x) for x <= 88 (softmax's shifted scores, the SiLU's -x), by kExpTaylor's degree 6;
+// clamped to [-87, 88], where 2^n stays a normal float.
 TRAMONTANE_AVX2 inline __m256 exp8(__m256 x) {
   x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.0f)), _mm256_set1_ps(88.0f));
-  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504f)),
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(kLog2e)),
                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
-  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-  __m256 p = _mm256_set1_ps(1.f / 720);
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 120));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 24));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 6));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f));
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(kLn2High), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(kLn2Low), r);
+  __m256 p = _mm256_set1_ps(kExpTaylor[0]);
+  for (int i = 1; i < 7; ++i) p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kExpTaylor[i]));
   const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n),
                                                        _mm256_set1_epi32(127)), 23);
   return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
@@ -185,6 +187,19 @@ TRAMONTANE_AVX512 inline __m512 load_zmm(const float* p) { return _mm512_loadu_p
 TRAMONTANE_AVX512 inline __m512 load_zmm(const uint16_t* p) {
   const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
+}
+
+// exp(x) of 16 lanes for x <= 0 (scores less their maximum), by kExpTaylor's degree 5 (far
+// below a bfloat16 rounding); clamped below at -87 (~1e-38), 2^n applied by `scalef`.
+TRAMONTANE_AVX512 inline __m512 exp16(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(kLog2e)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(kLn2High), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(kLn2Low), r);
+  __m512 p = _mm512_set1_ps(kExpTaylor[1]);
+  for (int i = 2; i < 7; ++i) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kExpTaylor[i]));
+  return _mm512_scalef_ps(p, n);
 }
 
 #endif
