@@ -30,7 +30,7 @@ from llama_cpp import PRECISIONS
 from sides import arguments
 
 import engine
-from engine.arch import kernels, layers
+from engine.arch import attention, kernels
 
 HEADS, KV_HEADS, HEAD_DIM, CHUNK = 16, 4, 64, 256
 
@@ -103,7 +103,7 @@ def first_prompts(native: Path, quantized_dir: Path, precisions: list[str],
                   repeats: int) -> None:
     rng = torch.Generator().manual_seed(0)
     prompt = [1, *torch.randint(100, 30000, (1529,), generator=rng).tolist()]
-    chosen = layers.bf16_attention
+    chosen = attention.bf16_attention
     print(f"\nthe first prompt ({len(prompt)} tokens, empty cache, chunks of {CHUNK}, 8 tokens), "
           f"median of {repeats} rounds in turn")
     for name in precisions:
@@ -116,14 +116,14 @@ def first_prompts(native: Path, quantized_dir: Path, precisions: list[str],
         times: dict[str, list[float]] = {side: [] for side in sides}
         try:
             for side in sides:  # warm-up
-                layers.bf16_attention = sides[side]
+                attention.bf16_attention = sides[side]
                 first_prompt(model, prompt)
             for r in range(repeats):
                 for side in list(sides) if r % 2 == 0 else reversed(list(sides)):
-                    layers.bf16_attention = sides[side]
+                    attention.bf16_attention = sides[side]
                     times[side].append(first_prompt(model, prompt))
         finally:
-            layers.bf16_attention = chosen
+            attention.bf16_attention = chosen
         before, after = (statistics.median(t) for t in times.values())
         ratio = statistics.median(a / b for a, b in zip(*reversed(times.values()), strict=True))
         print(f"  {name}: SDPA {before:.2f} s, kernel {after:.2f} s: {ratio:.2f}x the time",

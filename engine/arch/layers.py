@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import kernels
+from .attention import chunk_attention
 from .cache import AttentionPlan, KVCache
 from .config import TransformerConfig
 
@@ -248,27 +249,5 @@ class Attention(nn.Module):
         k = apply_rotary(k, cos, sin).transpose(1, 2)  # (B, Hkv, T, hd)
         v = v.transpose(1, 2)
         keys, values = cache.update(self.layer_id, k, v, plan)
-        width = self.n_heads * self.head_dim
-        if bf16_attention(q):
-            out = torch.ops.tramontane.prefill_attention(q, keys, values, plan.mask,
-                                                         self.head_dim ** -0.5)  # (B, T, H, hd)
-            return self.wo(out.view(bsz, seqlen, width))
-        gqa = self.n_heads != self.n_kv_heads
-        if plan.causal:
-            out = F.scaled_dot_product_attention(q, keys, values, is_causal=True, enable_gqa=gqa)
-        else:
-            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=plan.mask,
-                                                 enable_gqa=gqa)  # (B, H, T, hd)
-        return self.wo(out.transpose(1, 2).reshape(bsz, seqlen, width))
-
-
-def bf16_attention(q: torch.Tensor) -> bool:
-    """Whether a chunk's attention runs in the C++ kernel `tramontane::prefill_attention`
-    (prefill_attention.cpp): bfloat16 queries `(B, H, T, hd)` on a CPU with AVX512-BF16, head
-    dimensions a multiple of 64 up to 256. Its bfloat16 dot products took 0.29-0.40x SDPA's
-    time (float32 blocks) for the 256-token chunks of a 1.5k-token prompt on a Zen 4, with
-    SDPA's errors against a float64 reference (`benchmarks/prefill_attention.py`,
-    tests/engine/test_prefill_kernels.py); SDPA runs everywhere else."""
-    return (q.dtype == torch.bfloat16 and q.device.type == "cpu" and q.shape[-1] % 64 == 0
-            and q.shape[-1] <= 256 and kernels.available()
-            and bool(torch.ops.tramontane.prefill_attention_here()))
+        out = chunk_attention(q, keys, values, plan.mask, plan.causal)  # (B, T, H, hd)
+        return self.wo(out.reshape(bsz, seqlen, self.n_heads * self.head_dim))

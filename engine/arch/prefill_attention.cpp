@@ -1,6 +1,6 @@
 // A prompt chunk's grouped-query attention over the keys it may see, for bfloat16 models on CPUs
-// with AVX512-BF16 (`layers.Attention` calls it where `prefill_attention_here()`; SDPA runs
-// everywhere else):
+// with AVX512-BF16 (`attention.chunk_attention` calls it where `prefill_attention_here()`; SDPA
+// runs everywhere else):
 //
 //   prefill_attention(q, keys, values, allowed, scale) -> out
 //     q (B, H, T, hd) bfloat16, any strides but the last; keys, values (B, Hkv, K, hd) bfloat16,

@@ -1,6 +1,6 @@
 """The C++ kernels of a prompt chunk on CPUs with AVX512-BF16: its attention
 (`tramontane::prefill_attention`, bfloat16 dot products) against a float64 reference and SDPA on
-the same inputs, the layers' choice of it, and a bfloat16 model's log-probs with it and with
+the same inputs, attention.py's choice of it, and a bfloat16 model's log-probs with it and with
 SDPA; and the bfloat16 panels of int8 and int4 weights (`linear_rows`), value for value."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import engine
-from engine.arch import kernels, layers, quant
+from engine.arch import attention, kernels, layers, quant
 from tests.conftest import CheckpointFactory
 
 pytestmark = pytest.mark.skipif(
@@ -139,15 +139,25 @@ def test_bad_operands_are_refused_with_a_message(change: object, message: str) -
                                                0.125)
 
 
-def test_the_layers_take_it_for_bfloat16_heads_of_64_and_sdpa_otherwise() -> None:
+def test_chunk_attention_takes_it_for_bfloat16_heads_of_64_and_sdpa_otherwise() -> None:
+    """attention.py chooses: the kernel for bfloat16 heads of 64 where the loops may use
+    AVX512-BF16, SDPA for float32, heads of 32, or loops capped below AVX-512."""
     q = torch.zeros(1, 4, 3, 64, dtype=BF16)
-    assert layers.bf16_attention(q)
-    assert not layers.bf16_attention(q.float())
-    assert not layers.bf16_attention(torch.zeros(1, 4, 3, 32, dtype=BF16))
+    assert attention.bf16_attention(q)
+    assert not attention.bf16_attention(q.float())
+    assert not attention.bf16_attention(torch.zeros(1, 4, 3, 32, dtype=BF16))
     with kernels.instruction_set_capped("avx2"):  # no BF16 dot products below AVX-512
-        assert not layers.bf16_attention(q)
+        assert not attention.bf16_attention(q)
         with pytest.raises(RuntimeError, match="needs a CPU with AVX512-BF16"):
             torch.ops.tramontane.prefill_attention(*chunk(1, 4, 4, 3, 3, 64), 0.125)
+    # Both paths give (B, T, H, hd): a later chunk (the mask) and a first one (SDPA's causal).
+    for cached, length in ((80, 20), (0, 33)):
+        q, keys, values, allowed = chunk(1, 8, 2, length, cached + length, 64, seed=4)
+        fast = attention.chunk_attention(q, keys, values, allowed, causal=cached == 0)
+        with kernels.instruction_set_capped("avx2"):
+            sdpa = attention.chunk_attention(q, keys, values, allowed, causal=cached == 0)
+        assert fast.shape == sdpa.shape == (1, length, 8, 64)
+        torch.testing.assert_close(fast.float(), sdpa.float(), atol=2**-7, rtol=2**-7)
 
 
 def prefill_logprobs(model: engine.Model, prompt: list[int], chunk_size: int) -> torch.Tensor:
